@@ -1,1 +1,14 @@
-"""atmoe — AT-MoE: grouped LoRA experts routed layer by layer (arXiv 2410.10896)."""
+"""atmoe — AT-MoE: grouped LoRA experts routed layer by layer (arXiv 2410.10896).
+
+    from atmoe import ATMoE, Overrides
+    m = ATMoE.load("assets/experts.json")
+    out = m.generate("Summarize this case in plain words", input=note, overrides=Overrides(groups={"style": 0.0}))
+    out.text, out.trace.to_frame()
+"""
+
+from .model import ATMoE, Generation, Score
+from .overrides import Overrides
+from .router import GroupedRouter, RouterConfig
+from .trace import RoutingTrace
+
+__all__ = ["ATMoE", "Generation", "GroupedRouter", "Overrides", "RouterConfig", "RoutingTrace", "Score"]

@@ -1,0 +1,173 @@
+"""LoRA experts: read PEFT adapters (safetensors only), validate them against the base model, fuse them in place."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils.other import get_pattern_key
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .fused import FusedLoRA
+from .io import LoadError, read_json, read_safetensors
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class Expert:
+    """One validated expert: per targeted module, its LoRA pair and scaling s_e."""
+
+    name: str
+    group: str
+    description: str = ""
+    source: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # A [r,I], B [O,r], s
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _, _ in self.modules.values()), default=0)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b, _ in self.modules.values())
+
+
+def adapter_files(source: str | Path, name: str) -> Path:
+    """A local PEFT folder, or a hub id fetched (safetensors + config only) into the local HF cache."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or str(source).startswith((".", "/")) or str(source).count("/") != 1:
+        raise LoadError(f"expert '{name}': adapter folder not found: {source}")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(source), allow_patterns=["adapter_config.json", "adapter_model.safetensors",
+                                                                   "README.md", "atmoe_expert.json"]))
+    except Exception as e:  # network, auth, missing repo: one clear line
+        raise LoadError(f"expert '{name}': cannot fetch hub adapter '{source}': {type(e).__name__}: {e}") from None
+
+
+def read_expert(name: str, group: str, source: str | Path, model: nn.Module, layer_of: dict[str, int],
+                description: str = "") -> Expert:
+    """Read and validate one adapter against `model`; `layer_of` maps module names to decoder-layer indices."""
+    folder = adapter_files(source, name)
+    cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise LoadError(f"expert '{name}': {folder} has no adapter_config.json (expected a PEFT LoRA adapter folder)")
+    if not weights_path.is_file():
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        why = f" (found {pickled}: pickle files are refused, convert them to safetensors)" if pickled else ""
+        raise LoadError(f"expert '{name}': {folder} has no adapter_model.safetensors{why}")
+    config = read_json(cfg_path, f"expert '{name}' config")
+    _check_config(name, cfg_path, config)
+    tensors, _ = read_safetensors(weights_path, f"expert '{name}' weights")
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise LoadError(f"expert '{name}': {weights_path} has tensor '{key}', which is not a LoRA A/B weight "
+                            "(only LoRA on Linear/Conv1D layers is supported)")
+        pairs.setdefault(m["module"], {})[m["ab"]] = t
+    if not pairs:
+        raise LoadError(f"expert '{name}': {weights_path} holds no LoRA weights")
+
+    expert = Expert(name, group, description, str(source), config)
+    modules = dict(model.named_modules())
+    for module_name, ab in sorted(pairs.items()):
+        where = f"expert '{name}', module '{module_name}'"
+        if set(ab) != {"A", "B"}:
+            raise LoadError(f"{where}: has only lora_{''.join(ab)}, expected both lora_A and lora_B")
+        base = modules.get(module_name)
+        if isinstance(base, FusedLoRA):
+            base = base.base_layer
+        if base is None:
+            raise LoadError(f"{where}: no such module in the base model (was it trained on another base?)")
+        if isinstance(base, nn.Linear):
+            in_f, out_f = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            in_f, out_f = base.weight.shape  # Conv1D stores [in, out]
+        else:
+            raise LoadError(f"{where}: is a {type(base).__name__}; only Linear and Conv1D layers can hold experts")
+        if module_name not in layer_of:
+            raise LoadError(f"{where}: is not inside a decoder layer, so no router can weight it")
+        A, B = ab["A"], ab["B"]
+        key = get_pattern_key(list(config.get("rank_pattern") or {}), module_name)
+        r = int((config.get("rank_pattern") or {}).get(key, config["r"]))
+        if A.shape != (r, in_f) or B.shape != (out_f, r):
+            raise LoadError(f"{where}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit; expected "
+                            f"({r}, {in_f}) / ({out_f}, {r}) for rank {r} on a {in_f}→{out_f} layer")
+        akey = get_pattern_key(list(config.get("alpha_pattern") or {}), module_name)
+        alpha = float((config.get("alpha_pattern") or {}).get(akey, config["lora_alpha"]))
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        expert.modules[module_name] = (A, B, scale)
+    _check_targets(name, config, expert.modules, modules)
+    card = folder / "atmoe_expert.json"
+    if card.is_file():
+        expert.card = read_json(card, f"expert '{name}' card")
+    return expert
+
+
+def _check_config(name: str, path: Path, config: Any) -> None:
+    if not isinstance(config, dict):
+        raise LoadError(f"expert '{name}': {path} must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoadError(f"expert '{name}': {path} is a {config.get('peft_type')} adapter; only LoRA is supported")
+    for k in ("r", "lora_alpha"):
+        v = config.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise LoadError(f"expert '{name}': {path} field '{k}' must be a positive number, got {v!r}")
+    unsupported = {"use_dora": config.get("use_dora"), "modules_to_save": config.get("modules_to_save"),
+                   "bias": config.get("bias", "none") != "none" and config.get("bias")}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise LoadError(f"expert '{name}': {path} uses {bad}, which atmoe does not support (plain LoRA only)")
+
+
+def _check_targets(name: str, config: dict, found: dict, modules: dict) -> None:
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        leaf_names = {n.rsplit(".", 1)[-1] for n in modules} | set(modules)
+        unknown = [t for t in targets if t not in leaf_names]
+        if unknown:
+            raise LoadError(f"expert '{name}': target_modules {unknown} do not exist in the base model")
+
+
+def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str, int]) -> list[FusedLoRA]:
+    """Wrap every module any expert targets, once, with all experts' pairs stacked (experts indexed by order)."""
+    param = next(model.parameters())
+    by_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+    for ei, ex in enumerate(experts):
+        for module_name, (A, B, s) in ex.modules.items():
+            by_module.setdefault(module_name, []).append((ei, A, B, s))
+    fused = []
+    for module_name, parts in by_module.items():
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if isinstance(base, FusedLoRA):
+            raise LoadError(f"module '{module_name}' already holds experts; load all experts in one call")
+        to = dict(device=param.device, dtype=param.dtype)
+        layer = FusedLoRA(
+            base, layer_of[module_name],
+            lora_A=torch.cat([A for _, A, _, _ in parts]).to(**to),
+            lora_B=torch.cat([B for _, _, B, _ in parts], dim=1).to(**to),
+            rank_expert=torch.cat([torch.full((A.shape[0],), ei) for ei, A, _, _ in parts]).to(param.device),
+            rank_scale=torch.cat([torch.full((A.shape[0],), s) for _, A, _, s in parts]).to(param.device),
+        )
+        setattr(parent, child, layer)
+        fused.append(layer)
+    return fused

@@ -1,0 +1,47 @@
+"""The fused expert layer: one base Linear/Conv1D plus every expert's LoRA pair, stacked.
+
+    y = W0·x + Σ_e w[l, e] · s_e · B_e(A_e(x))
+      = W0·x + B_cat( (A_cat·x) ⊙ scale ),      scale[r] = w[l, e(r)] · s_{e(r)}
+
+Shape legend: R = Σ_e r_e (total rank of the experts that target this module), I in, O out features.
+Two matmuls whatever the number of experts. The weights w arrive per call through `routing.current_call()`;
+outside a routed call the layer is exactly the base layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .routing import current_call
+
+
+class FusedLoRA(nn.Module):
+    """Wraps `base_layer` (never subclasses it), so it works on any loaded Hugging Face model."""
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 rank_expert: torch.Tensor, rank_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        # Experts are frozen data, not parameters: buffers follow .to() and stay out of optimisers.
+        self.register_buffer("lora_A", lora_A, persistent=False)          # [R, I]
+        self.register_buffer("lora_B", lora_B, persistent=False)          # [O, R]
+        self.register_buffer("rank_expert", rank_expert, persistent=False)  # [R] expert index of each rank
+        self.register_buffer("rank_scale", rank_scale, persistent=False)    # [R] s_e of each rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        call = current_call()
+        if call is None:
+            return out
+        w = call.weights[self.layer_idx]                         # [B, E] (sequence) or [B, T, E] (token)
+        scale = w[..., self.rank_expert] * self.rank_scale       # [B, R] or [B, T, R]
+        if scale.dim() == 2 and x.dim() == 3:
+            scale = scale[:, None, :]
+        h = F.linear(x, self.lora_A) * scale.to(x.dtype)          # [B, T, R]
+        return out + F.linear(h, self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, rank={self.lora_A.shape[0]}, experts={int(self.rank_expert.unique().numel())}"

@@ -1,0 +1,78 @@
+"""Sampling settings and the decode loop (prefill once, then one token at a time with the KV cache).
+
+A per-call `torch.Generator` makes sampling reproducible and independent of other threads (HF `generate` samples from
+the global RNG, which concurrent dashboard sessions would share).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+MAX_NEW_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """`temperature=0` is greedy decoding; `top_p` in (0, 1]; `seed` a non-negative integer."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {n!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100:
+            raise ValueError(f"temperature must be a finite number in [0, 100] (0 = greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        s = self.seed
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {s!r}")
+
+
+def decode(forward: Callable[..., object], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           settings: GenerationSettings, eos_ids: set[int], pad_id: int,
+           stop: threading.Event | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row ([B]) until all rows hit EOS, `max_new_tokens`, or `stop` is set.
+
+    `forward(**kwargs)` runs the model (inside the caller's routing call). Left padding is supported: positions come
+    from the attention mask.
+    """
+    gen = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
+    warpers = []
+    if settings.temperature > 0:
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1:
+            warpers.append(TopPLogitsWarper(settings.top_p))
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
+    for _ in range(settings.max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if settings.temperature > 0:
+            for w in warpers:
+                logits = w(input_ids, logits)
+            token = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        yield token
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or (stop is not None and stop.is_set()):
+            return
+        attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = forward(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=out.past_key_values, use_cache=True)

@@ -1,0 +1,119 @@
+"""File I/O shared by every loader and writer: atomic writes, JSON and safetensors read with clear errors.
+
+Every writer goes through a temporary file (or folder) in the destination's own directory followed by a rename, so a
+killed process leaves either the previous file or the complete new one — never a half-written file that later loads.
+Every reader accepts JSON or safetensors only (no pickle) and names the file and the fault when it refuses one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+class LoadError(ValueError):
+    """A file that cannot be used: the message names the file and what is wrong with it."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; on success it replaces `final` with two renames.
+
+    The new folder is complete before its name appears. If a previous folder exists it is moved aside first and removed
+    only after the new one is in place, so a crash between the two renames leaves it intact under `.<name>.old-*`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LoadError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{what} {path} cannot be read: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor of a safetensors file, refusing truncated files, non-float tensors and NaN/inf values."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoadError(f"{what} {path} is not a valid safetensors file ({e})") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise LoadError(f"{what} {path}: tensor '{name}' has dtype {t.dtype}, expected a floating-point dtype")
+        if not torch.isfinite(t).all():
+            raise LoadError(f"{what} {path}: tensor '{name}' contains NaN or inf values")
+    return tensors, metadata

@@ -1,0 +1,382 @@
+"""`ATMoE`: a Hugging Face causal LM whose decoder layers fuse grouped LoRA experts under a per-layer router.
+
+    prompt → tokens → [layer l: router(pooled hidden) → overrides → w[l] → FusedLoRA modules] × L → logits
+                                                       ↘ RoutingTrace (router's and used weights, per layer)
+
+The object is safe to share between threads: every call carries its own routing state (see `routing.py`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import base_signature, check_signature, load_base
+from .data import build_prompt
+from .experts import Expert, fuse_experts, read_expert
+from .generation import GenerationSettings, decode
+from .io import LoadError
+from .manifest import Manifest
+from .overrides import CompiledOverrides, Overrides, compile_overrides
+from .router import GroupedRouter, RouterConfig, load_router, save_router
+from .routing import RoutingCall, checkpoint_context, route_layer, use_call
+from .trace import RoutingTrace
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    trace: RoutingTrace
+    prompt_tokens: int
+    seconds: float
+    finish_reason: str  # "eos" | "length" | "stopped"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Score:
+    logits: torch.Tensor  # [seq, vocab]
+    trace: RoutingTrace
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers, found by structure: the outermost ModuleList of num_hidden_layers."""
+    n = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise LoadError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def layer_index(model: nn.Module) -> tuple[list[str], dict[str, int]]:
+    """Names of the decoder layers, and the decoder-layer index of every module inside one."""
+    prefix, layers = decoder_layers(model)
+    layer_of = {f"{prefix}.{i}.{sub}": i for i, layer in enumerate(layers) for sub, _ in layer.named_modules()}
+    return [f"{prefix}.{i}" for i in range(len(layers))], layer_of
+
+
+def _route_pre_hook(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    route_layer(layer, args[0] if args else kwargs["hidden_states"])
+
+
+class ATMoE:
+    """Grouped LoRA experts routed layer by layer. Build with `ATMoE.load(manifest)` or `ATMoE.from_experts(...)`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, experts: Sequence[Expert], groups: Sequence[str],
+                 router: GroupedRouter | None = None, *, router_mode: str = "softmax",
+                 manifest: Manifest | None = None) -> None:
+        self.model, self.tokenizer, self.manifest = model, tokenizer, manifest
+        self.groups = list(groups)
+        self._experts = sorted(experts, key=lambda e: self.groups.index(e.group))  # stable: manifest order in group
+        self.experts = [e.name for e in self._experts]
+        self.expert_groups = {e.name: e.group for e in self._experts}
+        empty = [g for g in self.groups if g not in self.expert_groups.values()]
+        if empty:
+            raise LoadError(f"group(s) {empty} have no experts")
+        model.requires_grad_(False)  # base and experts are frozen; only routers ever train
+        self.layer_names, layer_of = layer_index(model)
+        self.num_layers = len(self.layer_names)
+        for ex in self._experts:  # validate against the unwrapped model before changing anything
+            missing = [m for m in ex.modules if m not in layer_of]
+            if missing:
+                raise LoadError(f"expert '{ex.name}': modules {missing[:3]} are not inside a decoder layer")
+        self.fused = fuse_experts(model, self._experts, layer_of)
+        for i, layer in enumerate(decoder_layers(model)[1]):
+            layer.register_forward_pre_hook(partial(_route_pre_hook, i), with_kwargs=True)
+        cfg = RouterConfig(self.groups, self.experts, [self.expert_groups[e] for e in self.experts], self.num_layers,
+                           model.config.get_text_config().hidden_size, mode=router_mode)
+        if router is not None:
+            for k in ("num_layers", "hidden_size", "groups", "experts", "expert_groups"):
+                if getattr(router.config, k) != getattr(cfg, k):
+                    raise LoadError(f"router was made for {k}={getattr(router.config, k)}, this model has "
+                                    f"{getattr(cfg, k)}")
+        self.router = (router or GroupedRouter(cfg)).to(self.device)
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.context_length = int(context or getattr(model.config, "n_positions", 2048))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, manifest: str | Path | Manifest, *, base: str | None = None, device: str = "auto",
+             dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> ATMoE:
+        """Load base model, experts and router from a manifest. `base` overrides the manifest's base model; experts
+        are still checked against the manifest's recorded base signature and their own shapes."""
+        m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        model, tokenizer = load_base(base if base is not None else m.base_model, device=device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
+        if m.base_signature:
+            check_signature(m.base_signature, model, what=f"experts of manifest {m.root}")
+        router_path = m.router_path()
+        return cls.from_experts(model, tokenizer, [(g, e.name, m.expert_source(e), e.description)
+                                                   for g, e in m.experts],
+                                groups=[g.name for g in m.groups], router=router_path, manifest=m)
+
+    @classmethod
+    def from_experts(cls, model: nn.Module, tokenizer: Any, experts: Sequence[tuple[str, str, str | Path, str]],
+                     *, groups: Sequence[str] | None = None, router: str | Path | GroupedRouter | None = None,
+                     router_mode: str = "softmax", manifest: Manifest | None = None) -> ATMoE:
+        """`experts`: (group, name, adapter folder or hub id, description). Groups default to first-seen order."""
+        groups = list(groups or dict.fromkeys(g for g, *_ in experts))
+        _, layer_of = layer_index(model)
+        loaded = [read_expert(name, g, src, model, layer_of, desc) for g, name, src, desc in experts]
+        unknown = sorted({e.group for e in loaded} - set(groups))
+        if unknown:
+            raise LoadError(f"experts use group(s) {unknown} that are not declared in {groups}")
+        names = [e.name for e in loaded]
+        if len(set(names)) != len(names):
+            raise LoadError(f"duplicate expert names in {names}")
+        if isinstance(router, (str, Path)):
+            router = load_router(router)
+        return cls(model, tokenizer, loaded, groups, router, router_mode=router_mode, manifest=manifest)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def router_config(self) -> RouterConfig:
+        return self.router.config
+
+    def expert(self, name: str) -> Expert:
+        return self._experts[self.experts.index(name)]
+
+    def new_router(self, **changes: Any) -> GroupedRouter:
+        """A fresh, untrained router for this model (e.g. `mode="sigmoid"`), on the model's device."""
+        cfg = RouterConfig(**{**self.router.config.__dict__, **changes})
+        return GroupedRouter(cfg).to(self.device)
+
+    def save_router(self, path: str | Path, router: GroupedRouter | None = None) -> Path:
+        return save_router(router or self.router, path)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint decoder layers; the backward recompute re-enters the call's routing (non-reentrant)."""
+        self.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+
+    # ------------------------------------------------------------------ calls
+    def compile(self, overrides: Overrides | dict | None, router: GroupedRouter | None = None
+                ) -> CompiledOverrides | None:
+        if overrides is None:
+            return None
+        if isinstance(overrides, dict):
+            overrides = Overrides.from_dict(overrides)
+        if not isinstance(overrides, Overrides):
+            raise ValueError(f"overrides must be an Overrides, a dict or None, got {type(overrides).__name__}")
+        return compile_overrides(overrides, groups=self.groups, experts=self.experts, expert_groups=self.expert_groups,
+                                 num_layers=self.num_layers,
+                                 competitive_groups=(router or self.router).config.mode != "sigmoid")
+
+    def new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | dict | None = None,
+                 router: GroupedRouter | None = None, granularity: str | None = None) -> RoutingCall:
+        router = router or self.router
+        granularity = granularity or router.config.granularity
+        if granularity not in ("sequence", "token"):
+            raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
+        return RoutingCall(router, prompt_mask.to(self.device), granularity, self.compile(overrides, router))
+
+    def encode(self, prompt: str, input: str = "") -> list[int]:
+        """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
+        if not isinstance(prompt, str) or not isinstance(input, str):
+            raise ValueError("prompt and input must be strings")
+        text = build_prompt(prompt, input)
+        if not text.strip():
+            raise ValueError("the prompt is empty")
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=False)
+            return tok(rendered, add_special_tokens=False)["input_ids"]
+        return tok(text)["input_ids"]
+
+    def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token rows → input_ids, attention_mask [B, T]."""
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, width - len(r):] = torch.tensor(list(r))
+                mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _check_length(self, n_prompt: int, max_new_tokens: int = 0) -> None:
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if n_prompt + max_new_tokens > self.context_length:
+            over = n_prompt + max_new_tokens - self.context_length
+            raise ValueError(f"the prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, but the "
+                             f"model's context is {self.context_length}: shorten the prompt by {over} tokens")
+
+    def forward_routed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
+                       *, overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
+                       granularity: str | None = None, **kwargs: Any) -> tuple[Any, RoutingCall]:
+        """One routed forward pass (the training entry point): returns the HF output and the call's records."""
+        call = self.new_call(prompt_mask, overrides, router, granularity)
+        with use_call(call):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out, call
+
+    def route(self, prompt: str, overrides: Overrides | dict | None = None, *, input: str = "",
+              router: GroupedRouter | None = None, granularity: str | None = None) -> RoutingTrace:
+        """The routing of a prompt, without generating (decoder layers only, no LM head)."""
+        return self.route_batch([prompt], overrides, inputs=[input], router=router, granularity=granularity)[0]
+
+    def route_batch(self, prompts: Sequence[str], overrides: Overrides | dict | None = None, *,
+                    inputs: Sequence[str] | None = None, router: GroupedRouter | None = None,
+                    granularity: str | None = None) -> list[RoutingTrace]:
+        rows = [self.encode(p, i) for p, i in zip(prompts, inputs or [""] * len(prompts), strict=True)]
+        for r in rows:
+            self._check_length(len(r))
+        ids, mask = self._batch(rows)
+        call = self.new_call(mask, overrides, router, granularity)
+        with torch.inference_mode(), use_call(call):
+            self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return [self._trace(call, b, ids[b][mask[b].bool()].tolist()) for b in range(len(rows))]
+
+    def score(self, text: str | None = None, *, input_ids: Sequence[int] | torch.Tensor | None = None,
+              overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
+              granularity: str | None = None) -> Score:
+        """Logits [seq, vocab] for exactly these tokens (text is tokenized as given, no chat template)."""
+        if (text is None) == (input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        if text is not None:
+            if not isinstance(text, str):
+                raise ValueError("text must be a string")
+            input_ids = self.tokenizer(text)["input_ids"]
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(self.device)
+        self._check_length(ids.shape[1])
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            out, call = self.forward_routed(ids, mask, mask, overrides=overrides, router=router,
+                                            granularity=granularity, use_cache=False)
+        return Score(out.logits[0].float(), self._trace(call, 0, ids[0].tolist()))
+
+    def stream(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
+               router: GroupedRouter | None = None, granularity: str | None = None,
+               stop: threading.Event | None = None) -> Iterator[str | RoutingTrace]:
+        """Yield one text piece per generated token ("" while a character is incomplete), then the RoutingTrace."""
+        for item in self._generate_rows([prompt], [input], GenerationSettings(max_new_tokens, temperature, top_p, seed),
+                                        overrides, router, granularity, stop):
+            yield item if isinstance(item, str) else item[0].trace
+
+    def generate(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
+                 router: GroupedRouter | None = None, granularity: str | None = None) -> Generation:
+        return self.generate_batch([prompt], inputs=[input], max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed, overrides=overrides, router=router,
+                                   granularity=granularity)[0]
+
+    def generate_batch(self, prompts: Sequence[str], *, inputs: Sequence[str] | None = None,
+                       max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                       overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
+                       granularity: str | None = None) -> list[Generation]:
+        settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
+        *_, result = self._generate_rows(prompts, inputs or [""] * len(prompts), settings, overrides, router,
+                                         granularity)
+        return result
+
+    def _generate_rows(self, prompts: Sequence[str], inputs: Sequence[str], settings: GenerationSettings,
+                       overrides: Overrides | dict | None, router: GroupedRouter | None, granularity: str | None,
+                       stop: threading.Event | None = None) -> Iterator[str | list[Generation]]:
+        """Yields text pieces of row 0 as they come, then the list of Generations."""
+        start = time.perf_counter()
+        rows = [self.encode(p, i) for p, i in zip(prompts, inputs, strict=True)]
+        for r in rows:
+            self._check_length(len(r), settings.max_new_tokens)
+        ids, mask = self._batch(rows)
+        call = self.new_call(mask, overrides, router, granularity)
+        if call.granularity == "token" and len(rows) > 1:
+            raise ValueError("token-level routing is for one prompt at a time")
+        tok = self.tokenizer
+        eos = {tok.eos_token_id} | set(getattr(self.model.generation_config, "eos_token_id", None) or [])
+        eos = {e for e in eos if e is not None}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
+
+        def forward(**kw: Any) -> Any:
+            if self._keep_last:
+                kw["logits_to_keep"] = 1
+            with use_call(call):  # set per step: a generator's context must not span a yield
+                return self.model(**kw)
+
+        new: list[list[int]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        shown = ""
+        with torch.inference_mode():
+            for token in decode(forward, ids, mask, settings, eos, pad, stop):
+                for b, t in enumerate(token.tolist()):
+                    if not finished[b]:
+                        if t in eos:
+                            finished[b] = True
+                        else:
+                            new[b].append(t)
+                text = tok.decode(new[0], skip_special_tokens=True)
+                piece = "" if text.endswith("\ufffd") else text[len(shown):]
+                shown += piece
+                yield piece
+        seconds = time.perf_counter() - start
+        stopped = stop is not None and stop.is_set()
+        out = []
+        for b, r in enumerate(rows):
+            reason = "eos" if finished[b] else ("stopped" if stopped else "length")
+            full = ids[b][mask[b].bool()].tolist() + new[b]
+            out.append(Generation(tok.decode(new[b], skip_special_tokens=True), new[b], self._trace(call, b, full),
+                                  len(r), seconds, reason))
+        yield out
+
+    # ------------------------------------------------------------------ trace
+    def _trace(self, call: RoutingCall, row: int, token_ids: list[int]) -> RoutingTrace:
+        def stack(name: str) -> np.ndarray:  # → [L, ·] (sequence) or [T, L, ·] (token)
+            per_layer = []
+            for l in range(self.num_layers):
+                parts = getattr(call.records[l], name)
+                t = torch.cat(parts, dim=1)[row] if call.granularity == "token" else parts[0][row]
+                per_layer.append(t.detach().float().cpu().numpy())
+            return np.stack(per_layer, axis=-2)
+
+        if len(call.records) != self.num_layers:
+            raise RuntimeError(f"routing ran on {len(call.records)} of {self.num_layers} layers")
+        arrays = {k: stack(k) for k in ("router_alpha", "router_beta", "alpha", "beta")}
+        fallback = [l for l in range(self.num_layers) if bool(torch.cat(call.records[l].fallback, -1)[row].any())]
+        extra: dict[str, Any] = {}
+        if call.granularity == "token":
+            # Drop left padding: keep the positions of this row's real tokens.
+            keep = np.arange(arrays["alpha"].shape[0])[-len(token_ids):]
+            arrays = {k: v[keep] for k, v in arrays.items()}
+            extra = dict(tokens=[self.tokenizer.decode([t]) for t in token_ids][: len(keep)],
+                         token_group_weights=arrays["alpha"], token_expert_weights=arrays["beta"])
+            arrays = {k: v.mean(0) for k, v in arrays.items()}
+        ov = call.overrides
+        L = self.num_layers
+        g_over = np.zeros((L, len(self.groups)), bool) if ov is None else \
+            (ov.layer_mask[:, None] & ov.group_fixed[None, :]).numpy()
+        e_over = np.zeros((L, len(self.experts)), bool) if ov is None else \
+            (ov.layer_mask[:, None] & ov.expert_fixed[None, :]).numpy()
+        return RoutingTrace(
+            layers=list(self.layer_names), groups=list(self.groups), experts=list(self.experts),
+            expert_groups=[self.expert_groups[e] for e in self.experts],
+            router_group_weights=arrays["router_alpha"], router_expert_weights=arrays["router_beta"],
+            group_weights=arrays["alpha"], expert_weights=arrays["beta"], mode=call.router.config.mode,
+            granularity=call.granularity, router_trained=call.router.trained,
+            overrides=ov and ov.source, group_overridden=g_over, expert_overridden=e_over,
+            fallback_layers=fallback, **extra)

@@ -1,0 +1,180 @@
+"""The AT-MoE router: at every decoder layer, weights over groups, then weights within each group.
+
+Shape legend:  L layers · G groups · E experts (ordered by group, so each group is a contiguous slice) ·
+               D hidden size · B batch · T tokens (token-level mode only; `...` = B or B, T).
+
+    α[l] = softmax(Wg[l]·x / τ)  over groups            (mode "softmax": a shared budget, Σ_g α = 1)
+         | sigmoid(Wg[l]·x / τ)  per group              (mode "sigmoid": independent gates in [0, 1])
+    β[l] = softmax(We[l]·x / τ)  within each group      (Σ_{e ∈ g} β = 1)
+    w[l, e] = α[l, g(e)] · β[l, e]                      (the weight of expert e's LoRA update at layer l)
+
+where x = RMSNorm(pooled hidden state entering layer l). Mode "flat" is the ablation without groups: one softmax over
+all experts, reported as α[g] = Σ_{e∈g} w and β = w / α so that the trace keeps the same shape.
+
+Heads start at zero, so an untrained router gives exactly uniform weights (α = 1/G or 0.5, β = 1/|g|).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .io import LoadError, atomic_save_safetensors, read_safetensors
+
+MODES = ("softmax", "sigmoid", "flat")
+POOLINGS = ("mean", "last")
+GRANULARITIES = ("sequence", "token")
+_FORMAT = "atmoe-router-v1"
+
+
+@dataclass
+class RouterConfig:
+    """What a router is shaped for, and how it normalises."""
+
+    groups: list[str]
+    experts: list[str]
+    expert_groups: list[str]           # group of each expert, aligned with `experts`
+    num_layers: int
+    hidden_size: int
+    mode: str = "softmax"              # "softmax" | "sigmoid" | "flat"
+    temperature: float = 1.0
+    pooling: str = "mean"              # instruction pooling: masked mean, or the last prompt token
+    granularity: str = "sequence"      # "sequence": fixed after the prompt; "token": per token (analysis)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"router mode must be one of {MODES}, got {self.mode!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"router pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"router granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"router temperature must be > 0, got {self.temperature!r}")
+        if len(self.experts) != len(self.expert_groups) or not self.experts:
+            raise ValueError("router needs at least one expert and one group per expert")
+        if self.num_layers < 1 or self.hidden_size < 1:
+            raise ValueError("router num_layers and hidden_size must be positive")
+        seen = [g for g in dict.fromkeys(self.expert_groups)]
+        if seen != list(self.groups):
+            raise ValueError(f"experts must be ordered by group {self.groups}, got groups {self.expert_groups}")
+
+    @property
+    def group_slices(self) -> tuple[slice, ...]:
+        out, start = [], 0
+        for g in self.groups:
+            n = self.expert_groups.count(g)
+            out.append(slice(start, start + n))
+            start += n
+        return tuple(out)
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        """[E] index of each expert's group."""
+        return torch.tensor([self.groups.index(g) for g in self.expert_groups])
+
+
+class GroupedRouter(nn.Module):
+    """One small router per decoder layer (an RMS norm and two linear heads), stored stacked over layers."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        L, D, G, E = config.num_layers, config.hidden_size, len(config.groups), len(config.experts)
+        self.norm_weight = nn.Parameter(torch.ones(L, D))
+        self.group_weight = nn.Parameter(torch.zeros(L, G, D))
+        self.group_bias = nn.Parameter(torch.zeros(L, G))
+        self.expert_weight = nn.Parameter(torch.zeros(L, E, D))
+        self.expert_bias = nn.Parameter(torch.zeros(L, E))
+        self.register_buffer("group_index", config.group_index, persistent=False)
+        self.trained = False  # set by training or by loading a checkpoint; reported in every trace
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [..., D] (pooled) → α [..., G], β [..., E], fallback [...] (bool: non-finite input → uniform)."""
+        cfg, tau = self.config, self.config.temperature
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight[layer]
+        group_logits = F.linear(x, self.group_weight[layer], self.group_bias[layer]) / tau    # [..., G]
+        expert_logits = F.linear(x, self.expert_weight[layer], self.expert_bias[layer]) / tau  # [..., E]
+
+        if cfg.mode == "flat":
+            w = expert_logits.softmax(-1)                                                      # one softmax over E
+            group_weights = torch.stack([w[..., s].sum(-1) for s in cfg.group_slices], -1)   # α[g] = Σ_{e∈g} w
+            within_group_weights = w / group_weights[..., self.group_index].clamp(min=1e-30)
+        else:
+            if cfg.mode == "softmax":
+                group_weights = group_logits.softmax(-1)                                      # Σ_g α = 1
+            else:
+                group_weights = group_logits.sigmoid()                                        # gates in [0, 1]
+            within_group_weights = torch.cat(
+                [expert_logits[..., s].softmax(-1) for s in cfg.group_slices], -1)             # Σ_{e∈g} β = 1
+
+        # Numerics guard: a non-finite hidden state (e.g. a half-precision overflow) must never produce NaN weights.
+        fallback = ~(torch.isfinite(group_weights).all(-1) & torch.isfinite(within_group_weights).all(-1))
+        if fallback.any():
+            a0, b0 = self.uniform(group_weights.shape[:-1], group_weights.device)
+            group_weights = torch.where(fallback[..., None], a0, group_weights)
+            within_group_weights = torch.where(fallback[..., None], b0, within_group_weights)
+        return group_weights, within_group_weights, fallback
+
+    def uniform(self, batch_shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The untrained router's weights: α = 1/G (softmax, flat) or 0.5 (sigmoid), β = 1/|group|."""
+        cfg = self.config
+        G = len(cfg.groups)
+        alpha = torch.full((G,), 0.5 if cfg.mode == "sigmoid" else 1.0 / G, device=device)
+        if cfg.mode == "flat":
+            sizes = torch.tensor([s.stop - s.start for s in cfg.group_slices], device=device, dtype=torch.float)
+            alpha = sizes / sizes.sum()
+        sizes = torch.tensor([cfg.expert_groups.count(g) for g in cfg.expert_groups], device=device, dtype=torch.float)
+        beta = 1.0 / sizes
+        return alpha.expand(*batch_shape, G), beta.expand(*batch_shape, len(cfg.experts))
+
+
+def effective_weights(router: GroupedRouter, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """w = α[g(e)] · β[e]   ([..., G], [..., E] → [..., E])."""
+    return alpha[..., router.group_index.to(alpha.device)] * beta
+
+
+def save_router(router: GroupedRouter, path: str | Path) -> Path:
+    """One safetensors file; the JSON config travels in its header, so weights and config can never disagree."""
+    metadata = {"format": _FORMAT, "config": json.dumps(asdict(router.config)), "trained": json.dumps(router.trained)}
+    return atomic_save_safetensors(dict(router.state_dict()), path, metadata)
+
+
+def load_router(path: str | Path, expected: RouterConfig | None = None) -> GroupedRouter:
+    """Load a router checkpoint; with `expected`, refuse one made for other experts, layers or hidden size."""
+    tensors, metadata = read_safetensors(path, "router checkpoint")
+    if metadata.get("format") != _FORMAT:
+        raise LoadError(f"router checkpoint {path} is not an atmoe router (format {metadata.get('format')!r})")
+    try:
+        config = RouterConfig(**json.loads(metadata["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"router checkpoint {path} has an invalid config: {e}") from None
+    if expected is not None:
+        for name in ("num_layers", "hidden_size", "groups", "experts", "expert_groups"):
+            got, want = getattr(config, name), getattr(expected, name)
+            if got != want:
+                raise LoadError(f"router checkpoint {path} was made for {name}={got}, but this model has {want}")
+    router = GroupedRouter(config)
+    own = router.state_dict()
+    if set(tensors) != set(own):
+        raise LoadError(f"router checkpoint {path} has tensors {sorted(tensors)}, expected {sorted(own)}")
+    for k, t in tensors.items():
+        if t.shape != own[k].shape:
+            raise LoadError(f"router checkpoint {path}: '{k}' has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+    router.load_state_dict(tensors)
+    router.trained = bool(json.loads(metadata.get("trained", "true")))
+    return router.requires_grad_(False)
+
+
+def with_mode(router: GroupedRouter, **changes) -> GroupedRouter:
+    """A new (untrained) router with the same shape and different settings, e.g. `with_mode(r, mode="sigmoid")`."""
+    cfg = RouterConfig(**{**asdict(router.config), **changes})
+    return GroupedRouter(cfg).to(router.norm_weight.device)
+
+
+__all__ = ["GroupedRouter", "RouterConfig", "effective_weights", "load_router", "save_router", "with_mode"]

@@ -1,0 +1,102 @@
+"""Per-call routing state, and the hook that routes at the entrance of every decoder layer.
+
+Nothing about a request is stored on the (shared) model: a `RoutingCall` lives in a `ContextVar` for the duration of
+one forward call, so threads serving different users with different overrides never see each other's weights.
+
+Flow of one forward pass (no second pass, KV cache kept):
+    decoder layer l pre-hook → pool hidden state entering l over the prompt → router(l) → overrides → w[l]
+    → the layer's FusedLoRA modules read w[l] from the call.
+In sequence mode w[l] is computed once, on the prompt, and reused for every generated token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+from .overrides import CompiledOverrides
+from .router import GroupedRouter, effective_weights
+
+_CURRENT: ContextVar[RoutingCall | None] = ContextVar("atmoe_routing_call", default=None)
+
+
+@dataclass
+class LayerRecord:
+    """What one layer decided, for the trace. Sequence mode: [B, ·]; token mode: [B, T, ·] (concatenated steps)."""
+
+    router_alpha: list[torch.Tensor] = field(default_factory=list)
+    router_beta: list[torch.Tensor] = field(default_factory=list)
+    alpha: list[torch.Tensor] = field(default_factory=list)
+    beta: list[torch.Tensor] = field(default_factory=list)
+    fallback: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class RoutingCall:
+    router: GroupedRouter
+    prompt_mask: torch.Tensor                    # [B, T] 1 on the instruction tokens the router pools over
+    granularity: str = "sequence"
+    overrides: CompiledOverrides | None = None
+    uniform: bool = False                        # untrained router: exact uniform weights
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
+    records: dict[int, LayerRecord] = field(default_factory=dict)
+
+
+def current_call() -> RoutingCall | None:
+    return _CURRENT.get()
+
+
+@contextmanager
+def use_call(call: RoutingCall) -> Iterator[RoutingCall]:
+    token = _CURRENT.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT.reset(token)
+
+
+def checkpoint_context() -> tuple[object, object]:
+    """`context_fn` for torch's non-reentrant checkpoint: the backward recompute of a layer runs outside the call's
+    context, so re-enter the same call (its weights carry the router's autograd graph)."""
+    call = _CURRENT.get()
+    return nullcontext(), (use_call(call) if call is not None else nullcontext())
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden [B, T, D], mask [B, T] → [B, D]: masked mean over the prompt, or its last token."""
+    mask = mask.to(hidden.device, torch.float32)
+    if how == "last":
+        positions = torch.arange(mask.shape[1], device=hidden.device)
+        last = (mask * positions).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    return (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def route_layer(layer: int, hidden: torch.Tensor) -> None:
+    """Decoder-layer pre-hook body: compute w[layer] for the current call (no-op outside a call)."""
+    call = _CURRENT.get()
+    if call is None or (call.granularity == "sequence" and layer in call.weights):
+        return  # not routed, or already fixed by the prompt (decode steps reuse it with the KV cache)
+    router = call.router
+    if call.granularity == "sequence":
+        x = pool(hidden, call.prompt_mask, router.config.pooling)       # [B, D]
+    else:
+        x = hidden                                                       # [B, T, D]
+    if call.uniform:
+        alpha, beta = router.uniform(x.shape[:-1], x.device)
+        fallback = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    else:
+        alpha, beta, fallback = router(layer, x)
+    rec = call.records.setdefault(layer, LayerRecord())
+    rec.router_alpha.append(alpha.detach())
+    rec.router_beta.append(beta.detach())
+    rec.fallback.append(fallback.detach())
+    if call.overrides is not None:
+        alpha, beta = call.overrides.apply(layer, alpha, beta)
+    rec.alpha.append(alpha)
+    rec.beta.append(beta)
+    call.weights[layer] = effective_weights(router, alpha, beta)

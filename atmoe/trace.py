@@ -1,0 +1,98 @@
+"""`RoutingTrace`: what the router decided for one sequence, and what was actually used after overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class RoutingTrace:
+    """Routing of one sequence. Arrays are [L, G] (groups) or [L, E] (experts); experts are ordered by group.
+
+    `*_weights` are the weights used (after overrides); `router_*` the router's own. In token mode the [L, ·] arrays
+    are means over the tokens and `token_*` hold one row per token ([T, L, ·]).
+    """
+
+    layers: list[str]
+    groups: list[str]
+    experts: list[str]
+    expert_groups: list[str]
+    router_group_weights: np.ndarray
+    router_expert_weights: np.ndarray
+    group_weights: np.ndarray
+    expert_weights: np.ndarray
+    mode: str
+    granularity: str = "sequence"
+    router_trained: bool = True
+    overrides: dict[str, Any] | None = None
+    group_overridden: np.ndarray | None = None   # [L, G] bool
+    expert_overridden: np.ndarray | None = None  # [L, E] bool
+    fallback_layers: list[int] = field(default_factory=list)
+    tokens: list[str] | None = None
+    token_group_weights: np.ndarray | None = None   # [T, L, G] used
+    token_expert_weights: np.ndarray | None = None  # [T, L, E] used
+
+    def __post_init__(self) -> None:
+        L, G, E = len(self.layers), len(self.groups), len(self.experts)
+        if self.group_overridden is None:
+            self.group_overridden = np.zeros((L, G), dtype=bool)
+        if self.expert_overridden is None:
+            self.expert_overridden = np.zeros((L, E), dtype=bool)
+
+    @property
+    def group_index(self) -> np.ndarray:
+        return np.array([self.groups.index(g) for g in self.expert_groups])
+
+    @property
+    def effective_weights(self) -> np.ndarray:
+        """w = α·β, [L, E]: the weight each expert's LoRA update actually received."""
+        return self.group_weights[:, self.group_index] * self.expert_weights
+
+    @property
+    def router_effective_weights(self) -> np.ndarray:
+        return self.router_group_weights[:, self.group_index] * self.router_expert_weights
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: one row per (layer, group or expert, level, source) with columns
+        `layer, group, expert, level, source, weight` (level: group / expert / effective; source: router / used)."""
+        rows = []
+        for source, (a, b, w) in {
+            "router": (self.router_group_weights, self.router_expert_weights, self.router_effective_weights),
+            "used": (self.group_weights, self.expert_weights, self.effective_weights),
+        }.items():
+            for l in range(self.num_layers):
+                for gi, g in enumerate(self.groups):
+                    rows.append((l, g, None, "group", source, float(a[l, gi])))
+                for ei, e in enumerate(self.experts):
+                    g = self.expert_groups[ei]
+                    rows.append((l, g, e, "expert", source, float(b[l, ei])))
+                    rows.append((l, g, e, "effective", source, float(w[l, ei])))
+        return pd.DataFrame(rows, columns=["layer", "group", "expert", "level", "source", "weight"])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        out["effective_weights"] = self.effective_weights.tolist()
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoutingTrace:
+        d = {k: v for k, v in d.items() if k != "effective_weights"}
+        for k in ("router_group_weights", "router_expert_weights", "group_weights", "expert_weights",
+                  "group_overridden", "expert_overridden", "token_group_weights", "token_expert_weights"):
+            if d.get(k) is not None:
+                d[k] = np.asarray(d[k], dtype=bool if k.endswith("overridden") else np.float64)
+        return cls(**d)
