@@ -75,4 +75,4 @@ def decode(forward: Callable[..., object], input_ids: torch.Tensor, attention_ma
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = forward(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=out.past_key_values, use_cache=True)
+                      cache=out.cache, use_cache=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .base import base_signature, check_signature, load_base
-from .data import build_prompt
+from .data import render_prompt
 from .experts import Expert, fuse_experts, read_expert
 from .generation import GenerationSettings, decode
 from .io import LoadError
@@ -116,7 +116,10 @@ class ATMoE:
         """Load base model, experts and router from a manifest. `base` overrides the manifest's base model; experts
         are still checked against the manifest's recorded base signature and their own shapes."""
         m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
-        model, tokenizer = load_base(base if base is not None else m.base_model, device=device, dtype=dtype,
+        base = base if base is not None else m.base_model
+        if base and not Path(base).is_absolute() and (m.root / base).is_dir():
+            base = str(m.resolve(base, "base model"))  # a base folder shipped next to the manifest
+        model, tokenizer = load_base(base, device=device, dtype=dtype,
                                      trust_remote_code=trust_remote_code)
         if m.base_signature:
             check_signature(m.base_signature, model, what=f"experts of manifest {m.root}")
@@ -197,15 +200,11 @@ class ATMoE:
         """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
         if not isinstance(prompt, str) or not isinstance(input, str):
             raise ValueError("prompt and input must be strings")
-        text = build_prompt(prompt, input)
-        if not text.strip():
+        if not (prompt.strip() or input.strip()):
             raise ValueError("the prompt is empty")
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=False)
-            return tok(rendered, add_special_tokens=False)["input_ids"]
-        return tok(text)["input_ids"]
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        text = render_prompt(self.tokenizer, prompt, input)
+        return self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
     def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad token rows → input_ids, attention_mask [B, T]."""
@@ -309,8 +308,9 @@ class ATMoE:
         if call.granularity == "token" and len(rows) > 1:
             raise ValueError("token-level routing is for one prompt at a time")
         tok = self.tokenizer
-        eos = {tok.eos_token_id} | set(getattr(self.model.generation_config, "eos_token_id", None) or [])
-        eos = {e for e in eos if e is not None}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        eos = {e for e in [tok.eos_token_id, *configured] if e is not None}
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
 
         def forward(**kw: Any) -> Any:

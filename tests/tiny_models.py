@@ -45,3 +45,42 @@ def save_adapter(model: torch.nn.Module, path: Path, targets: list[str], r: int 
                 p.normal_(0, 0.5)
     peft_model.save_pretrained(path)
     return path
+
+
+def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: int = 0) -> Path:
+    """A complete tiny AT-MoE on disk: base (with tokenizer), the 7 medical experts, a router, the manifest.
+    Returns the manifest path. Used by app, CLI and reliability tests."""
+    from atmoe.manifest import ExpertEntry, GroupEntry, Manifest
+    from atmoe.medical import EXPERT_DESCRIPTIONS, GROUPS
+    from atmoe.model import ATMoE
+    from atmoe.router import save_router
+    from helpers_tiny import tiny_llama, tiny_tokenizer
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok), seed=seed, layers=4)
+    base.save_pretrained(folder / "base")
+    tok.save_pretrained(folder / "base")
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    groups = []
+    for gi, (group, names) in enumerate(GROUPS.items()):
+        entries = []
+        for ei, name in enumerate(names):
+            save_adapter(base, folder / "experts" / name, targets[(gi + ei) % 2:], r=4, alpha=8,
+                         seed=seed + 100 * gi + ei)
+            entries.append(ExpertEntry(name, f"experts/{name}", description=EXPERT_DESCRIPTIONS[name]))
+        groups.append(GroupEntry(group, entries))
+    manifest = Manifest(groups, base_model="base", root=folder)
+    path = manifest.save(folder / "experts.json")
+    if trained:
+        m = ATMoE.load(path, device="cpu")
+        router = m.new_router(mode=mode)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in router.parameters():
+                p.normal_(0, 0.5)
+        router.trained = True
+        save_router(router, folder / "router.safetensors")
+        manifest.router = "router.safetensors"
+        manifest.save(path)
+    return path
