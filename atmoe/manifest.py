@@ -44,6 +44,7 @@ class Manifest:
     base_signature: dict[str, Any] | None = None
     description: str = ""
     root: Path = field(default_factory=Path.cwd)   # folder the relative paths are resolved from
+    path: Path | None = None                        # the file it was loaded from, if any
 
     @property
     def experts(self) -> list[tuple[str, ExpertEntry]]:
@@ -80,7 +81,9 @@ class Manifest:
         path = Path(path)
         if path.is_dir():
             path = path / "experts.json"
-        return cls.from_dict(read_json(path, "manifest"), root=path.parent, where=str(path))
+        m = cls.from_dict(read_json(path, "manifest"), root=path.parent, where=str(path))
+        m.path = path
+        return m
 
     @classmethod
     def from_dict(cls, d: Any, root: Path, where: str = "manifest") -> Manifest:

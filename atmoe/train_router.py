@@ -1,0 +1,220 @@
+"""Train the AT-MoE router: base model and experts frozen, only the per-layer routers learn.
+
+    loss = LM loss on the answers
+         + aux_weight     · (group-level + within-group) cross-entropy against the expert labels, where rows have them
+         + balance_weight · KL(batch-mean β of each group ‖ uniform)     (keeps every expert in use)
+
+The aux terms are averaged over layers. Group targets: softmax mode — the needed groups share probability equally;
+sigmoid mode — a binary target per group; flat mode — the needed experts share one softmax. Within a group the target
+is the labelled expert(s). Trained with the Hugging Face `Trainer` (resume, logging, accelerate), optionally with
+gradient checkpointing.
+
+    python -m atmoe.train_router --manifest assets/experts.json --data runs/suite/router_train.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .data import PadCollator, encode_dataset, load_jsonl
+from .model import ATMoE
+from .router import GroupedRouter, MODES, save_router
+
+
+@dataclass
+class RouterTrainConfig:
+    manifest: str
+    data: str
+    out: str | None = None             # default: router.safetensors next to the manifest (and the manifest updated)
+    base: str | None = None
+    mode: str = "softmax"
+    temperature: float = 1.0
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 3e-3
+    max_length: int = 256
+    aux_weight: float = 1.0
+    balance_weight: float = 0.01
+    gradient_checkpointing: bool = False
+    resume: bool = True
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 25
+    checkpoints: str | None = None     # default: <out>.checkpoints/
+    update_manifest: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for k in ("steps", "batch_size", "max_length", "logging_steps", "save_steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")
+        if not self.lr > 0 or self.aux_weight < 0 or self.balance_weight < 0:
+            raise ValueError("lr must be > 0 and the loss weights ≥ 0")
+        if self.out is None:
+            self.out = str(Path(self.manifest).parent / "router.safetensors")
+        if self.checkpoints is None:
+            self.checkpoints = str(Path(self.out).with_suffix(".checkpoints"))
+
+
+def routing_losses(m: ATMoE, router: GroupedRouter, call: Any, expert_labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(aux, balance) averaged over layers. expert_labels [B, E] multi-hot; rows without labels are all zero."""
+    cfg = router.config
+    labelled = expert_labels.sum(-1) > 0                                                       # [B]
+    needed = torch.stack([expert_labels[:, s].amax(-1) for s in cfg.group_slices], -1)        # [B, G]
+    aux, balance = [], []
+    for l in range(m.num_layers):
+        rec = call.records[l]
+        alpha, beta = rec.alpha[0], rec.beta[0]                                                # [B, G], [B, E]
+        if cfg.mode == "sigmoid":
+            group_loss = F.binary_cross_entropy(alpha.clamp(1e-6, 1 - 1e-6), needed, reduction="none").mean(-1)
+        elif cfg.mode == "softmax":
+            target = needed / needed.sum(-1, keepdim=True).clamp(min=1)
+            group_loss = -(target * alpha.clamp(min=1e-9).log()).sum(-1)
+        else:  # flat: one distribution over all experts
+            w = alpha[:, router.group_index] * beta
+            target = expert_labels / expert_labels.sum(-1, keepdim=True).clamp(min=1)
+            group_loss = -(target * w.clamp(min=1e-9).log()).sum(-1)
+        within = torch.zeros_like(group_loss)
+        for gi, s in enumerate(cfg.group_slices):
+            t = expert_labels[:, s]
+            t = t / t.sum(-1, keepdim=True).clamp(min=1)
+            within = within + needed[:, gi] * -(t * beta[:, s].clamp(min=1e-9).log()).sum(-1)
+        per_row = group_loss + (within if cfg.mode != "flat" else 0)
+        aux.append((per_row * labelled).sum() / labelled.sum().clamp(min=1))
+        kl = [(lambda p: (p * (p.clamp(min=1e-9) * p.numel()).log()).sum())(beta[:, s].mean(0))
+              for s in cfg.group_slices if s.stop - s.start > 1]
+        balance.append(torch.stack(kl).sum() if kl else beta.new_zeros(()))
+    return torch.stack(aux).mean(), torch.stack(balance).mean()
+
+
+class RouterTrainingModule(nn.Module):
+    """What the Trainer sees: only the router is a submodule (so only it is optimised and checkpointed)."""
+
+    def __init__(self, m: ATMoE, router: GroupedRouter, aux_weight: float, balance_weight: float) -> None:
+        super().__init__()
+        self.router = router
+        self.__dict__["atmoe"] = m  # plain attribute: the frozen base is not part of this module's state
+        self.aux_weight, self.balance_weight = aux_weight, balance_weight
+
+    def train(self, mode: bool = True) -> RouterTrainingModule:
+        self.atmoe.model.train(mode)  # gradient checkpointing only runs in training mode
+        return super().train(mode)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
+        """Called by the Trainer; our own kwargs replace its (the recompute must re-enter the routing call)."""
+        self.atmoe.gradient_checkpointing_enable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                prompt_mask: torch.Tensor, expert_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, router=self.router,
+                                              labels=labels, use_cache=False)
+        aux, balance = routing_losses(self.atmoe, self.router, call, expert_labels.float())
+        loss = out.loss + self.aux_weight * aux + self.balance_weight * balance
+        return {"loss": loss, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
+
+
+class _RouterTrainer(Trainer):
+    """The HF Trainer, also logging the LM and routing parts of the loss."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parts: list[tuple[float, float]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        out = model(**inputs)
+        self._parts.append((float(out["lm_loss"]), float(out["aux_loss"])))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._parts and "loss" in logs:
+            lm, aux = zip(*self._parts)
+            logs["lm_loss"], logs["aux_loss"] = sum(lm) / len(lm), sum(aux) / len(aux)
+            self._parts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+@dataclass
+class _Collator:
+    pad: PadCollator
+    experts: list[str]
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        labels = torch.zeros(len(features), len(self.experts))
+        for i, f in enumerate(features):
+            for e in f["experts"]:
+                labels[i, self.experts.index(e)] = 1.0
+        batch["expert_labels"] = labels
+        return batch
+
+
+def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, list[dict[str, float]]]:
+    """Train a router for `cfg.manifest`'s experts; returns (router path, the Trainer's log history)."""
+    m = m or ATMoE.load(cfg.manifest, base=cfg.base)
+    examples = load_jsonl(cfg.data)
+    unknown = sorted({e for ex in examples for e in ex.experts} - set(m.experts))
+    if unknown:
+        raise ValueError(f"{cfg.data}: expert labels {unknown} are not experts of this model ({m.experts})")
+    features, n_truncated = encode_dataset(m.tokenizer, examples, cfg.max_length)
+    for f, ex in zip(features, examples):
+        f["experts"] = list(ex.experts)
+    print(f"router training: {len(features)} rows ({n_truncated} answers truncated to {cfg.max_length} tokens)")
+    torch.manual_seed(cfg.seed)
+    router = m.new_router(mode=cfg.mode, temperature=cfg.temperature)
+    with torch.no_grad():  # small random heads: zero heads give identical gradients to every expert of a group
+        router.group_weight.normal_(0, 0.01)
+        router.expert_weight.normal_(0, 0.01)
+    module = RouterTrainingModule(m, router.requires_grad_(True), cfg.aux_weight, cfg.balance_weight)
+    args = TrainingArguments(
+        output_dir=cfg.checkpoints, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 20), weight_decay=0.0,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=m.device.type == "cpu",
+    )
+    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else m.tokenizer.eos_token_id
+    trainer = _RouterTrainer(model=module, args=args, train_dataset=features,
+                      data_collator=_Collator(PadCollator(pad, with_prompt_mask=True), m.experts))
+    resume = cfg.resume and any(Path(cfg.checkpoints).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    router.trained = True
+    path = save_router(router.requires_grad_(False), cfg.out)
+    if cfg.update_manifest and m.manifest is not None:
+        m.manifest.router = str(Path(path).resolve().relative_to(m.manifest.root.resolve()))
+        m.manifest.save(m.manifest.path or m.manifest.root / "experts.json")
+    shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
+    return path, trainer.state.log_history
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train an AT-MoE router (base and experts frozen).")
+    for f in dataclasses.fields(RouterTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            required = f.default is dataclasses.MISSING
+            parser.add_argument(flag, type=kind, required=required, default=None if required else f.default)
+    cfg = RouterTrainConfig(**vars(parser.parse_args(argv)))
+    path, _ = train_router(cfg)
+    print(f"router written to {path}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["RouterTrainConfig", "RouterTrainingModule", "routing_losses", "train_router"]
