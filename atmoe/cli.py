@@ -1,0 +1,143 @@
+"""Command line: `atmoe route|generate|train-expert|train-router|eval|suite|bench`.
+
+    atmoe route "Triage this patient" --input "72 yo M ..."
+    atmoe generate "Explain the meds in plain words" --override style=0 --override expert:bullet_points=1 --layers 0-11
+
+Errors are one line on stderr (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "assets" / "experts.json"
+
+
+def default_manifest() -> str:
+    return os.environ.get("ATMOE_MANIFEST") or str(DEFAULT_MANIFEST)
+
+
+def parse_overrides(specs: list[str], layers: str | None, disabled: list[str]):  # -> Overrides | None
+    """`style=0` or `group:style=0` fixes a group; `expert:bullet_points=1` an expert; `--layers 0-11` (inclusive)."""
+    from .overrides import Overrides
+
+    groups, experts = {}, {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        kind, _, name = key.rpartition(":")
+        if not sep or not name or kind not in ("", "group", "expert"):
+            raise ValueError(f"--override {spec!r}: expected NAME=VALUE, group:NAME=VALUE or expert:NAME=VALUE")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--override {spec!r}: {value!r} is not a number") from None
+        (experts if kind == "expert" else groups)[name] = number
+    span = None
+    if layers:
+        first, sep, last = layers.partition("-")
+        try:
+            span = (int(first), int(last if sep else first))
+        except ValueError:
+            raise ValueError(f"--layers {layers!r}: expected FIRST-LAST, e.g. 0-11") from None
+    if not (groups or experts or disabled):
+        return Overrides(layers=span) if span else None
+    return Overrides(groups=groups, experts=experts, layers=span, disabled=disabled)
+
+
+def _weights_table(trace) -> str:  # noqa: ANN001
+    frame = trace.to_frame()
+    used = frame[frame.source == "used"]
+    groups = used[used.level == "group"].pivot(index="layer", columns="group", values="weight")[trace.groups]
+    experts = used[used.level == "effective"].pivot(index="layer", columns="expert", values="weight")[trace.experts]
+    status = "trained" if trace.router_trained else "UNTRAINED (uniform weights)"
+    return (f"router: {trace.mode}, {status}; overrides: {trace.overrides}\n\n"
+            f"group weights α (per layer)\n{groups.round(3).to_string()}\n\n"
+            f"effective expert weights α·β (per layer)\n{experts.round(3).to_string()}\n\n"
+            f"mean over layers\n{experts.mean().round(3).to_string()}")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--input", default="", help="input text appended to the instruction (e.g. a clinical note)")
+    p.add_argument("--manifest", default=None, help=f"expert manifest (default {DEFAULT_MANIFEST})")
+    p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--override", action="append", default=[], metavar="[group:|expert:]NAME=VALUE")
+    p.add_argument("--disable", action="append", default=[], metavar="EXPERT")
+    p.add_argument("--layers", default=None, metavar="FIRST-LAST")
+    p.add_argument("--granularity", choices=["sequence", "token"], default=None)
+    p.add_argument("--json", action="store_true", help="print the trace as JSON")
+
+
+def _load(a: argparse.Namespace):  # noqa: ANN202
+    from .model import ATMoE
+
+    manifest = a.manifest or default_manifest()
+    if not Path(manifest).exists():
+        raise ValueError(f"manifest not found: {manifest} (build the demo with `make assets`, or pass --manifest)")
+    return ATMoE.load(manifest, base=a.base, device=a.device)
+
+
+def cmd_route(a: argparse.Namespace) -> None:
+    ov = parse_overrides(a.override, a.layers, a.disable)
+    m = _load(a)
+    trace = m.route(a.prompt, ov, input=a.input, granularity=a.granularity)
+    print(trace.to_json() if a.json else _weights_table(trace))
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from .trace import RoutingTrace
+
+    ov = parse_overrides(a.override, a.layers, a.disable)
+    m = _load(a)
+    trace = None
+    for piece in m.stream(a.prompt, input=a.input, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, seed=a.seed, overrides=ov, granularity=a.granularity):
+        if isinstance(piece, RoutingTrace):
+            trace = piece
+        elif not a.json:
+            print(piece, end="", flush=True)
+    print()
+    print(trace.to_json() if a.json else "\n" + _weights_table(trace))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atmoe", description="AT-MoE: grouped LoRA experts routed per layer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("route", help="print the group/expert weight table for a prompt")
+    _model_args(p)
+    p.set_defaults(func=cmd_route)
+    p = sub.add_parser("generate", help="generate (streamed) and print the routing")
+    _model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    delegated = {"train-expert": "atmoe.train_expert", "train-router": "atmoe.train_router",
+                 "eval": "atmoe.evaluate", "assets": "atmoe.assets",
+                 "bench": "bench.run"}
+    for name, module in delegated.items():
+        sub.add_parser(name, help=f"see `atmoe {name} --help` ({module})", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in delegated:
+            import importlib
+            importlib.import_module(delegated[argv[0]]).main(argv[1:])
+            return 0
+        a = parser.parse_args(argv)
+        a.func(a)
+        return 0
+    except (ValueError, OSError) as e:  # LoadError, BaseModelError, DataError are ValueErrors
+        print(f"atmoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atmoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

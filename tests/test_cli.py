@@ -1,0 +1,61 @@
+"""The `atmoe` command line on a tiny model: tables, overrides, and one-line errors (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from atmoe.cli import main, parse_overrides
+from tiny_models import tiny_demo
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return str(tiny_demo(tmp_path_factory.mktemp("demo")))
+
+
+def test_route_prints_the_weight_tables(manifest, capsys):
+    assert main(["route", "Triage this patient", "--manifest", manifest, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "group weights α" in out and "bullet_points" in out and "trained" in out
+
+
+def test_generate_with_overrides_shows_them_in_the_trace(manifest, capsys):
+    args = ["generate", "Explain the meds", "--manifest", manifest, "--device", "cpu", "--max-new-tokens", "4",
+            "--override", "style=0", "--override", "expert:bullet_points=1", "--layers", "0-2", "--json"]
+    assert main(args) == 0
+    trace = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trace["overrides"] == {"groups": {"style": 0.0}, "experts": {"bullet_points": 1.0}, "layers": [0, 2],
+                                  "disabled": []}
+    style = trace["groups"].index("style")
+    assert [row[style] for row in trace["group_weights"][:3]] == [0.0, 0.0, 0.0]
+    assert trace["group_weights"][3][style] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--override", "style=abc"], "is not a number"),
+    (["--override", "nope=0.5"], "unknown group"),
+    (["--override", "style=2"], "in [0, 1]"),
+    (["--layers", "0-99"], "outside the model"),
+    (["--layers", "x"], "expected FIRST-LAST"),
+])
+def test_bad_input_is_one_clear_line(manifest, capsys, args, message):
+    assert main(["route", "Triage", "--manifest", manifest, "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_manifest_and_empty_prompt_in_a_real_process(manifest, tmp_path):
+    for args, message in ((["route", "x", "--manifest", str(tmp_path / "none.json")], "manifest not found"),
+                          (["route", "  ", "--manifest", manifest, "--device", "cpu"], "the prompt is empty")):
+        p = subprocess.run([sys.executable, "-m", "atmoe", *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_parse_overrides():
+    ov = parse_overrides(["group:task=0.5", "expert:triage=1"], "3", ["summarize"])
+    assert ov.groups == {"task": 0.5} and ov.experts == {"triage": 1.0} and ov.layers == (3, 3)
+    assert parse_overrides([], None, []) is None
