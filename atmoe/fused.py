@@ -36,12 +36,25 @@ class FusedLoRA(nn.Module):
         call = current_call()
         if call is None:
             return out
-        w = call.weights[self.layer_idx]                         # [B, E] (sequence) or [B, T, E] (token)
-        scale = w[..., self.rank_expert] * self.rank_scale       # [B, R] or [B, T, R]
-        if scale.dim() == 2 and x.dim() == 3:
-            scale = scale[:, None, :]
-        h = F.linear(x, self.lora_A) * scale.to(x.dtype)          # [B, T, R]
-        return out + F.linear(h, self.lora_B)
+        if call.granularity == "sequence":
+            # w is fixed for the whole call: prepare this module's factor once, reuse it for every decode step.
+            factor = call.prepared.get(self)
+            if factor is None:
+                factor = call.prepared[self] = self._prepare(call.weights[self.layer_idx], x.dtype)
+            if factor.dim() == 2:                                  # batch 1: scale folded into A, [R, I]
+                return out + F.linear(F.linear(x, factor), self.lora_B)
+            h = F.linear(x, self.lora_A) * factor                  # [B, 1, R] row scales
+            return out + F.linear(h, self.lora_B)
+        w = call.weights[self.layer_idx]                           # token mode: [B, T, E]
+        scale = (w[..., self.rank_expert] * self.rank_scale).to(x.dtype)   # [B, T, R]
+        return out + F.linear(F.linear(x, self.lora_A) * scale, self.lora_B)
+
+    def _prepare(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """w [B, E] → scale[r] = w[e(r)]·s_e; for one row folded into A ([R, I]), else [B, 1, R]."""
+        scale = (w[..., self.rank_expert] * self.rank_scale).to(dtype)    # [B, R]
+        if scale.shape[0] == 1:
+            return self.lora_A * scale[0, :, None]
+        return scale[:, None, :]
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, rank={self.lora_A.shape[0]}, experts={int(self.rank_expert.unique().numel())}"

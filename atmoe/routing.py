@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +44,7 @@ class RoutingCall:
     uniform: bool = False                        # untrained router: exact uniform weights
     weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
     records: dict[int, LayerRecord] = field(default_factory=dict)
+    prepared: dict[object, torch.Tensor] = field(default_factory=dict)  # FusedLoRA → its per-call factor
 
 
 def current_call() -> RoutingCall | None:
@@ -61,9 +62,10 @@ def use_call(call: RoutingCall) -> Iterator[RoutingCall]:
 
 def checkpoint_context() -> tuple[object, object]:
     """`context_fn` for torch's non-reentrant checkpoint: the backward recompute of a layer runs outside the call's
-    context, so re-enter the same call (its weights carry the router's autograd graph)."""
+    context, so re-enter the same call (its weights carry the router's autograd graph). The recompute starts with
+    no prepared factors, so it records exactly the ops of the original forward."""
     call = _CURRENT.get()
-    return nullcontext(), (use_call(call) if call is not None else nullcontext())
+    return nullcontext(), (use_call(replace(call, prepared={})) if call is not None else nullcontext())
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
