@@ -16,9 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 from atmoe.data import PadCollator, encode_dataset, load_jsonl
+from atmoe.io import atomic_directory
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -122,7 +121,7 @@ def train_lora(model: Any, tokenizer: Any, cfg: ExpertTrainConfig) -> TrainResul
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=int(cfg.warmup_ratio * cfg.steps),
         weight_decay=0.0, logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=1,
-        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=features,
                       data_collator=PadCollator(pad_id))
@@ -148,9 +147,7 @@ def save_expert(result: TrainResult, cfg: ExpertTrainConfig, base: str) -> Path:
     ``out`` is moved aside first and removed only once the new folder is in place.
     """
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         result.model.save_pretrained(tmp, safe_serialization=True)
         weights = tmp / "adapter_model.safetensors"
         tensors = {k: v.to(_OUT_DTYPES[cfg.dtype_out]).contiguous() for k, v in load_file(weights).items()}
@@ -159,15 +156,8 @@ def save_expert(result: TrainResult, cfg: ExpertTrainConfig, base: str) -> Path:
         meta = {"name": cfg.name, "group": cfg.group, "description": cfg.description, "train_rows": result.train_rows,
                 "steps": cfg.steps, "final_loss": result.final_loss, "base": base, "config": _jsonable(cfg)}
         (tmp / "atmoe_expert.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        (tmp / "train_log.jsonl").write_text("".join(json.dumps({"loss": x}) + "\n" for x in result.losses), encoding="utf-8")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps({"loss": x}) + "\n" for x in result.losses),
+                                             encoding="utf-8")
     return out
 
 

@@ -43,10 +43,16 @@ def tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512,
     return fast
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> LlamaForCausalLM:
-    """A randomly initialised Llama small enough to train for a few steps in a test."""
+def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: int = 2,
+               initializer_range: float = 0.3) -> LlamaForCausalLM:
+    """A randomly initialised Llama small enough to train for a few steps in a test.
+
+    The wide ``initializer_range`` (HF default 0.02) keeps logits far from uniform, so a
+    LoRA adapter's few training steps visibly lower the loss.
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, pad_token_id=0, tie_word_embeddings=False)
+                         max_position_embeddings=512, pad_token_id=0, tie_word_embeddings=False,
+                         initializer_range=initializer_range)
     return LlamaForCausalLM(config).eval()

@@ -119,9 +119,11 @@ def score_lab_interpretation(prediction: str, example: dict[str, Any]) -> float 
         return None
     correct = 0
     for lab in labs:
-        line = next((ln for ln in _lines(prediction) if _word_in(lab["name"], ln)), "")
-        match = _FLAG_RE.search(line[line.lower().find(lab["name"]):]) if line else None
-        correct += match is not None and match.group(1).lower() == lab["flag"]
+        # The first flag word after the lab's name, on the first line that has one: a summary
+        # line saying "low calcium" names the flag before the lab and is skipped.
+        flags = [m.group(1).lower() for line in _lines(prediction) if _word_in(lab["name"], line)
+                 for m in [_FLAG_RE.search(line[line.lower().find(lab["name"]):])] if m]
+        correct += bool(flags) and flags[0] == lab["flag"]
     return correct / len(labs)
 
 
