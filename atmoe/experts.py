@@ -29,20 +29,22 @@ class Expert:
     description: str = ""
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # A [r,I], B [O,r], s
+    # A [r, I], B [O, r], s per module — handed to the fused layers, then released (experts are stored once).
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    layout: dict[str, tuple[int, int, int, float]] = field(default_factory=dict)  # module → (r, I, O, s), kept
     card: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
-        return max((a.shape[0] for a, _, _ in self.modules.values()), default=0)
+        return max((r for r, *_ in self.layout.values()), default=0)
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+        return sorted({m.rsplit(".", 1)[-1] for m in self.layout})
 
     @property
     def num_parameters(self) -> int:
-        return sum(a.numel() + b.numel() for a, b, _ in self.modules.values())
+        return sum(r * (i + o) for r, i, o, _ in self.layout.values())
 
 
 def adapter_files(source: str | Path, name: str) -> Path:
@@ -114,6 +116,7 @@ def read_expert(name: str, group: str, source: str | Path, model: nn.Module, lay
         alpha = float((config.get("alpha_pattern") or {}).get(akey, config["lora_alpha"]))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         expert.modules[module_name] = (A, B, scale)
+        expert.layout[module_name] = (r, in_f, out_f, scale)
     _check_targets(name, config, expert.modules, modules)
     card = folder / "atmoe_expert.json"
     if card.is_file():
@@ -153,6 +156,8 @@ def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str
     for ei, ex in enumerate(experts):
         for module_name, (A, B, s) in ex.modules.items():
             by_module.setdefault(module_name, []).append((ei, A, B, s))
+    for ex in experts:
+        ex.modules = {}  # the fused layers now hold the only copy
     fused = []
     for module_name, parts in by_module.items():
         parent_name, _, child = module_name.rpartition(".")

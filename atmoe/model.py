@@ -91,7 +91,7 @@ class ATMoE:
         self.layer_names, layer_of = layer_index(model)
         self.num_layers = len(self.layer_names)
         for ex in self._experts:  # validate against the unwrapped model before changing anything
-            missing = [m for m in ex.modules if m not in layer_of]
+            missing = [m for m in ex.layout if m not in layer_of]
             if missing:
                 raise LoadError(f"expert '{ex.name}': modules {missing[:3]} are not inside a decoder layer")
         self.fused = fuse_experts(model, self._experts, layer_of)
