@@ -132,7 +132,12 @@ def encode_example(tokenizer: Any, ex: Example, max_length: int) -> dict[str, An
 
 def encode_dataset(tokenizer: Any, examples: list[Example], max_length: int) -> tuple[list[dict[str, Any]], int]:
     """Encode every example; returns ``(features, number whose answer was truncated)``."""
-    features = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    features = []
+    for i, ex in enumerate(examples, start=1):
+        try:
+            features.append(encode_example(tokenizer, ex, max_length))
+        except ValueError as e:
+            raise ValueError(f"example {i}: {e}") from None
     return features, sum(f["truncated"] for f in features)
 
 

@@ -67,23 +67,28 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `final`; on success it replaces `final` with two renames.
 
     The new folder is complete before its name appears. If a previous folder exists it is moved aside first and removed
-    only after the new one is in place, so a crash between the two renames leaves it intact under `.<name>.old-*`.
+    only after the new one is in place; if the swap fails it is put back. A kill -9 between the two renames leaves it
+    intact under `.<name>.old-*/`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    old = None
     try:
         yield tmp
-        old = None
         if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.rename(final, old)
+            # A unique name: a leftover of an earlier crash can never block this swap.
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.rename(final, old / final.name)
         os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not final.exists():
+            os.rename(old / final.name, final)  # the swap failed: put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

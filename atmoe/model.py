@@ -69,6 +69,13 @@ def layer_index(model: nn.Module) -> tuple[list[str], dict[str, int]]:
     return [f"{prefix}.{i}" for i in range(len(layers))], layer_of
 
 
+def _check_unicode(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
+
+
 def _route_pre_hook(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
     route_layer(layer, args[0] if args else kwargs["hidden_states"])
 
@@ -77,7 +84,7 @@ class ATMoE:
     """Grouped LoRA experts routed layer by layer. Build with `ATMoE.load(manifest)` or `ATMoE.from_experts(...)`."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, experts: Sequence[Expert], groups: Sequence[str],
-                 router: GroupedRouter | None = None, *, router_mode: str = "softmax",
+                 router: GroupedRouter | str | Path | None = None, *, router_mode: str = "softmax",
                  manifest: Manifest | None = None) -> None:
         self.model, self.tokenizer, self.manifest = model, tokenizer, manifest
         self.groups = list(groups)
@@ -99,6 +106,8 @@ class ATMoE:
             layer.register_forward_pre_hook(partial(_route_pre_hook, i), with_kwargs=True)
         cfg = RouterConfig(self.groups, self.experts, [self.expert_groups[e] for e in self.experts], self.num_layers,
                            model.config.get_text_config().hidden_size, mode=router_mode)
+        if isinstance(router, (str, Path)):
+            router = load_router(router, expected=cfg)  # its errors name the file
         if router is not None:
             for k in ("num_layers", "hidden_size", "groups", "experts", "expert_groups"):
                 if getattr(router.config, k) != getattr(cfg, k):
@@ -142,8 +151,6 @@ class ATMoE:
         names = [e.name for e in loaded]
         if len(set(names)) != len(names):
             raise LoadError(f"duplicate expert names in {names}")
-        if isinstance(router, (str, Path)):
-            router = load_router(router)
         return cls(model, tokenizer, loaded, groups, router, router_mode=router_mode, manifest=manifest)
 
     # ------------------------------------------------------------------ properties
@@ -200,6 +207,8 @@ class ATMoE:
         """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
         if not isinstance(prompt, str) or not isinstance(input, str):
             raise ValueError("prompt and input must be strings")
+        _check_unicode(prompt, "prompt")
+        _check_unicode(input, "input")
         if not (prompt.strip() or input.strip()):
             raise ValueError("the prompt is empty")
         templated = bool(getattr(self.tokenizer, "chat_template", None))
@@ -261,6 +270,7 @@ class ATMoE:
         if text is not None:
             if not isinstance(text, str):
                 raise ValueError("text must be a string")
+            _check_unicode(text, "text")
             input_ids = self.tokenizer(text)["input_ids"]
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(self.device)
         self._check_length(ids.shape[1])

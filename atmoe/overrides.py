@@ -124,7 +124,9 @@ def compile_overrides(ov: Overrides, *, groups: Sequence[str], experts: Sequence
                                ("expert", ov.disabled, experts)):
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"unknown {kind}(s) {unknown}; this model has: {list(known)}")
+            shown = ", ".join(repr(n[:40]) for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5
+                                                                    else "")
+            raise ValueError(f"unknown {kind}(s) {shown}; this model has: {list(known)}")
     if ov.layers is not None and ov.layers[1] >= num_layers:
         raise ValueError(f"layers={ov.layers} is outside the model: it has {num_layers} layers (0–{num_layers - 1})")
     clash = sorted(set(ov.experts) & set(ov.disabled))
