@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .data import PadCollator, encode_dataset, load_jsonl
+from .io import atomic_write_bytes
 from .model import ATMoE
 from .router import GroupedRouter, MODES, save_router
 
@@ -191,6 +193,8 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
     trainer.train(resume_from_checkpoint=True if resume else None)
     router.trained = True
     path = save_router(router.requires_grad_(False), cfg.out)
+    log = "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history)
+    atomic_write_bytes(Path(path).with_suffix(".log.jsonl"), log.encode())  # the loss log, next to the router
     if cfg.update_manifest and m.manifest is not None:
         m.manifest.router = str(Path(path).resolve().relative_to(m.manifest.root.resolve()))
         m.manifest.save(m.manifest.path or m.manifest.root / "experts.json")
