@@ -6,9 +6,10 @@
     out.text, out.trace.to_frame()
 """
 
+from .export import export_adapter
 from .model import ATMoE, Generation, Score
 from .overrides import Overrides
 from .router import GroupedRouter, RouterConfig
 from .trace import RoutingTrace
 
-__all__ = ["ATMoE", "Generation", "GroupedRouter", "Overrides", "RouterConfig", "RoutingTrace", "Score"]
+__all__ = ["ATMoE", "Generation", "export_adapter", "GroupedRouter", "Overrides", "RouterConfig", "RoutingTrace", "Score"]

@@ -1,0 +1,1 @@
+"""The AT-MoE dashboard (Streamlit). Engine access goes through `app.service`; figures are pure (`app.figures`)."""

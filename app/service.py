@@ -1,0 +1,173 @@
+"""The dashboard's only door to the engine: wraps one `ATMoE` and returns plain data (dicts, DataFrames, numpy,
+`RoutingTrace`s of numpy arrays, bytes). No Streamlit here, so every call is testable without a browser.
+
+The engine keeps no per-request state on the model (routing lives in a ContextVar per call), so one `Service` is
+shared by every browser session; each call carries that session's overrides and settings.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from atmoe import ATMoE, Overrides, RoutingTrace
+
+DEFAULT_MANIFEST = "assets/experts.json"
+BATCH_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings of one request (validated by the engine)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    granularity: str = "sequence"
+
+
+@dataclass
+class Answer:
+    """One generated answer and its routing."""
+
+    text: str
+    trace: RoutingTrace
+    seconds: float
+    new_tokens: int
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "length" | "stopped"
+    overrides: dict[str, Any] | None = None
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def missing_manifest_message(path: str) -> str | None:
+    """A how-to message when the manifest does not exist (the shipped default is built by `make assets`)."""
+    p = Path(path)
+    if (p / "experts.json").is_file() or p.is_file():
+        return None
+    how = ("Build the shipped demo model with `make assets`, " if path == DEFAULT_MANIFEST else "")
+    return (f"No expert manifest at `{path}`. {how}or start the app with `streamlit run streamlit_app.py -- "
+            "--manifest path/to/experts.json`, or enter another manifest path in the sidebar.")
+
+
+class Service:
+    """Plain-data facade over one loaded `ATMoE`."""
+
+    def __init__(self, model: ATMoE, source: str = "") -> None:
+        self.model, self.source = model, source
+
+    @classmethod
+    def load(cls, manifest: str, device: str = "auto") -> Service:
+        return cls(ATMoE.load(manifest, device=device), str(manifest))
+
+    # ------------------------------------------------------------------ description
+    @property
+    def groups(self) -> list[str]:
+        return list(self.model.groups)
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.model.experts)
+
+    @property
+    def expert_groups(self) -> dict[str, str]:
+        return dict(self.model.expert_groups)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    def info(self) -> dict[str, Any]:
+        m = self.model
+        cfg = m.router.config
+        return {"manifest": self.source, "base_model": (m.manifest.base_model if m.manifest else None)
+                or "embedded SmolLM2-135M-Instruct", "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+                "layers": m.num_layers, "context_length": m.context_length, "groups": self.groups,
+                "router": {"mode": cfg.mode, "temperature": cfg.temperature, "pooling": cfg.pooling,
+                           "granularity": cfg.granularity, "trained": bool(m.router.trained)}}
+
+    def experts_table(self) -> pd.DataFrame:
+        rows = []
+        for name in self.experts:
+            e = self.model.expert(name)
+            rows.append({"expert": name, "group": e.group, "rank": e.rank, "targets": ", ".join(e.target_modules),
+                         "parameters": e.num_parameters, "description": e.description})
+        return pd.DataFrame(rows)
+
+    def expert_card(self, name: str) -> dict[str, Any]:
+        e = self.model.expert(name)
+        return {"card": dict(e.card), "config": {k: v for k, v in e.config.items() if not isinstance(v, dict)}}
+
+    # ------------------------------------------------------------------ overrides
+    def check_overrides(self, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Validate a preset against this model (names, layers, budgets); ValueError names every fault."""
+        if overrides is None:
+            return None
+        ov = Overrides.from_dict(overrides)
+        self.model.compile(ov)
+        return None if ov.is_empty() else ov.to_dict()
+
+    def prompt_tokens(self, prompt: str, input: str = "") -> int:
+        return len(self.model.encode(prompt, input))
+
+    # ------------------------------------------------------------------ calls
+    def route(self, prompt: str, input: str = "", overrides: dict[str, Any] | None = None,
+              granularity: str = "sequence") -> RoutingTrace:
+        return self.model.route(prompt, overrides, input=input, granularity=granularity)
+
+    def route_many(self, prompts: Sequence[str], inputs: Sequence[str],
+                   overrides: dict[str, Any] | None = None) -> list[RoutingTrace]:
+        """Route one chunk (callers chunk by `BATCH_CHUNK` to show progress)."""
+        return self.model.route_batch(list(prompts), overrides, inputs=list(inputs))
+
+    def stream(self, prompt: str, input: str, settings: Settings, overrides: dict[str, Any] | None,
+               stop: threading.Event) -> Iterator[str | Answer]:
+        """Text pieces as they are generated, then the `Answer`. Setting `stop` ends it after the current token."""
+        n_prompt = self.prompt_tokens(prompt, input)
+        start = time.perf_counter()
+        n = 0
+        for item in self.model.stream(prompt, input=input, max_new_tokens=settings.max_new_tokens,
+                                      temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                                      overrides=overrides, granularity=settings.granularity, stop=stop):
+            if isinstance(item, str):
+                n += 1
+                yield item
+            else:
+                seconds = time.perf_counter() - start
+                reason = "stopped" if stop.is_set() else ("length" if n >= settings.max_new_tokens else "eos")
+                yield Answer("", item, seconds, n, n_prompt, reason, overrides, settings)
+
+    def generate(self, prompt: str, input: str, settings: Settings,
+                 overrides: dict[str, Any] | None) -> Answer:
+        g = self.model.generate(prompt, input=input, max_new_tokens=settings.max_new_tokens,
+                                temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                                overrides=overrides, granularity=settings.granularity)
+        return Answer(g.text, g.trace, g.seconds, len(g.token_ids), g.prompt_tokens, g.finish_reason, overrides,
+                      settings)
+
+    def export_adapter_zip(self, trace: RoutingTrace, use: str = "used") -> bytes:
+        """The routing frozen into one PEFT LoRA adapter (see `atmoe.export`), zipped in memory."""
+        from atmoe.export import export_adapter
+
+        with tempfile.TemporaryDirectory(prefix="atmoe-export-") as tmp:
+            out = export_adapter(self.model, trace, Path(tmp) / "adapter", use=use)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(out.iterdir()):
+                    z.write(f, f"atmoe_adapter/{f.name}")
+        return buf.getvalue()
+

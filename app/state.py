@@ -1,0 +1,136 @@
+"""Per-session state: every browser session keeps its own overrides, answers and traces in `st.session_state` and
+passes them to the shared (stateless) service on each call. Messages raised in callbacks are queued as "flash"
+messages and shown at the top of the next render."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import streamlit as st
+
+from app import presets
+from app.service import Answer, Service, Settings
+
+STOP_WAIT_S = 30.0
+ERRORS = (ValueError, OSError)  # engine input errors (LoadError, BaseModelError are ValueErrors) and file errors
+
+
+def init() -> None:
+    """Session defaults; on the first run, the prompt and override preset come from the URL (a shared link)."""
+    ss = st.session_state
+    if ss.get("_init"):
+        return
+    ss._init = True
+    ss.setdefault("ov", None)            # current overrides dict (None = router only)
+    ss.setdefault("answer", None)        # latest Answer
+    ss.setdefault("trace", None)         # RoutingTrace shown in the views
+    ss.setdefault("trace_of", None)      # (prompt, input, granularity) of that trace
+    ss.setdefault("trace_version", 0)
+    ss.setdefault("flash", [])
+    qp = st.query_params
+    if "q" in qp:
+        ss["prompt"] = qp["q"]
+    if "note" in qp:
+        ss["note"] = qp["note"]
+    if "preset" in qp:
+        try:
+            ss.ov = presets.decode_url(qp["preset"]) or None
+        except ValueError as e:
+            flash("error", f"The override preset in the link was ignored: {e}")
+
+
+def reset_results(keep_overrides: bool) -> None:
+    """Forget answers and traces (e.g. when another model is loaded)."""
+    ss = st.session_state
+    for k in ("answer", "trace", "trace_of", "compare", "batch", "_adapter_zip", "_sliders_for"):
+        ss[k] = None
+    if not keep_overrides:
+        ss.ov = None
+
+
+def flash(level: str, message: str) -> None:
+    st.session_state.setdefault("flash", []).append((level, message))
+
+
+def show_flash() -> None:
+    for level, message in st.session_state.get("flash", []):
+        getattr(st, level)(message)
+    st.session_state.flash = []
+
+
+def settings() -> Settings:
+    ss = st.session_state
+    return Settings(int(ss.get("max_new_tokens", 64)), float(ss.get("temperature", 0.0)), float(ss.get("top_p", 1.0)),
+                    int(ss.get("seed", 0)), ss.get("granularity", "sequence"))
+
+
+def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:
+    ss = st.session_state
+    ss.trace, ss.trace_of = trace, (prompt, input, granularity)
+    ss.trace_version = ss.get("trace_version", 0) + 1
+
+
+def set_answer(answer: Answer, prompt: str, input: str) -> None:
+    st.session_state.answer = answer
+    set_trace(answer.trace, prompt, input, answer.settings.granularity)
+    st.session_state.answer_of = (prompt, input)
+
+
+def adopt_pending() -> None:
+    """Adopt an answer finished by a generation run (possibly one that a Stop click interrupted)."""
+    box = st.session_state.get("_pending_answer")
+    if not box:
+        return
+    if not box["done"].wait(timeout=STOP_WAIT_S):  # the stopped run ends after its current token
+        return
+    st.session_state._pending_answer = None
+    if "answer" in box:
+        set_answer(box["answer"], box["prompt"], box["note"])
+        sync_url()
+
+
+def sync_url() -> None:
+    """Encode the current preset (and a short prompt) in the URL, so the link reproduces the view."""
+    ss, qp = st.session_state, st.query_params
+    if ss.get("ov"):
+        qp["preset"] = presets.encode_url(ss.ov)
+    elif "preset" in qp:
+        del qp["preset"]
+    if ss.get("trace_of"):
+        prompt, note, _ = ss.trace_of
+        for key, value in (("q", prompt), ("note", note)):
+            if value and len(value) <= 1500:
+                qp[key] = value
+            elif key in qp:
+                del qp[key]
+
+
+def set_overrides(svc: Service, overrides: dict | None) -> str | None:
+    """Validate and adopt `overrides`; re-route the current prompt so the heatmaps show them. Returns the error."""
+    ss = st.session_state
+    try:
+        overrides = svc.check_overrides(overrides)
+        if ss.get("trace_of"):
+            prompt, input, granularity = ss.trace_of
+            set_trace(svc.route(prompt, input, overrides, granularity), prompt, input, granularity)
+    except ERRORS as e:
+        return f"Overrides not applied: {e}"
+    ss.ov = overrides
+    if ss.get("answer") is not None and ss.answer.overrides != overrides:
+        flash("info", "Routing updated for the new overrides. Press **Generate** to see the answer they give "
+                      "(or use the Compare tab).")
+    sync_url()
+    return None
+
+
+def new_stop_event() -> threading.Event:
+    ev = threading.Event()
+    st.session_state.stop_event = ev
+    return ev
+
+
+def request_stop() -> None:
+    ev = st.session_state.get("stop_event")
+    if ev is not None:
+        ev.set()

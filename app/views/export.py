@@ -1,0 +1,73 @@
+"""View 9–10: download the trace, save / load override presets (also encoded in the URL), export the routing as one
+PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import presets, state
+from app.service import Service
+
+
+def _load_preset(svc: Service) -> None:
+    ss = st.session_state
+    up = st.file_uploader("Load a preset (JSON)", type=["json"], key="preset_file")
+    if up is None:
+        ss.pop("_preset_msg", None)
+        return
+    if ss.get("_preset_file") != up.file_id:  # handle each upload once, not on every rerun
+        ss._preset_file = up.file_id
+        try:
+            ov = presets.from_json(up.getvalue())
+            error = state.set_overrides(svc, ov or None)
+            ss._preset_msg = ("error", f"Preset {up.name} does not fit this model. {error}") if error else \
+                ("success", f"Preset loaded: {presets.describe(ov)}")
+        except ValueError as e:
+            ss._preset_msg = ("error", f"Invalid preset {up.name}: {e}")
+    level, msg = ss.get("_preset_msg", ("info", ""))
+    if msg:
+        getattr(st, level)(msg)
+
+
+def render(svc: Service) -> None:
+    ss = st.session_state
+    trace = ss.get("trace")
+    st.subheader("Routing trace")
+    if trace is None:
+        st.info("Generate or route a prompt to export its trace.")
+    else:
+        c1, c2 = st.columns(2)
+        c1.download_button("Trace as CSV", trace.to_frame().to_csv(index=False), "atmoe_trace.csv", "text/csv",
+                           key="dl_trace_csv")
+        c2.download_button("Trace as JSON", trace.to_json(), "atmoe_trace.json", "application/json",
+                           key="dl_trace_json")
+
+    st.subheader("Override preset")
+    st.caption(f"Current: {presets.describe(ss.get('ov'))}")
+    st.download_button("Save preset (JSON)", presets.to_json(ss.get("ov")), "atmoe_preset.json", "application/json",
+                       key="dl_preset")
+    _load_preset(svc)
+    if ss.get("ov"):
+        st.caption("The preset is in this page's URL (`?preset=…`): share the link to reproduce the view.")
+        st.code(f"?preset={presets.encode_url(ss.ov)}", language=None)
+
+    st.subheader("Freeze this routing into one LoRA adapter")
+    st.caption("Bakes the per-layer weights w[l, e] = α·β into one standard PEFT LoRA (exact for sequence-level "
+               "routing): load it with `PeftModel.from_pretrained(base, folder)` — no router needed.")
+    if trace is None:
+        return
+    if trace.granularity != "sequence":
+        st.info("Token-level routing changes at every token; route with granularity **sequence** to export.")
+        return
+    use = st.radio("Weights", ["used", "router"], horizontal=True, key="export_use",
+                   format_func={"used": "used (with overrides)", "router": "router's own"}.get)
+    if st.button("Build adapter", key="export_build"):
+        try:
+            with st.spinner("Exporting…"):
+                ss._adapter_zip = (ss.trace_version, use, svc.export_adapter_zip(trace, use))
+        except state.ERRORS as e:
+            st.error(f"Export failed: {e}")
+    built = ss.get("_adapter_zip")
+    if built and built[:2] == (ss.trace_version, use):
+        st.download_button("Download adapter (.zip)", built[2], "atmoe_adapter.zip", "application/zip",
+                           key="dl_adapter")

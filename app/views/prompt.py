@@ -1,0 +1,146 @@
+"""View 1–3: prompt and streamed answer, then the group and expert heatmaps of its routing."""
+
+from __future__ import annotations
+
+import threading
+
+import streamlit as st
+
+from app import figures, presets, state
+from app.examples import examples
+from app.service import Answer, Service
+from app.text import md_escape
+
+
+def _use_example(ex: dict[str, str]) -> None:
+    st.session_state.prompt, st.session_state.note = ex["instruction"], ex["input"]
+
+
+def _example_buttons() -> None:
+    st.caption("Examples (held-out instructions with a clinical note): one click fills the form")
+    exs = examples(5)
+    cols = st.columns(len(exs))
+    for i, (col, ex) in enumerate(zip(cols, exs)):
+        col.button(ex["label"], key=f"example_{i}", on_click=_use_example, args=(ex,), width="stretch",
+                   help=ex["instruction"])
+
+
+def _form(svc: Service) -> str | None:
+    """The prompt form; returns 'generate' / 'route' when submitted."""
+    with st.form("prompt_form"):
+        st.text_area("Instruction", key="prompt", height=90,
+                     placeholder="e.g. Triage this patient and interpret the labs, as bullet points.")
+        st.text_area("Input (optional clinical note)", key="note", height=90)
+        with st.expander("Generation settings"):
+            c = st.columns(5)
+            c[0].number_input("Max new tokens", 1, 1024, 64, key="max_new_tokens")
+            c[1].slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key="temperature")
+            c[2].slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
+            c[3].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
+            c[4].radio("Routing granularity", ["sequence", "token"], key="granularity", horizontal=True,
+                       help="sequence: one routing per prompt (the paper's); token: re-routed at every token, "
+                            "for the per-token view")
+        b = st.columns([1, 1, 4])
+        gen = b[0].form_submit_button("Generate", type="primary")
+        route = b[1].form_submit_button("Route only", help="Routing heatmaps without generating")
+    st.caption(f"Overrides in effect: {md_escape(presets.describe(st.session_state.get('ov')))}")
+    return "generate" if gen else "route" if route else None
+
+
+def _generate(svc: Service, prompt: str, note: str) -> None:
+    """Stream the answer token by token. A Stop click (or any rerun, or a closed tab) interrupts the script inside
+    `write_stream` — or, with fast reruns, starts the next run while this one winds down. Either way the `finally`
+    stops the engine and leaves the partial answer in a plain dict (Streamlit calls may raise in a run being
+    stopped); the next run waits for it and adopts it (`state.adopt_pending`)."""
+    stop = state.new_stop_event()
+    pending: dict = {"prompt": prompt, "note": note, "done": threading.Event()}
+    st.session_state._pending_answer = pending
+    stream = svc.stream(prompt, note, state.settings(), st.session_state.get("ov"), stop)
+    pieces: list[str] = []
+    result: list[Answer] = []
+
+    def text_only():
+        for item in stream:
+            if isinstance(item, Answer):
+                result.append(item)
+                return
+            pieces.append(item)
+            yield md_escape(item)  # write_stream renders Markdown: model text must not be interpreted
+
+    try:
+        with st.container(border=True):
+            st.write_stream(text_only())
+    finally:
+        if not result:  # interrupted: stop after the current token and collect the routing so far
+            stop.set()
+            try:
+                for item in stream:
+                    (result if isinstance(item, Answer) else pieces).append(item)
+            except state.ERRORS:
+                pass
+            stream.close()
+        if result:
+            result[0].text = "".join(pieces)
+            pending["answer"] = result[0]
+        pending["done"].set()
+    state.adopt_pending()
+
+
+def _show_answer(text: bool = True) -> None:
+    ans: Answer | None = st.session_state.get("answer")
+    if ans is None:
+        st.info("Type an instruction (or pick an example) and press **Generate**.")
+        return
+    if text:  # (just streamed answers are already on the page)
+        with st.container(border=True):
+            st.markdown(md_escape(ans.text) if ans.text.strip() else "_(empty answer)_")
+    st.caption(f"{ans.new_tokens} tokens in {ans.seconds:.2f} s · {ans.tokens_per_second:.1f} tokens/s · "
+               f"prompt {ans.prompt_tokens} tokens · finished: {ans.finish_reason} · overrides: "
+               f"{md_escape(presets.describe(ans.overrides))}")
+
+
+def heatmaps() -> None:
+    trace = st.session_state.get("trace")
+    if trace is None:
+        return
+    left, right = st.columns([2, 3])
+    with left:
+        st.plotly_chart(figures.group_heatmap(trace), key="group_heatmap", width="stretch")
+        means = trace.group_weights.mean(0)
+        st.caption("Mean α over layers — " + " · ".join(f"{g} α (mean) = {v:.2f}"
+                                                        for g, v in zip(trace.groups, means)))
+    with right:
+        level = st.segmented_control("Expert weight", ["effective", "expert"], key="expert_level",
+                                     format_func={"effective": "effective α·β", "expert": "within-group β"}.get,
+                                     default="effective") or "effective"
+        st.plotly_chart(figures.expert_heatmap(trace, level), key="expert_heatmap", width="stretch")
+    notes = []
+    if not trace.router_trained:
+        notes.append("the router is untrained, so its weights are uniform")
+    if trace.fallback_layers:
+        notes.append(f"layers {trace.fallback_layers} fell back to uniform weights (non-finite hidden states)")
+    if notes:
+        st.warning("Note: " + "; ".join(notes) + ".")
+
+
+def render(svc: Service) -> None:
+    _example_buttons()
+    action = _form(svc)
+    st.button("Stop generating", key="stop", on_click=state.request_stop,
+              help="Stops the running generation after the current token")
+    ss = st.session_state
+    streamed = False
+    if action:
+        prompt, note = ss.get("prompt", ""), ss.get("note", "")
+        try:
+            if action == "generate":
+                _generate(svc, prompt, note)
+                streamed = True
+            else:
+                state.set_trace(svc.route(prompt, note, ss.get("ov"), ss.get("granularity", "sequence")),
+                                prompt, note, ss.get("granularity", "sequence"))
+                state.sync_url()
+        except state.ERRORS as e:
+            st.error(f"Cannot {action} this prompt: {e}")
+    _show_answer(text=not streamed)
+    heatmaps()

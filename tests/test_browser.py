@@ -1,0 +1,117 @@
+"""End to end in a real browser: `streamlit run` on the tiny demo, driven by Playwright + Debian chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium "
+                                                               "(`apt-get install chromium`; CI installs it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"streamlit did not become healthy at {url}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    manifest = tiny_demo(tmp_path_factory.mktemp("browser"))
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--", "--manifest", str(manifest)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _style_mean(page) -> str:
+    caption = page.get_by_text(re.compile(r"style α \(mean\) = \d\.\d\d")).first
+    return re.search(r"style α \(mean\) = (\d\.\d\d)", caption.inner_text()).group(1)
+
+
+def test_generate_override_and_apply_in_browser(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1700})
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
+            page.goto(server)
+            page.get_by_role("textbox", name="Instruction", exact=True).fill("Triage this patient and interpret the labs, as bullet points.")
+            page.get_by_role("textbox", name="Input (optional clinical note)").fill("72 yo M c/o SOB. HR 135, SpO2 88% on RA.")
+            page.get_by_test_id("stExpander").filter(has_text="Generation settings").locator("summary").click()
+            tokens = page.get_by_label("Max new tokens")
+            tokens.fill("8")
+            tokens.press("Tab")
+            page.get_by_role("button", name="Generate").click()
+
+            expect(page.get_by_text(re.compile(r"\d+ tokens in [\d.]+ s"))).to_be_visible()
+            expect(page.locator(".js-plotly-plot")).to_have_count(2)
+            before = _style_mean(page)
+
+            slider = page.get_by_test_id("stSlider").filter(has_text="α style").get_by_role("slider")
+            slider.focus()
+            slider.press("Home")  # → 0.00: the only moved slider, so the only fixed override
+            page.get_by_role("button", name="Apply").click()
+            expect(page.get_by_text("style α (mean) = 0.00")).to_be_visible()
+            assert before != "0.00", "the router already gave style 0; the test would not show a change"
+            expect(page.get_by_text(re.compile(r"In effect: style α=0\.00"))).to_be_visible()
+            assert "preset=" in page.url  # the link carries the preset
+            page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+            # A long generation can be stopped; the partial answer and its routing are kept.
+            tokens.fill("400")
+            tokens.press("Tab")
+            page.get_by_role("button", name="Generate").click()
+            time.sleep(1.5)
+            page.get_by_role("button", name="Stop generating").click()
+            expect(page.get_by_text(re.compile(r"finished: stopped"))).to_be_visible()
+        finally:
+            browser.close()

@@ -1,0 +1,66 @@
+"""Freezing a routing into one PEFT adapter is exact: PEFT on a fresh base gives the routed model's logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import tiny_demo
+from transformers import AutoModelForCausalLM
+
+from atmoe import ATMoE, Overrides
+from atmoe.export import export_adapter
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    path = tiny_demo(tmp_path_factory.mktemp("export"))
+    return path, ATMoE.load(path, device="cpu")
+
+
+def _peft_logits(base_dir, adapter_dir, ids) -> torch.Tensor:
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    peft = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.inference_mode():
+        return peft(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("overrides", [None, Overrides(groups={"style": 0.0}, experts={"triage": 0.9},
+                                                       layers=(1, 3), disabled=["plain_language"])])
+def test_exported_adapter_equals_routed_model(demo, tmp_path, overrides):
+    path, m = demo
+    ids = m.encode("Triage this patient as bullet points.", "72 yo M c/o SOB. HR 135, SpO2 88% on RA.")
+    score = m.score(input_ids=ids, overrides=overrides)
+    out = export_adapter(m, score.trace, tmp_path / "frozen")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["target_modules"]
+    peft_logits = _peft_logits(path.parent / "base", out, ids)
+    assert torch.allclose(peft_logits, score.logits, atol=1e-4), (peft_logits - score.logits).abs().max()
+    # The adapter is not a no-op: the base alone differs.
+    base = AutoModelForCausalLM.from_pretrained(path.parent / "base").eval()
+    with torch.inference_mode():
+        plain = base(input_ids=torch.tensor([ids])).logits[0]
+    assert (plain - score.logits).abs().max() > 1e-3
+
+
+def test_router_weights_export_and_refusals(demo, tmp_path):
+    path, m = demo
+    ids = m.encode("Summarize this case in one line.")
+    ov = Overrides(groups={"task": 1.0})
+    routed = m.score(input_ids=ids, overrides=ov)
+    plain = m.score(input_ids=ids)
+    # use="router" freezes the router's own weights (no overrides); without overrides that is the plain routing.
+    out = export_adapter(m, plain.trace, tmp_path / "router", use="router")
+    assert torch.allclose(_peft_logits(path.parent / "base", out, ids), plain.logits, atol=1e-4)
+    out = export_adapter(m, routed.trace, tmp_path / "router2", use="router")
+    token = m.route("Summarize this case.", granularity="token")
+    with pytest.raises(ValueError, match="sequence-level"):
+        export_adapter(m, token, tmp_path / "bad")
+    with pytest.raises(ValueError, match="use must be"):
+        export_adapter(m, routed.trace, tmp_path / "bad", use="both")
+    assert not (tmp_path / "bad").exists()
+    w = np.array(json.loads((out / "atmoe_routing.json").read_text())["effective_weights"])
+    assert np.allclose(w, routed.trace.router_effective_weights, atol=1e-6)
