@@ -25,12 +25,7 @@ CONTEXT_MESSAGE = re.compile(r"the prompt is (\d+) tokens and (\d+) new tokens w
                              r"context is 512: shorten the prompt by (\d+) tokens")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Summarize this case in one line."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest single-threaded; on a shared, loaded CPU OpenMP spinning costs 100x (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
