@@ -16,6 +16,10 @@ class RoutingTrace:
 
     `*_weights` are the weights used (after overrides); `router_*` the router's own. In token mode the [L, ·] arrays
     are means over the tokens and `token_*` hold one row per token ([T, L, ·]).
+
+    The router at layer l reads the hidden state entering l, so an override on an earlier layer changes what the
+    later routers see: `router_*` is what the router proposed *in this call*, not the weights of a call without
+    overrides (route again without overrides for those).
     """
 
     layers: list[str]
