@@ -21,7 +21,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 app: $(STAMP)
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(BIN)/streamlit run streamlit_app.py
+	$(BIN)/streamlit run streamlit_app.py
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
