@@ -63,7 +63,7 @@ def build(out: Path, work: Path, *, expert_steps: int, router_steps: int, eval_n
                 continue
             train_router(RouterTrainConfig(manifest=str(old), data=str(suite_dir / "router_train.jsonl"),
                                            out=str(out / rel), mode=mode, steps=router_steps, batch_size=8,
-                                           lr=5e-3, max_length=320, update_manifest=(mode == "softmax")))
+                                           lr=2e-2, max_length=320, update_manifest=(mode == "softmax")))
     if "eval" in only:
         eval_main(["--manifest", str(old), "--data", str(out / "data" / "eval.jsonl"), "--n", str(eval_n),
                    "--out", str(out / "eval"),
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "assets"))
     p.add_argument("--work", default="runs", help="folder for the generated training data and checkpoints")
-    p.add_argument("--expert-steps", type=int, default=30)
+    p.add_argument("--expert-steps", type=int, default=60)
     p.add_argument("--router-steps", type=int, default=40)
     p.add_argument("--eval-n", type=int, default=40)
     p.add_argument("--only", default="experts,routers,eval", help="stages to run (comma-separated)")
