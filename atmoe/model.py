@@ -109,10 +109,7 @@ class ATMoE:
         if isinstance(router, (str, Path)):
             router = load_router(router, expected=cfg)  # its errors name the file
         if router is not None:
-            for k in ("num_layers", "hidden_size", "groups", "experts", "expert_groups"):
-                if getattr(router.config, k) != getattr(cfg, k):
-                    raise LoadError(f"router was made for {k}={getattr(router.config, k)}, this model has "
-                                    f"{getattr(cfg, k)}")
+            router.config.check_shape(cfg, "router")
         self.router = (router or GroupedRouter(cfg)).to(self.device)
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)

@@ -63,6 +63,13 @@ class RouterConfig:
         if seen != list(self.groups):
             raise ValueError(f"experts must be ordered by group {self.groups}, got groups {self.expert_groups}")
 
+    def check_shape(self, expected: RouterConfig, what: str) -> None:
+        """Raise LoadError if this router was made for other layers, hidden size or experts than `expected`."""
+        for name in ("num_layers", "hidden_size", "groups", "experts", "expert_groups"):
+            got, want = getattr(self, name), getattr(expected, name)
+            if got != want:
+                raise LoadError(f"{what} was made for {name}={got}, but this model has {want}")
+
     @property
     def group_slices(self) -> tuple[slice, ...]:
         out, start = [], 0
@@ -155,10 +162,7 @@ def load_router(path: str | Path, expected: RouterConfig | None = None) -> Group
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"router checkpoint {path} has an invalid config: {e}") from None
     if expected is not None:
-        for name in ("num_layers", "hidden_size", "groups", "experts", "expert_groups"):
-            got, want = getattr(config, name), getattr(expected, name)
-            if got != want:
-                raise LoadError(f"router checkpoint {path} was made for {name}={got}, but this model has {want}")
+        config.check_shape(expected, f"router checkpoint {path}")
     router = GroupedRouter(config)
     own = router.state_dict()
     if set(tensors) != set(own):
@@ -171,10 +175,4 @@ def load_router(path: str | Path, expected: RouterConfig | None = None) -> Group
     return router.requires_grad_(False)
 
 
-def with_mode(router: GroupedRouter, **changes) -> GroupedRouter:
-    """A new (untrained) router with the same shape and different settings, e.g. `with_mode(r, mode="sigmoid")`."""
-    cfg = RouterConfig(**{**asdict(router.config), **changes})
-    return GroupedRouter(cfg).to(router.norm_weight.device)
-
-
-__all__ = ["GroupedRouter", "RouterConfig", "effective_weights", "load_router", "save_router", "with_mode"]
+__all__ = ["GroupedRouter", "RouterConfig", "effective_weights", "load_router", "save_router"]
