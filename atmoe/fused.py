@@ -32,29 +32,34 @@ class FusedLoRA(nn.Module):
         self.register_buffer("rank_scale", rank_scale, persistent=False)    # [R] s_e of each rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         call = current_call()
         if call is None:
-            return out
+            return self.base_layer(x)
         if call.granularity == "sequence":
             # w is fixed for the whole call: prepare this module's factor once, reuse it for every decode step.
             factor = call.prepared.get(self)
             if factor is None:
-                factor = call.prepared[self] = self._prepare(call.weights[self.layer_idx], x.dtype)
+                factor = call.prepared[self] = self._prepare(call.weights[self.layer_idx], x.dtype, call.merge)
+            if call.merge and isinstance(self.base_layer, nn.Linear) and factor.shape == self.base_layer.weight.shape:
+                return F.linear(x, factor, self.base_layer.bias)       # W0 + Σ w·s·B·A, this call's own copy
+            out = self.base_layer(x)
             if factor.dim() == 2:                                  # batch 1: scale folded into A, [R, I]
                 return out + F.linear(F.linear(x, factor), self.lora_B)
-            h = F.linear(x, self.lora_A) * factor                  # [B, 1, R] row scales
-            return out + F.linear(h, self.lora_B)
+            return out + F.linear(F.linear(x, self.lora_A) * factor, self.lora_B)   # [B, 1, R] row scales
         w = call.weights[self.layer_idx]                           # token mode: [B, T, E]
         scale = (w[..., self.rank_expert] * self.rank_scale).to(x.dtype)   # [B, T, R]
-        return out + F.linear(F.linear(x, self.lora_A) * scale, self.lora_B)
+        return self.base_layer(x) + F.linear(F.linear(x, self.lora_A) * scale, self.lora_B)
 
-    def _prepare(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """w [B, E] → scale[r] = w[e(r)]·s_e; for one row folded into A ([R, I]), else [B, 1, R]."""
+    def _prepare(self, w: torch.Tensor, dtype: torch.dtype, merge: bool = False) -> torch.Tensor:
+        """w [B, E] → scale[r] = w[e(r)]·s_e; for one row folded into A ([R, I]) — or, with `merge`, into a merged
+        copy of the base weight ([O, I]) — else [B, 1, R]."""
         scale = (w[..., self.rank_expert] * self.rank_scale).to(dtype)    # [B, R]
-        if scale.shape[0] == 1:
-            return self.lora_A * scale[0, :, None]
-        return scale[:, None, :]
+        if scale.shape[0] != 1:
+            return scale[:, None, :]
+        folded = self.lora_A * scale[0, :, None]
+        if merge and isinstance(self.base_layer, nn.Linear):
+            return torch.addmm(self.base_layer.weight, self.lora_B, folded)
+        return folded
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, rank={self.lora_A.shape[0]}, experts={int(self.rank_expert.unique().numel())}"

@@ -193,12 +193,16 @@ class ATMoE:
                                  competitive_groups=(router or self.router).config.mode != "sigmoid")
 
     def new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | dict | None = None,
-                 router: GroupedRouter | None = None, granularity: str | None = None) -> RoutingCall:
+                 router: GroupedRouter | None = None, granularity: str | None = None,
+                 merge: bool = False) -> RoutingCall:
+        """A fresh per-call routing state. `merge` (batch 1, sequence mode): each fused Linear uses a per-call merged
+        copy of its weight, W0 + Σ w·s·B·A — base-model decode speed for one extra weight copy per call."""
         router = router or self.router
         granularity = granularity or router.config.granularity
         if granularity not in ("sequence", "token"):
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
-        return RoutingCall(router, prompt_mask.to(self.device), granularity, self.compile(overrides, router))
+        return RoutingCall(router, prompt_mask.to(self.device), granularity, self.compile(overrides, router),
+                           merge=bool(merge) and prompt_mask.shape[0] == 1)
 
     def encode(self, prompt: str, input: str = "") -> list[int]:
         """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
@@ -280,38 +284,40 @@ class ATMoE:
     def stream(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
                router: GroupedRouter | None = None, granularity: str | None = None,
-               stop: threading.Event | None = None) -> Iterator[str | RoutingTrace]:
-        """Yield one text piece per generated token ("" while a character is incomplete), then the RoutingTrace."""
+               stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | RoutingTrace]:
+        """Yield one text piece per generated token ("" while a character is incomplete), then the RoutingTrace.
+        `merge=True` trades one weight copy per call for base-model decode speed (see `new_call`)."""
         for item in self._generate_rows([prompt], [input], GenerationSettings(max_new_tokens, temperature, top_p, seed),
-                                        overrides, router, granularity, stop):
+                                        overrides, router, granularity, stop, merge):
             yield item if isinstance(item, str) else item[0].trace
 
     def generate(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
-                 router: GroupedRouter | None = None, granularity: str | None = None) -> Generation:
+                 router: GroupedRouter | None = None, granularity: str | None = None,
+                 merge: bool = False) -> Generation:
         return self.generate_batch([prompt], inputs=[input], max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, seed=seed, overrides=overrides, router=router,
-                                   granularity=granularity)[0]
+                                   granularity=granularity, merge=merge)[0]
 
     def generate_batch(self, prompts: Sequence[str], *, inputs: Sequence[str] | None = None,
                        max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                        overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
-                       granularity: str | None = None) -> list[Generation]:
+                       granularity: str | None = None, merge: bool = False) -> list[Generation]:
         settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
         *_, result = self._generate_rows(prompts, inputs or [""] * len(prompts), settings, overrides, router,
-                                         granularity)
+                                         granularity, merge=merge)
         return result
 
     def _generate_rows(self, prompts: Sequence[str], inputs: Sequence[str], settings: GenerationSettings,
                        overrides: Overrides | dict | None, router: GroupedRouter | None, granularity: str | None,
-                       stop: threading.Event | None = None) -> Iterator[str | list[Generation]]:
+                       stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | list[Generation]]:
         """Yields text pieces of row 0 as they come, then the list of Generations."""
         start = time.perf_counter()
         rows = [self.encode(p, i) for p, i in zip(prompts, inputs, strict=True)]
         for r in rows:
             self._check_length(len(r), settings.max_new_tokens)
         ids, mask = self._batch(rows)
-        call = self.new_call(mask, overrides, router, granularity)
+        call = self.new_call(mask, overrides, router, granularity, merge)
         if call.granularity == "token" and len(rows) > 1:
             raise ValueError("token-level routing is for one prompt at a time")
         tok = self.tokenizer

@@ -41,7 +41,7 @@ class RoutingCall:
     prompt_mask: torch.Tensor                    # [B, T] 1 on the instruction tokens the router pools over
     granularity: str = "sequence"
     overrides: CompiledOverrides | None = None
-    uniform: bool = False                        # untrained router: exact uniform weights
+    merge: bool = False   # batch 1: fold the weighted experts into a per-call copy of each base weight (decode speed)
     weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
     records: dict[int, LayerRecord] = field(default_factory=dict)
     prepared: dict[object, torch.Tensor] = field(default_factory=dict)  # FusedLoRA → its per-call factor
@@ -88,11 +88,7 @@ def route_layer(layer: int, hidden: torch.Tensor) -> None:
         x = pool(hidden, call.prompt_mask, router.config.pooling)       # [B, D]
     else:
         x = hidden                                                       # [B, T, D]
-    if call.uniform:
-        alpha, beta = router.uniform(x.shape[:-1], x.device)
-        fallback = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-    else:
-        alpha, beta, fallback = router(layer, x)
+    alpha, beta, fallback = router(layer, x)   # an untrained router (zero heads) gives exactly uniform weights
     rec = call.records.setdefault(layer, LayerRecord())
     rec.router_alpha.append(alpha.detach())
     rec.router_beta.append(beta.detach())

@@ -48,8 +48,8 @@ def decode_fns(ctx: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
         for _ in decode(forward, ids, mask, settings, eos_ids=set(), pad_id=0):
             pass
 
-    def routed() -> None:
-        call = m.new_call(mask)  # routed once on the prompt, the weights reused by every step (sequence mode)
+    def routed(merge: bool = False) -> None:
+        call = m.new_call(mask, merge=merge)  # routed once on the prompt, the weights reused by every step
 
         def forward(**kw: Any) -> Any:
             with use_call(call):
@@ -57,6 +57,8 @@ def decode_fns(ctx: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
         run(forward)
 
     fns = {"base": lambda: run(lambda **kw: m.model(**kw, logits_to_keep=1)), "atmoe": routed}
+    if ids.shape[0] == 1:
+        fns["atmoe_merged"] = lambda: routed(merge=True)
     for name, peer in ctx.peers.items():
         if name == "xlora":
             if with_xlora:

@@ -32,6 +32,7 @@ PEERS = ("base", "atmoe", "peft_one", "peft_all", "peft_cat", "xlora")
 PEER_LABELS = {
     "base": "base model alone",
     "atmoe": "AT-MoE (grouped router, fused experts)",
+    "atmoe_merged": "AT-MoE, merge=True (per-call merged weights, batch 1)",
     "peft_one": "PEFT, one LoRA active",
     "peft_all": "PEFT, all experts active (plain sum)",
     "peft_cat": "PEFT add_weighted_adapter(cat), one merged LoRA",

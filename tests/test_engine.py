@@ -220,3 +220,23 @@ def test_router_trains_under_gradient_checkpointing(tmp_path):
     for n in plain:
         assert plain[n].abs().sum() > 0, n
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6)
+
+
+def test_merged_decode_matches_the_fused_path(tmp_path):
+    from tiny_models import tiny_demo
+    m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
+    ov = Overrides(groups={"style": 0.1}, layers=(1, 2))
+    plain = m.generate("Summarize this case", max_new_tokens=12, overrides=ov)
+    merged = m.generate("Summarize this case", max_new_tokens=12, overrides=ov, merge=True)
+    assert merged.token_ids == plain.token_ids
+    np.testing.assert_allclose(merged.trace.effective_weights, plain.trace.effective_weights, atol=1e-6)
+    ids = torch.tensor(m.encode("Summarize this case"))[None]
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        a, _ = m.forward_routed(ids, mask, mask, overrides=ov)
+        call = m.new_call(mask, ov, merge=True)
+        from atmoe.routing import use_call
+        with use_call(call):
+            b = m.model(input_ids=ids, attention_mask=mask)
+    assert call.prepared and all(f.shape == layer.base_layer.weight.shape for layer, f in call.prepared.items())
+    assert (a.logits - b.logits).abs().max().item() <= 1e-4
