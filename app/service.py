@@ -23,6 +23,7 @@ from atmoe import ATMoE, Overrides, RoutingTrace
 
 DEFAULT_MANIFEST = "assets/experts.json"
 BATCH_CHUNK = 8
+MERGE_DEFAULT_MAX_BYTES = 1 << 30  # fast decode on by default when one merged copy costs at most this
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Settings:
     top_p: float = 1.0
     seed: int = 0
     granularity: str = "sequence"
+    merge: bool = False  # decode with per-call merged weights (ATMoE.new_call): faster, `merge_bytes` more memory
 
 
 @dataclass
@@ -75,6 +77,16 @@ class Service:
         return cls(ATMoE.load(manifest, device=device), str(manifest))
 
     # ------------------------------------------------------------------ description
+    @property
+    def merge_mb(self) -> float:
+        return self.model.merge_bytes / 2**20
+
+    @property
+    def merge_default(self) -> bool:
+        """Fast decode by default only where its per-generation weight copy is small (a fixed rule, so every
+        session of one model gets the same default and the same numbers)."""
+        return self.model.merge_bytes <= MERGE_DEFAULT_MAX_BYTES
+
     @property
     def groups(self) -> list[str]:
         return list(self.model.groups)
@@ -142,7 +154,8 @@ class Service:
         n = 0
         for item in self.model.stream(prompt, input=input, max_new_tokens=settings.max_new_tokens,
                                       temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                      overrides=overrides, granularity=settings.granularity, stop=stop):
+                                      overrides=overrides, granularity=settings.granularity, stop=stop,
+                                      merge=settings.merge):
             if isinstance(item, str):
                 n += 1
                 yield item
@@ -155,7 +168,7 @@ class Service:
                  overrides: dict[str, Any] | None) -> Answer:
         g = self.model.generate(prompt, input=input, max_new_tokens=settings.max_new_tokens,
                                 temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                overrides=overrides, granularity=settings.granularity)
+                                overrides=overrides, granularity=settings.granularity, merge=settings.merge)
         return Answer(g.text, g.trace, g.seconds, len(g.token_ids), g.prompt_tokens, g.finish_reason, overrides,
                       settings)
 

@@ -62,7 +62,7 @@ def show_flash() -> None:
 def settings() -> Settings:
     ss = st.session_state
     return Settings(int(ss.get("max_new_tokens", 64)), float(ss.get("temperature", 0.0)), float(ss.get("top_p", 1.0)),
-                    int(ss.get("seed", 0)), ss.get("granularity", "sequence"))
+                    int(ss.get("seed", 0)), ss.get("granularity", "sequence"), bool(ss.get("merge", False)))
 
 
 def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:

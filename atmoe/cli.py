@@ -95,7 +95,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     m = _load(a)
     trace = None
     for piece in m.stream(a.prompt, input=a.input, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_p=a.top_p, seed=a.seed, overrides=ov, granularity=a.granularity):
+                          top_p=a.top_p, seed=a.seed, overrides=ov, granularity=a.granularity, merge=a.merge):
         if isinstance(piece, RoutingTrace):
             trace = piece
         elif not a.json:
@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with per-call merged weights: base-model speed for one copy of the projection "
+                        "weights while generating (default on: the CLI serves one request; --no-merge keeps "
+                        "the fused low-rank path)")
     p.set_defaults(func=cmd_generate)
     delegated = {"train-expert": "atmoe.train_expert", "train-router": "atmoe.train_router",
                  "eval": "atmoe.evaluate", "assets": "atmoe.assets",

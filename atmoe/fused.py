@@ -35,31 +35,36 @@ class FusedLoRA(nn.Module):
         call = current_call()
         if call is None:
             return self.base_layer(x)
-        if call.granularity == "sequence":
-            # w is fixed for the whole call: prepare this module's factor once, reuse it for every decode step.
-            factor = call.prepared.get(self)
-            if factor is None:
-                factor = call.prepared[self] = self._prepare(call.weights[self.layer_idx], x.dtype, call.merge)
-            if call.merge and isinstance(self.base_layer, nn.Linear) and factor.shape == self.base_layer.weight.shape:
-                return F.linear(x, factor, self.base_layer.bias)       # W0 + Σ w·s·B·A, this call's own copy
-            out = self.base_layer(x)
-            if factor.dim() == 2:                                  # batch 1: scale folded into A, [R, I]
-                return out + F.linear(F.linear(x, factor), self.lora_B)
-            return out + F.linear(F.linear(x, self.lora_A) * factor, self.lora_B)   # [B, 1, R] row scales
-        w = call.weights[self.layer_idx]                           # token mode: [B, T, E]
-        scale = (w[..., self.rank_expert] * self.rank_scale).to(x.dtype)   # [B, T, R]
-        return self.base_layer(x) + F.linear(F.linear(x, self.lora_A) * scale, self.lora_B)
+        if call.granularity == "token":
+            w = call.weights[self.layer_idx]                               # [B, T, E]
+            scale = (w[..., self.rank_expert] * self.rank_scale).to(x.dtype)   # [B, T, R]
+            return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * scale)
+        # Sequence mode: w is fixed for the whole call, so this module's factor is prepared once and reused by
+        # every decode step.
+        prepared = call.prepared.get(self)
+        if prepared is None:
+            prepared = call.prepared[self] = self._prepare(call.weights[self.layer_idx], x.dtype, call.merge)
+        kind, factor = prepared
+        if kind == "merged":                                       # W0 + Σ w·s·B·A: this call's own copy
+            return F.linear(x, factor, self.base_layer.bias)
+        if kind == "folded":                                       # batch 1: scale folded into A, [R, I]
+            return self._add_delta(self.base_layer(x), F.linear(x, factor))
+        return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * factor)   # [B, 1, R] row scales
 
-    def _prepare(self, w: torch.Tensor, dtype: torch.dtype, merge: bool = False) -> torch.Tensor:
-        """w [B, E] → scale[r] = w[e(r)]·s_e; for one row folded into A ([R, I]) — or, with `merge`, into a merged
-        copy of the base weight ([O, I]) — else [B, 1, R]."""
+    def _add_delta(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """out + h·Bᵀ, accumulated into `out` by the GEMM itself (no extra [.., O] tensor, no separate add)."""
+        return out.reshape(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t()).view(out.shape)
+
+    def _prepare(self, w: torch.Tensor, dtype: torch.dtype, merge: bool = False) -> tuple[str, torch.Tensor]:
+        """w [B, E] → scale[r] = w[e(r)]·s_e, as ("rows", [B, 1, R]); for one row folded into A ("folded", [R, I])
+        or, with `merge` and a Linear base, into a merged copy of the base weight ("merged", [O, I])."""
         scale = (w[..., self.rank_expert] * self.rank_scale).to(dtype)    # [B, R]
         if scale.shape[0] != 1:
-            return scale[:, None, :]
+            return "rows", scale[:, None, :]
         folded = self.lora_A * scale[0, :, None]
         if merge and isinstance(self.base_layer, nn.Linear):
-            return torch.addmm(self.base_layer.weight, self.lora_B, folded)
-        return folded
+            return "merged", torch.addmm(self.base_layer.weight, self.lora_B, folded)
+        return "folded", folded
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, rank={self.lora_A.shape[0]}, experts={int(self.rank_expert.unique().numel())}"

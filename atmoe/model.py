@@ -163,6 +163,11 @@ class ATMoE:
     def router_config(self) -> RouterConfig:
         return self.router.config
 
+    @property
+    def merge_bytes(self) -> int:
+        """Memory one `merge=True` generation holds while it runs: a copy of every fused Linear's weight."""
+        return sum(f.base_layer.weight.nbytes for f in self.fused if isinstance(f.base_layer, nn.Linear))
+
     def expert(self, name: str) -> Expert:
         return self._experts[self.experts.index(name)]
 
@@ -196,7 +201,9 @@ class ATMoE:
                  router: GroupedRouter | None = None, granularity: str | None = None,
                  merge: bool = False) -> RoutingCall:
         """A fresh per-call routing state. `merge` (batch 1, sequence mode): each fused Linear uses a per-call merged
-        copy of its weight, W0 + Σ w·s·B·A — base-model decode speed for one extra weight copy per call."""
+        copy of its weight, W0 + Σ w·s·B·A — base-model decode speed for `merge_bytes` more memory while the call
+        runs. The shared weights are never written, so "undoing" the merge is exact: the copy is dropped. Off by
+        default: the fused path keeps no copy at all (experts stored once), which matters on large models."""
         router = router or self.router
         granularity = granularity or router.config.granularity
         if granularity not in ("sequence", "token"):

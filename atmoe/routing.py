@@ -44,7 +44,7 @@ class RoutingCall:
     merge: bool = False   # batch 1: fold the weighted experts into a per-call copy of each base weight (decode speed)
     weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
     records: dict[int, LayerRecord] = field(default_factory=dict)
-    prepared: dict[object, torch.Tensor] = field(default_factory=dict)  # FusedLoRA → its per-call factor
+    prepared: dict[object, tuple[str, torch.Tensor]] = field(default_factory=dict)  # FusedLoRA → (kind, factor)
 
 
 def current_call() -> RoutingCall | None:
@@ -75,7 +75,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         positions = torch.arange(mask.shape[1], device=hidden.device)
         last = (mask * positions).argmax(-1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-    return (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    # mask-weighted sum as one batched GEMV ([B, 1, T] @ [B, T, D]): no [B, T, D] temporary
+    return torch.bmm(mask[:, None, :], hidden.float()).squeeze(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def route_layer(layer: int, hidden: torch.Tensor) -> None:

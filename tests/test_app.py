@@ -85,6 +85,20 @@ def test_prompt_streams_answer_and_heatmaps_match_trace(at):
     assert np.allclose(m.route(PROMPT, input=NOTE).group_weights, trace.group_weights, atol=1e-5)
 
 
+def test_fast_decode_toggle_reaches_the_engine(at):
+    assert at.checkbox(key="merge").value is True  # the tiny model's merged copy is far under the 1 GiB rule
+    _generate(at)
+    _ok(at)
+    merged = at.session_state["answer"]
+    assert merged.settings.merge is True
+    at.checkbox(key="merge").uncheck()
+    _generate(at)
+    _ok(at)
+    fused = at.session_state["answer"]
+    assert fused.settings.merge is False
+    assert fused.text == merged.text and np.allclose(fused.trace.group_weights, merged.trace.group_weights)
+
+
 def test_moving_one_group_slider_fixes_only_that_group(at):
     _generate(at)
     before = at.session_state["trace"]

@@ -35,6 +35,25 @@ def test_generate_with_overrides_shows_them_in_the_trace(manifest, capsys):
     assert trace["group_weights"][3][style] > 0
 
 
+def test_generate_merges_by_default_and_no_merge_keeps_the_fused_path(manifest, capsys, monkeypatch):
+    from atmoe import ATMoE
+    seen, new_call = [], ATMoE.new_call
+
+    def spy(self, *args, **kwargs):
+        call = new_call(self, *args, **kwargs)
+        seen.append(call.merge)
+        return call
+
+    monkeypatch.setattr(ATMoE, "new_call", spy)
+    outs = []
+    for flag in ("--merge", "--no-merge"):
+        assert main(["generate", "Explain the meds", "--manifest", manifest, "--device", "cpu", "--max-new-tokens", "6",
+                     flag, "--json"]) == 0
+        outs.append(capsys.readouterr().out.splitlines()[0])
+    assert seen == [True, False]
+    assert outs[0] == outs[1]  # same greedy text: the merged copy is the same function within float rounding
+
+
 @pytest.mark.parametrize("args,message", [
     (["--override", "style=abc"], "is not a number"),
     (["--override", "nope=0.5"], "unknown group"),

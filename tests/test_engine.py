@@ -238,5 +238,7 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
         from atmoe.routing import use_call
         with use_call(call):
             b = m.model(input_ids=ids, attention_mask=mask)
-    assert call.prepared and all(f.shape == layer.base_layer.weight.shape for layer, f in call.prepared.items())
+    assert call.prepared and all(kind == "merged" and f.shape == layer.base_layer.weight.shape
+                                 for layer, (kind, f) in call.prepared.items())
     assert (a.logits - b.logits).abs().max().item() <= 1e-4
+    assert m.merge_bytes == sum(layer.base_layer.weight.nbytes for layer in call.prepared) > 0

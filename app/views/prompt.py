@@ -40,6 +40,11 @@ def _form(svc: Service) -> str | None:
             c[4].radio("Routing granularity", ["sequence", "token"], key="granularity", horizontal=True,
                        help="sequence: one routing per prompt (the paper's); token: re-routed at every token, "
                             "for the per-token view")
+            st.checkbox("Fast decode (merged weights)", value=svc.merge_default, key="merge",
+                        help=f"Batch 1, sequence routing: once the prompt has fixed the weights, each projection "
+                             f"uses a merged copy W0 + Σ w·B·A for this generation only (+{svc.merge_mb:.0f} MB "
+                             f"while it runs; the shared model is never changed). Same answer within float "
+                             f"rounding; off = the fused low-rank path, no copy.")
         b = st.columns([1, 1, 4])
         gen = b[0].form_submit_button("Generate", type="primary")
         route = b[1].form_submit_button("Route only", help="Routing heatmaps without generating")
