@@ -69,7 +69,7 @@ def memory(ctx: Any) -> dict:
                expert_bytes=expert_bytes, router_bytes=nbytes(m.router),
                ratio=(atmoe_bytes - base_bytes) / expert_bytes,
                peers_extra_bytes={p: nbytes(pm) - base_bytes for p, pm in ctx.peers.items()},
-               build_rss_delta_bytes=ctx.build_rss_delta,
+               build_rss_delta_bytes=ctx.build_rss_delta, merge_bytes=m.merge_bytes,
                unit="ratio = (AT-MoE bytes − base bytes) ÷ experts' own A,B bytes (1.0 = no overhead)")
     if ctx.device.type == "cuda":  # activation peak of one prefill, base vs routed
         ids, mask = random_batch(ctx, max(ctx.cfg.prefill_batches), max(ctx.cfg.prefill_tokens), seed=5)

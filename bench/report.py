@@ -16,6 +16,9 @@ TARGETS = {
     "prefill": ("≤ 1.20 (brief, at T=256)", lambda r: r <= 1.20),
     "prefill_vs_peft_all": ("≤ 1.00 (bench)", lambda r: r <= 1.0),
     "decode": ("≥ 0.90 (brief, batch 1)", lambda r: r >= 0.90),
+    "vs_xlora": ("≤ 1.00 (brief: faster everywhere)", lambda r: r <= 1.0),
+    "decode_vs_xlora": ("≥ 1.00 (brief: faster everywhere)", lambda r: r >= 1.0),
+    "scaling": ("< 8 (brief: sub-linear, E 4→32 is 8×)", lambda r: r < 8),
     "memory": ("≤ 1.10 (brief)", lambda r: r <= 1.10),
     "train": ("≤ 1.50 (bench)", lambda r: r <= 1.5),
 }
@@ -42,20 +45,33 @@ def checks(results: dict) -> list[dict]:
         if "peft_all" in r["atmoe_vs_peer"]:
             rows.append(_row("prefill", where, "AT-MoE ÷ PEFT all experts", r["atmoe_vs_peer"]["peft_all"],
                              "prefill_vs_peft_all"))
+        if "xlora" in r["atmoe_vs_peer"]:
+            rows.append(_row("prefill", where, "AT-MoE ÷ X-LoRA (time)", r["atmoe_vs_peer"]["xlora"], "vs_xlora"))
     for r in s.get("decode", {}).get("rows", []):
         where = f"B={r['batch']}, {r['new_tokens']} new tokens"
         for p, v in r["ratio_vs_base"].items():
             rows.append(_row("decode", where, f"{PEER_LABELS[p]} ÷ base (tokens/s)", v,
-                             "decode" if p == "atmoe" and r["batch"] == 1 else None))
+                             "decode" if p in ("atmoe", "atmoe_merged") and r["batch"] == 1 else None))
+        if "xlora" in r["atmoe_vs_peer"]:
+            rows.append(_row("decode", where, "AT-MoE ÷ X-LoRA (tokens/s)", r["atmoe_vs_peer"]["xlora"],
+                             "decode_vs_xlora"))
     sc = s.get("scaling")
     if sc:
         for r in sc["by_experts"] + sc["by_rank"]:
             rows.append(_row("scaling", f"E={r['experts']} r={r['rank']}, T={sc['tokens']} B=1", "AT-MoE ÷ base",
                              r["ratio"]))
+        by_e = {r["experts"]: r["ratio"] for r in sc["by_experts"]}
+        if 4 in by_e and 32 in by_e and by_e[4] > 1:
+            rows.append(_row("scaling", "overhead growth E=4 → E=32", "(ratio − 1) at E=32 ÷ (ratio − 1) at E=4",
+                             (by_e[32] - 1) / (by_e[4] - 1), "scaling"))
     mem = s.get("memory")
     if mem:
         rows.append(_row("memory", f"{mem['atmoe_extra_bytes'] / 2**20:.2f} MiB added",
                          "(AT-MoE − base) ÷ experts' A,B bytes", mem["ratio"], "memory"))
+        if "merge_bytes" in mem:
+            rows.append(_row("memory", f"merge=True: {mem['merge_bytes'] / 2**20:.2f} MiB per running generation",
+                             "merged weight copy ÷ experts' A,B bytes (opt-in, freed with the call)",
+                             mem["merge_bytes"] / mem["expert_bytes"]))
         if "cuda_prefill_peak_bytes" in mem:
             c = mem["cuda_prefill_peak_bytes"]
             rows.append(_row("memory", f"CUDA prefill peak T={c['tokens']} B={c['batch']}", "AT-MoE ÷ base",
