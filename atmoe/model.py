@@ -76,6 +76,24 @@ def _check_unicode(text: str, what: str) -> None:
         raise ValueError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
 
 
+def token_labels(tokenizer: Any, ids: Sequence[int], window: int = 8) -> list[str]:
+    """The text each token adds, for per-token views. Decoding tokens one by one shows "\ufffd" for the pieces of a
+    multi-byte character (byte-level BPE); here such a token gets "" and the character goes to the token that
+    completes it. Each label is the difference of two decodes of a short window ending at that token."""
+    labels = []
+    for i in range(len(ids)):
+        start = max(0, i - window + 1)
+        before, after = tokenizer.decode(ids[start:i]), tokenizer.decode(ids[start:i + 1])
+        if after.endswith("\ufffd") and i + 1 < len(ids):
+            labels.append("")  # an incomplete character: shown on the token that completes it
+            continue
+        common = 0
+        while common < min(len(before), len(after)) and before[common] == after[common]:
+            common += 1
+        labels.append(after[common:])
+    return labels
+
+
 def _route_pre_hook(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
     route_layer(layer, args[0] if args else kwargs["hidden_states"])
 
@@ -383,7 +401,7 @@ class ATMoE:
             # Drop left padding: keep the positions of this row's real tokens.
             keep = np.arange(arrays["alpha"].shape[0])[-len(token_ids):]
             arrays = {k: v[keep] for k, v in arrays.items()}
-            extra = dict(tokens=[self.tokenizer.decode([t]) for t in token_ids][: len(keep)],
+            extra = dict(tokens=token_labels(self.tokenizer, token_ids)[: len(keep)],
                          token_group_weights=arrays["alpha"], token_expert_weights=arrays["beta"])
             arrays = {k: v.mean(0) for k, v in arrays.items()}
         ov = call.overrides

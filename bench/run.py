@@ -105,10 +105,20 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadiest on a shared machine)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--prefill-tokens", default=None, help="comma list of prompt lengths (default 64,256,1024)")
+    p.add_argument("--prefill-batches", default=None, help="comma list of batch sizes (default 1,8)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--name", default="", help="result file stem (default <model>-<device>[-quick])")
     a = p.parse_args(argv)
     extra = {k: v for k, v in (("repeats", a.repeats), ("warmup", a.warmup)) if v is not None}
+    for key, text in (("prefill_tokens", a.prefill_tokens), ("prefill_batches", a.prefill_batches)):
+        if text is not None:
+            try:
+                extra[key] = tuple(int(v) for v in text.split(","))
+            except ValueError:
+                p.error(f"--{key.replace('_', '-')} must be a comma list of integers, got {text!r}")
+            if not extra[key] or min(extra[key]) < 1:
+                p.error(f"--{key.replace('_', '-')} values must be ≥ 1, got {text!r}")
     cfg = BenchConfig(model=a.model, device=a.device, dtype=a.dtype, quick=a.quick, threads=a.threads,
                       only=tuple(s.strip() for s in a.only.split(",") if s.strip()), out=a.out, name=a.name)
     for k, v in extra.items():  # explicit counts win over --quick's

@@ -98,3 +98,24 @@ def test_gpu_script_passes_arguments_through(tmp_path: Path) -> None:
                    env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, capture_output=True)
     res = json.loads((tmp_path / "tiny-cpu-quick.json").read_text())
     assert res["meta"]["device"] == "cpu" and set(res["sections"]) == {"memory", "peers"}
+
+
+def test_targets_are_judged_where_the_brief_sets_them(result: tuple[dict, Path]) -> None:
+    rows = result[0]["checks"]
+    judged = {(r["section"], r["measurement"].split(",")[0], r["peers"]) for r in rows if r["passed"] is not None}
+    prefill = {m for s, m, p in judged if s == "prefill" and p.startswith("AT-MoE (")}
+    assert prefill == {"T=256 B=1", "T=256 B=2"}  # the brief's prefill target is at 256 tokens
+    decode = {p for s, m, p in judged if s == "decode" and m == "B=1" and "÷ base" in p}
+    assert any(p.startswith("AT-MoE (") for p in decode) and any("merge=True" in p for p in decode)
+    assert not any(s == "decode" and m == "B=2" and "÷ base" in p for s, m, p in judged)
+    if "xlora" in result[0]["sections"]["peers"]["built"]:
+        assert any("X-LoRA" in p for s, _, p in judged if s == "prefill")
+
+
+def test_prefill_grid_flags() -> None:
+    from bench.run import parse_args
+    cfg = parse_args(["--prefill-tokens", "256", "--prefill-batches", "1,8", "--quick"])
+    assert cfg.prefill_tokens == (256,) and cfg.prefill_batches == (1, 8)
+    for bad in (["--prefill-tokens", "abc"], ["--prefill-batches", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

@@ -242,3 +242,17 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
                                  for layer, (kind, f) in call.prepared.items())
     assert (a.logits - b.logits).abs().max().item() <= 1e-4
     assert m.merge_bytes == sum(layer.base_layer.weight.nbytes for layer in call.prepared) > 0
+
+
+def test_token_labels_put_multibyte_characters_on_the_token_that_completes_them():
+    from helpers_tiny import tiny_tokenizer
+
+    from atmoe.model import token_labels
+    tok = tiny_tokenizer()
+    text = "Fièvre 38.5°C — patient 🙂 stable"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # one-by-one decoding really splits characters here
+    labels = token_labels(tok, ids)
+    assert len(labels) == len(ids) and "".join(labels) == text
+    assert not any("\ufffd" in label for label in labels)
+    assert "" in labels and any("🙂" in label for label in labels)  # leading byte tokens empty, the last carries it
