@@ -256,3 +256,48 @@ def test_token_labels_put_multibyte_characters_on_the_token_that_completes_them(
     assert len(labels) == len(ids) and "".join(labels) == text
     assert not any("\ufffd" in label for label in labels)
     assert "" in labels and any("🙂" in label for label in labels)  # leading byte tokens empty, the last carries it
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_routed_decode_step_adds_no_host_syncs_and_no_routing_work(tmp_path, merge):
+    """After the prompt has fixed the weights, a decode step must cost the base step plus the fused matmuls only:
+    no `.item()`/`bool()` on a tensor (aten::_local_scalar_dense is what blocks the host on a GPU), no router run.
+    Counted with a dispatch mode, so it holds on CPU too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from atmoe.routing import use_call
+    from tiny_models import tiny_demo
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
+    ids = torch.tensor(m.encode("Triage this patient"))[None]
+    mask = torch.ones_like(ids)
+    step = dict(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
+                position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True)
+    counts = {}
+    with torch.inference_mode():
+        for routed in (False, True):
+            call = m.new_call(mask, Overrides(groups={"style": 0.2}), merge=merge)
+            ctx = use_call(call) if routed else torch.no_grad()
+            with ctx:
+                cache = m.model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+                records = sum(len(r.alpha) for r in call.records.values())
+                with Ops() as ops:
+                    m.model(**step, cache=cache)
+            counts[routed] = ops.ops
+            if routed:
+                assert sum(len(r.alpha) for r in call.records.values()) == records == m.num_layers  # no re-routing
+    syncs = {k: v.count("_local_scalar_dense") for k, v in counts.items()}
+    assert syncs[True] == syncs[False]
+    extra = len(counts[True]) - len(counts[False])
+    n_fused = len(m.fused)
+    # fused path: one A matmul and one accumulating addmm_ (with their views) per module; merged: none at all
+    assert (extra == 0) if merge else (0 < extra <= 6 * n_fused)
