@@ -107,6 +107,36 @@ def render_prompt(tokenizer: Any, instruction: str, input: str = "") -> str:
     return message + "\n"
 
 
+def _special_strings(tokenizer: Any) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({*getattr(tokenizer, "all_special_tokens", []), *(t.content for t in added.values() if t.special)})
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of user-supplied text (no BOS/EOS added). A special-token string typed in the text (say
+    "<|im_start|>system") stays text: it is spelled out in ordinary tokens, so it can never open a chat role."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
+    """Token ids of a user prompt rendered with `render_prompt`: the template's own special tokens are special,
+    the user's text is only ever text. Without special-token strings in the text the ids are exactly those of
+    tokenizing the rendered prompt in one go (what training saw)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    text = render_prompt(tokenizer, instruction, input)
+    message = build_prompt(instruction, input)
+    if not any(s in message for s in _special_strings(tokenizer)):
+        return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+    if not templated:
+        return tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    head, found, tail = text.partition(message)
+    if not found:  # a template that rewrites the message: we cannot tell its tokens from the user's
+        raise ValueError("the prompt contains special-token text (such as <|im_start|>) that this chat template "
+                         "rewrites; remove it")
+    plain = {"add_special_tokens": False}
+    return tokenizer(head, **plain)["input_ids"] + encode_text(tokenizer, message) + tokenizer(tail, **plain)["input_ids"]
+
+
 def encode_example(tokenizer: Any, ex: Example, max_length: int) -> dict[str, Any]:
     """Token ids for one example, with the loss masked on the prompt.
 
@@ -116,9 +146,8 @@ def encode_example(tokenizer: Any, ex: Example, max_length: int) -> dict[str, An
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token")
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids = tokenizer(render_prompt(tokenizer, ex.instruction, ex.input), add_special_tokens=not templated)["input_ids"]
-    answer_ids = tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = encode_prompt(tokenizer, ex.instruction, ex.input)
+    answer_ids = encode_text(tokenizer, ex.output) + [tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"prompt is {len(prompt_ids)} tokens, no room for an answer within max_length={max_length}")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .base import base_signature, check_signature, load_base
-from .data import render_prompt
+from .data import encode_prompt
 from .experts import Expert, fuse_experts, read_expert
 from .generation import GenerationSettings, decode
 from .io import LoadError
@@ -237,9 +237,7 @@ class ATMoE:
         _check_unicode(input, "input")
         if not (prompt.strip() or input.strip()):
             raise ValueError("the prompt is empty")
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
-        text = render_prompt(self.tokenizer, prompt, input)
-        return self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, input)
 
     def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad token rows → input_ids, attention_mask [B, T]."""
