@@ -7,9 +7,12 @@ Every reader accepts JSON or safetensors only (no pickle) and names the file and
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,13 +62,32 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     return Path(path)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the platform,
+    the C library or the filesystem does not support it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `final`; on success it replaces `final` with two renames.
+    """Yield a temporary folder next to `final`; on success it replaces `final` atomically.
 
-    The new folder is complete before its name appears. If a previous folder exists it is moved aside first and removed
-    only after the new one is in place; if the swap fails it is put back. A kill -9 between the two renames leaves it
-    intact under `.<name>.old-*/`.
+    The new folder is complete before its name appears. Replacing a previous folder is one atomic exchange where the
+    OS supports it (Linux), so `final` is always either the whole old or the whole new folder; elsewhere it takes two
+    renames: the old folder is moved aside first (put back if the second rename fails) — a kill -9 between them leaves
+    it intact under `.<name>.old-*/`. The previous folder is removed last.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -73,13 +95,16 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        if final.exists():
-            # A unique name: a leftover of an earlier crash can never block this swap.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rename(final, old / final.name)
-        os.rename(tmp, final)
+        if final.exists() and _exchange(tmp, final):
+            old = tmp  # the exchange put the previous folder under the temporary name
+        else:
+            if final.exists():
+                # A unique name: a leftover of an earlier crash can never block this swap.
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+                os.rename(final, old / final.name)
+            os.rename(tmp, final)
     except BaseException:
-        if old is not None and not final.exists():
+        if old is not None and old != tmp and not final.exists():
             os.rename(old / final.name, final)  # the swap failed: put the previous folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -377,8 +377,27 @@ def test_failed_json_write_keeps_the_previous_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
+def test_folder_swap_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
+    """Replacing a folder must not go through a moment where `final` is missing: with renameat2(RENAME_EXCHANGE)
+    there are no renames at all (os.rename is made to fail here), and no leftovers."""
+    final = tmp_path / "adapter"
+    with atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("v1")
+
+    def no_rename(src, dst):
+        raise AssertionError(f"os.rename({src}, {dst}) — a two-step swap")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    with atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (final / "weights").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
 def test_failed_directory_swap_keeps_the_previous_folder(tmp_path, monkeypatch):
-    """If the final rename of `atomic_directory` fails, the previous folder must still be under its name."""
+    """Where the exchange is unsupported (two renames): if the second fails, the previous folder is put back."""
+    import atmoe.io
+    monkeypatch.setattr(atmoe.io, "_exchange", lambda a, b: False)
     final = tmp_path / "adapter"
     with atomic_directory(final) as tmp:
         (tmp / "weights").write_text("v1")
@@ -395,6 +414,7 @@ def test_failed_directory_swap_keeps_the_previous_folder(tmp_path, monkeypatch):
             (tmp / "weights").write_text("v2")
     monkeypatch.undo()
     assert (final / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def _peft_result(tmp_path: Path):
