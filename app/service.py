@@ -55,6 +55,11 @@ class Answer:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def merged(self) -> bool:
+        """Whether the decode used merged weights (they apply to sequence routing only)."""
+        return self.settings.merge and self.settings.granularity == "sequence"
+
 
 def missing_manifest_message(path: str) -> str | None:
     """A how-to message when the manifest does not exist (the shipped default is built by `make assets`)."""

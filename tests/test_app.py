@@ -90,12 +90,14 @@ def test_fast_decode_toggle_reaches_the_engine(at):
     _generate(at)
     _ok(at)
     merged = at.session_state["answer"]
-    assert merged.settings.merge is True
+    assert merged.settings.merge is True and merged.merged
+    assert any("fast decode (merged weights)" in c.value for c in at.caption)
     at.checkbox(key="merge").uncheck()
     _generate(at)
     _ok(at)
     fused = at.session_state["answer"]
-    assert fused.settings.merge is False
+    assert fused.settings.merge is False and not fused.merged
+    assert any("fused experts" in c.value for c in at.caption)
     assert fused.text == merged.text and np.allclose(fused.trace.group_weights, merged.trace.group_weights)
 
 

@@ -100,7 +100,8 @@ def _show_answer(text: bool = True) -> None:
         with st.container(border=True):
             st.markdown(md_escape(ans.text) if ans.text.strip() else "_(empty answer)_")
     st.caption(f"{ans.new_tokens} tokens in {ans.seconds:.2f} s · {ans.tokens_per_second:.1f} tokens/s · "
-               f"prompt {ans.prompt_tokens} tokens · finished: {ans.finish_reason} · overrides: "
+               f"prompt {ans.prompt_tokens} tokens · finished: {ans.finish_reason} · "
+               f"{'fast decode (merged weights)' if ans.merged else 'fused experts'} · overrides: "
                f"{md_escape(presets.describe(ans.overrides))}")
 
 
