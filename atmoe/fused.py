@@ -32,24 +32,31 @@ class FusedLoRA(nn.Module):
         self.register_buffer("rank_scale", rank_scale, persistent=False)    # [R] s_e of each rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        call = current_call()
-        if call is None:
+        kind, factor = self._factor(x.dtype)
+        if kind == "base":
             return self.base_layer(x)
-        if call.granularity == "token":
-            w = call.weights[self.layer_idx]                               # [B, T, E]
-            scale = (w[..., self.rank_expert] * self.rank_scale).to(x.dtype)   # [B, T, R]
-            return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * scale)
-        # Sequence mode: w is fixed for the whole call, so this module's factor is prepared once and reused by
-        # every decode step.
-        prepared = call.prepared.get(self)
-        if prepared is None:
-            prepared = call.prepared[self] = self._prepare(call.weights[self.layer_idx], x.dtype, call.merge)
-        kind, factor = prepared
+        if kind == "token":
+            return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * factor)
         if kind == "merged":                                       # W0 + Σ w·s·B·A: this call's own copy
             return F.linear(x, factor, self.base_layer.bias)
         if kind == "folded":                                       # batch 1: scale folded into A, [R, I]
             return self._add_delta(self.base_layer(x), F.linear(x, factor))
         return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * factor)   # [B, 1, R] row scales
+
+    @torch.compiler.disable
+    def _factor(self, dtype: torch.dtype) -> tuple[str, torch.Tensor | None]:
+        """This call's factor for this module (outside any compiled graph: overrides only ever change its values)."""
+        call = current_call()
+        if call is None:
+            return "base", None
+        if call.granularity == "token":
+            w = call.weights[self.layer_idx]                               # [B, T, E]
+            return "token", (w[..., self.rank_expert] * self.rank_scale).to(dtype)   # [B, T, R]
+        # Sequence mode: w is fixed for the whole call, so the factor is prepared once and reused by every decode step.
+        prepared = call.prepared.get(self)
+        if prepared is None:
+            prepared = call.prepared[self] = self._prepare(call.weights[self.layer_idx], dtype, call.merge)
+        return prepared
 
     def _add_delta(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """out + h·Bᵀ, accumulated into `out` by the GEMM itself (no extra [.., O] tensor, no separate add)."""

@@ -79,6 +79,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return torch.bmm(mask[:, None, :], hidden.float()).squeeze(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
 
 
+@torch.compiler.disable
 def route_layer(layer: int, hidden: torch.Tensor) -> None:
     """Decoder-layer pre-hook body: compute w[layer] for the current call (no-op outside a call)."""
     call = _CURRENT.get()

@@ -301,3 +301,29 @@ def test_a_routed_decode_step_adds_no_host_syncs_and_no_routing_work(tmp_path, m
     n_fused = len(m.fused)
     # fused path: one A matmul and one accumulating addmm_ (with their views) per module; merged: none at all
     assert (extra == 0) if merge else (0 < extra <= 6 * n_fused)
+
+
+def test_changing_overrides_never_recompiles_a_compiled_model(tmp_path):
+    """Overrides, router outputs and per-call factors are data of fixed shape fetched outside the compiled graph
+    (torch.compiler.disable), so torch.compile guards never see them: new overrides reuse the compiled code."""
+    import torch._dynamo as dynamo
+
+    from atmoe.routing import use_call
+    from tiny_models import tiny_demo
+    m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
+    ids = torch.tensor(m.encode("Triage this patient"))[None]
+    mask = torch.ones_like(ids)
+    compiled = torch.compile(m.model, backend="eager", dynamic=False)
+
+    def run(model, ov):
+        with torch.inference_mode(), use_call(m.new_call(mask, ov)):
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    try:
+        run(compiled, None)  # the one compilation
+        with dynamo.config.patch(error_on_recompile=True):
+            for ov in (Overrides(groups={"style": 0.1}), Overrides(groups={"style": 0.9}, layers=(0, 0)),
+                       Overrides(disabled=["triage"]), Overrides(experts={"bullet_points": 1.0})):
+                torch.testing.assert_close(run(compiled, ov), run(m.model, ov), rtol=0, atol=1e-6)
+    finally:
+        dynamo.reset()
