@@ -1,6 +1,6 @@
 """8 threads share one tiny model, each with its own overrides, router, granularity and seeds, 50 mixed requests
-each (score / route / sampled generate). Every result must equal the same request run alone (0 cross-session leaks),
-no thread may hang, and memory must stay flat."""
+each (score / route / sampled generate, half of the sessions decoding with merged weights). Every result must equal
+the same request run alone (0 cross-session leaks), no thread may hang, and memory must stay flat."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def run(m: ATMoE, routers: dict, req: tuple) -> tuple:
     if kind == "route":
         tr = m.route(prompt, **kw)
         return tr.router_effective_weights, tr.effective_weights
-    g = m.generate(prompt, max_new_tokens=4, temperature=0.9, top_p=0.95, seed=seed, **kw)
+    # even sessions decode with per-call merged weights: those copies must stay private to their call too
+    g = m.generate(prompt, max_new_tokens=4, temperature=0.9, top_p=0.95, seed=seed, merge=session % 2 == 0, **kw)
     return np.array(g.token_ids), g.trace.effective_weights
 
 
