@@ -35,13 +35,10 @@ class FusedLoRA(nn.Module):
         kind, factor = self._factor(x.dtype)
         if kind == "base":
             return self.base_layer(x)
-        if kind == "token":
-            return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * factor)
-        if kind == "merged":                                       # W0 + Σ w·s·B·A: this call's own copy
+        if kind == "merged":                                        # W0 + Σ w·s·B·A: this call's own copy
             return F.linear(x, factor, self.base_layer.bias)
-        if kind == "folded":                                       # batch 1: scale folded into A, [R, I]
-            return self._add_delta(self.base_layer(x), F.linear(x, factor))
-        return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * factor)   # [B, 1, R] row scales
+        # factor = the per-rank scale w[e(r)]·s_e: [B, 1, R] (sequence mode) or [B, T, R] (token mode)
+        return self._add_delta(self.base_layer(x), F.linear(x, self.lora_A) * factor)
 
     @torch.compiler.disable
     def _factor(self, dtype: torch.dtype) -> tuple[str, torch.Tensor | None]:
@@ -50,8 +47,8 @@ class FusedLoRA(nn.Module):
         if call is None:
             return "base", None
         if call.granularity == "token":
-            w = call.weights[self.layer_idx]                               # [B, T, E]
-            return "token", (w[..., self.rank_expert] * self.rank_scale).to(dtype)   # [B, T, R]
+            w = call.weights[self.layer_idx]                                     # [B, T, E]
+            return "scale", (w[..., self.rank_expert] * self.rank_scale).to(dtype)   # [B, T, R]
         # Sequence mode: w is fixed for the whole call, so the factor is prepared once and reused by every decode step.
         prepared = call.prepared.get(self)
         if prepared is None:
@@ -63,15 +60,14 @@ class FusedLoRA(nn.Module):
         return out.reshape(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t()).view(out.shape)
 
     def _prepare(self, w: torch.Tensor, dtype: torch.dtype, merge: bool = False) -> tuple[str, torch.Tensor]:
-        """w [B, E] → scale[r] = w[e(r)]·s_e, as ("rows", [B, 1, R]); for one row folded into A ("folded", [R, I])
-        or, with `merge` and a Linear base, into a merged copy of the base weight ("merged", [O, I])."""
+        """w [B, E] → ("scale", [B, 1, R]) with scale[r] = w[e(r)]·s_e — a few bytes per call; nothing the size of
+        an expert is copied (a folded copy of A per call would cost the experts' A bytes again and, being fresh
+        memory each call, page faults that cost 20 ms on a short SmolLM2 prompt). With `merge` (batch 1, Linear
+        base): ("merged", [O, I]), the weighted experts merged into a copy of the base weight."""
         scale = (w[..., self.rank_expert] * self.rank_scale).to(dtype)    # [B, R]
-        if scale.shape[0] != 1:
-            return "rows", scale[:, None, :]
-        folded = self.lora_A * scale[0, :, None]
-        if merge and isinstance(self.base_layer, nn.Linear):
-            return "merged", torch.addmm(self.base_layer.weight, self.lora_B, folded)
-        return "folded", folded
+        if merge and scale.shape[0] == 1 and isinstance(self.base_layer, nn.Linear):
+            return "merged", torch.addmm(self.base_layer.weight, self.lora_B, self.lora_A * scale[0, :, None])
+        return "scale", scale[:, None, :]
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, rank={self.lora_A.shape[0]}, experts={int(self.rank_expert.unique().numel())}"
