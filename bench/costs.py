@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
+from atmoe.routing import use_call
+
 from .inference import random_batch
 from .models import TARGETS, build_atmoe, nbytes, write_experts
 from .timing import interleaved
@@ -59,6 +61,19 @@ def scaling(ctx: Any) -> dict:
                 unit="prefill time AT-MoE ÷ base on the same model (lower is better)")
 
 
+def _call_state_bytes(ctx: Any, batch: int, merge: bool) -> int:
+    """Bytes one routed call holds for its whole life (weights, trace records, prepared factors), after a prefill:
+    the per-request memory beyond activations. Counted exactly from the call's own tensors."""
+    m = ctx.atmoe
+    ids, mask = random_batch(ctx, batch, 64, seed=13)
+    call = m.new_call(mask, merge=merge)
+    with torch.inference_mode(), use_call(call):
+        m.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    tensors = [*call.weights.values(), *(t for _, t in call.prepared.values() if t is not None),
+               *(t for rec in call.records.values() for part in vars(rec).values() for t in part)]
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+
+
 def memory(ctx: Any) -> dict:
     m, base = ctx.atmoe, ctx.base
     elem = next(base.parameters()).element_size()
@@ -71,6 +86,8 @@ def memory(ctx: Any) -> dict:
                peers_extra_bytes={p: nbytes(pm) - base_bytes for p, pm in ctx.peers.items()},
                build_rss_delta_bytes=ctx.build_rss_delta, merge_bytes=m.merge_bytes,
                unit="ratio = (AT-MoE bytes − base bytes) ÷ experts' own A,B bytes (1.0 = no overhead)")
+    out["call_state_bytes"] = {f"batch {b}{' merge' if merge else ''}": _call_state_bytes(ctx, b, merge)
+                               for b, merge in ((1, False), (8, False), (1, True))}
     if ctx.device.type == "cuda":  # activation peak of one prefill, base vs routed
         ids, mask = random_batch(ctx, max(ctx.cfg.prefill_batches), max(ctx.cfg.prefill_tokens), seed=5)
         kw = dict(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)

@@ -72,6 +72,9 @@ def checks(results: dict) -> list[dict]:
             rows.append(_row("memory", f"merge=True: {mem['merge_bytes'] / 2**20:.2f} MiB per running generation",
                              "merged weight copy ÷ experts' A,B bytes (opt-in, freed with the call)",
                              mem["merge_bytes"] / mem["expert_bytes"]))
+        for what, nb in mem.get("call_state_bytes", {}).items():
+            rows.append(_row("memory", f"per-call state, {what}: {nb / 2**20:.3f} MiB",
+                             "held by one call ÷ experts' A,B bytes", nb / mem["expert_bytes"]))
         if "cuda_prefill_peak_bytes" in mem:
             c = mem["cuda_prefill_peak_bytes"]
             rows.append(_row("memory", f"CUDA prefill peak T={c['tokens']} B={c['batch']}", "AT-MoE ÷ base",

@@ -83,6 +83,10 @@ def test_memory_counts_the_experts(result: tuple[dict, Path]) -> None:
     mem = result[0]["sections"]["memory"]
     assert mem["atmoe_extra_bytes"] >= mem["expert_bytes"] > 0
     assert mem["atmoe_extra_bytes"] - mem["expert_bytes"] < mem["expert_bytes"]
+    # a call holds its weights, trace and per-rank scales — nothing the size of an expert — unless it merges
+    state = mem["call_state_bytes"]
+    assert 0 < state["batch 1"] <= state["batch 8"] < mem["expert_bytes"] / 2
+    assert state["batch 1 merge"] >= mem["merge_bytes"] > 0
 
 
 def test_readme_table(result: tuple[dict, Path]) -> None:
