@@ -68,6 +68,9 @@ def checks(results: dict) -> list[dict]:
     if mem:
         rows.append(_row("memory", f"{mem['atmoe_extra_bytes'] / 2**20:.2f} MiB added",
                          "(AT-MoE − base) ÷ experts' A,B bytes", mem["ratio"], "memory"))
+        if mem.get("build_rss_delta_bytes"):
+            rows.append(_row("memory", f"RSS growth building AT-MoE: {mem['build_rss_delta_bytes'] / 2**20:.2f} MiB",
+                             "process RSS added ÷ experts' A,B bytes", mem["build_rss_delta_bytes"] / mem["expert_bytes"]))
         if "merge_bytes" in mem:
             rows.append(_row("memory", f"merge=True: {mem['merge_bytes'] / 2**20:.2f} MiB per running generation",
                              "merged weight copy ÷ experts' A,B bytes (opt-in, freed with the call)",
