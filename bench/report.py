@@ -106,6 +106,7 @@ def markdown(folder: Path) -> str:
                   f"E={meta['experts']} rank {meta['rank']} on {', '.join(meta['targets'])} · "
                   f"{'quick' if meta['quick'] else 'full'} · {meta['seconds']:.0f} s · torch {meta['torch']}, "
                   f"transformers {meta['transformers']}, peft {meta['peft']}", "",
+                  *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
                   "| section | measurement | peers | ratio | target | result |", "|---|---|---|---|---|---|"]
         for c in checks(res):  # recomputed, so every run in the table is judged by the same rules
             verdict = "—" if c["passed"] is None else ("pass" if c["passed"] else "**miss**")
