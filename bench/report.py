@@ -61,14 +61,14 @@ def checks(results: dict) -> list[dict]:
             rows.append(_row("scaling", f"E={r['experts']} r={r['rank']}, T={sc['tokens']} B=1", "AT-MoE ÷ base",
                              r["ratio"]))
         by_e = {r["experts"]: r["ratio"] for r in sc["by_experts"]}
-        if 4 in by_e and 32 in by_e and by_e[4] > 1:
+        if by_e.get(4, 0) > 1 and by_e.get(32, 0) > 1:  # a growth factor needs an overhead at both ends
             rows.append(_row("scaling", "overhead growth E=4 → E=32", "(ratio − 1) at E=32 ÷ (ratio − 1) at E=4",
                              (by_e[32] - 1) / (by_e[4] - 1), "scaling"))
     mem = s.get("memory")
     if mem:
         rows.append(_row("memory", f"{mem['atmoe_extra_bytes'] / 2**20:.2f} MiB added",
                          "(AT-MoE − base) ÷ experts' A,B bytes", mem["ratio"], "memory"))
-        if mem.get("build_rss_delta_bytes"):
+        if (mem.get("build_rss_delta_bytes") or 0) > 0:  # RSS can even shrink on a tiny model (allocator reuse)
             rows.append(_row("memory", f"RSS growth building AT-MoE: {mem['build_rss_delta_bytes'] / 2**20:.2f} MiB",
                              "process RSS added ÷ experts' A,B bytes", mem["build_rss_delta_bytes"] / mem["expert_bytes"]))
         if "merge_bytes" in mem:
