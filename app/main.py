@@ -67,18 +67,10 @@ def main() -> None:
     state.adopt_pending()
     with st.container():  # always present, so the tabs below keep their place (and selection) across reruns
         state.show_flash()
-    tabs = st.tabs(["Prompt & routing", "Compare", "Per token", "Batch", "Experts", "Export & presets"], key="view")
-    with tabs[0]:
-        prompt.render(svc)
-    with tabs[1]:
-        compare.render(svc)
-    with tabs[2]:
-        tokens.render(svc)
-    with tabs[3]:
-        batch.render(svc)
-    with tabs[4]:
-        catalog.render(svc)
-    with tabs[5]:
-        export.render(svc)
+    views = {"Prompt & routing": prompt, "Compare": compare, "Per token": tokens, "Batch": batch,
+             "Experts": catalog, "Export & presets": export}
+    for tab, view in zip(st.tabs(list(views), key="view"), views.values(), strict=True):
+        with tab:
+            view.render(svc)
     with st.sidebar:  # last, so its sliders start from the trace this run produced
         overrides.render(svc)
