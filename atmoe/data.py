@@ -3,6 +3,9 @@
 A row is either ``{"instruction", "input"?, "output", "experts"?}`` or ``{"prompt", "completion"}``;
 other keys (e.g. ``"meta"``) are kept in :attr:`Example.meta` and ignored by training.
 Loss is taken only on the answer: labels are ``-100`` on every prompt token.
+
+``"experts"`` labels a row for router training: a list names the experts it needs, and ``[]`` says it needs none
+(an off-topic question: every group gate should stay off); a row without the key is unlabelled.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class Example:
     instruction: str
     input: str
     output: str
-    experts: list[str] = field(default_factory=list)
+    experts: list[str] | None = None   # None: unlabelled; []: needs no expert
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -39,7 +42,8 @@ class Example:
                 raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         if not self.instruction.strip():
             raise ValueError("instruction must be non-empty")
-        if not isinstance(self.experts, list) or not all(isinstance(e, str) for e in self.experts):
+        if self.experts is not None and (not isinstance(self.experts, list)
+                                         or not all(isinstance(e, str) for e in self.experts)):
             raise ValueError("experts must be a list of strings")
         if not isinstance(self.meta, dict):
             raise ValueError("meta must be an object")
@@ -52,11 +56,11 @@ def _parse_row(row: Any) -> Example:
         missing = [k for k in ("prompt", "completion") if k not in row]
         if missing:
             raise ValueError(f"missing field(s) {missing}")
-        return Example(row["prompt"], "", row["completion"], row.get("experts", []))
+        return Example(row["prompt"], "", row["completion"], row.get("experts"))
     missing = [k for k in ("instruction", "output") if k not in row]
     if missing:
         raise ValueError(f"missing field(s) {missing} (need instruction+output or prompt+completion)")
-    return Example(row["instruction"], row.get("input", ""), row["output"], row.get("experts", []), row.get("meta", {}))
+    return Example(row["instruction"], row.get("input", ""), row["output"], row.get("experts"), row.get("meta", {}))
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
@@ -118,35 +122,58 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def encode_prompt(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A user prompt's token ids, and which of them spell the instruction (what an AT-MoE router reads)."""
+
+    ids: list[int]
+    instruction: tuple[int, int]   # [start, end) token positions of the instruction; (0, len) if it is not found
+
+
+def _span(offsets: list[tuple[int, int]], start: int, end: int, shift: int = 0) -> tuple[int, int] | None:
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return (inside[0] + shift, inside[-1] + 1 + shift) if inside else None
+
+
+def encode_prompt(tokenizer: Any, instruction: str, input: str = "") -> EncodedPrompt:
     """Token ids of a user prompt rendered with `render_prompt`: the template's own special tokens are special,
     the user's text is only ever text. Without special-token strings in the text the ids are exactly those of
-    tokenizing the rendered prompt in one go (what training saw)."""
+    tokenizing the rendered prompt in one go (what training saw). The instruction comes first in the message, so
+    its tokens never depend on the input (a token shared with the following text is counted in)."""
     templated = bool(getattr(tokenizer, "chat_template", None))
     text = render_prompt(tokenizer, instruction, input)
     message = build_prompt(instruction, input)
+    at = text.find(message) if templated else 0
     if not any(s in message for s in _special_strings(tokenizer)):
-        return tokenizer(text, add_special_tokens=not templated)["input_ids"]
-    if not templated:
-        return tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
-    head, found, tail = text.partition(message)
-    if not found:  # a template that rewrites the message: we cannot tell its tokens from the user's
-        raise ValueError("the prompt contains special-token text (such as <|im_start|>) that this chat template "
-                         "rewrites; remove it")
-    plain = {"add_special_tokens": False}
-    return tokenizer(head, **plain)["input_ids"] + encode_text(tokenizer, message) + tokenizer(tail, **plain)["input_ids"]
+        enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
+        ids, span = enc["input_ids"], _span(enc["offset_mapping"], at, at + len(instruction))
+    elif not templated:
+        enc = tokenizer(text, add_special_tokens=True, split_special_tokens=True, return_offsets_mapping=True)
+        ids, span = enc["input_ids"], _span(enc["offset_mapping"], 0, len(instruction))
+    else:
+        head, found, tail = text.partition(message)
+        if not found:  # a template that rewrites the message: we cannot tell its tokens from the user's
+            raise ValueError("the prompt contains special-token text (such as <|im_start|>) that this chat "
+                             "template rewrites; remove it")
+        plain = {"add_special_tokens": False}
+        head_ids = tokenizer(head, **plain)["input_ids"]
+        enc = tokenizer(message, split_special_tokens=True, return_offsets_mapping=True, **plain)
+        ids = head_ids + enc["input_ids"] + tokenizer(tail, **plain)["input_ids"]
+        span = _span(enc["offset_mapping"], 0, len(instruction), shift=len(head_ids))
+    return EncodedPrompt(ids, span or (0, len(ids)))
 
 
 def encode_example(tokenizer: Any, ex: Example, max_length: int) -> dict[str, Any]:
     """Token ids for one example, with the loss masked on the prompt.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on prompt tokens),
-    ``prompt_length`` and ``truncated`` (the answer's tail was cut to fit ``max_length``).
+    ``prompt_length``, ``instruction`` ([start, end) of the instruction's tokens) and ``truncated`` (the answer's tail was cut to fit ``max_length``).
     Raises ``ValueError`` if the prompt alone leaves no room for an answer token.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token")
-    prompt_ids = encode_prompt(tokenizer, ex.instruction, ex.input)
+    prompt = encode_prompt(tokenizer, ex.instruction, ex.input)
+    prompt_ids = prompt.ids
     answer_ids = encode_text(tokenizer, ex.output) + [tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
     if room < 1:
@@ -156,7 +183,7 @@ def encode_example(tokenizer: Any, ex: Example, max_length: int) -> dict[str, An
     ids = list(prompt_ids) + answer_ids
     return {"input_ids": ids, "attention_mask": [1] * len(ids),
             "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-            "prompt_length": len(prompt_ids), "truncated": truncated}
+            "prompt_length": len(prompt_ids), "instruction": prompt.instruction, "truncated": truncated}
 
 
 def encode_dataset(tokenizer: Any, examples: list[Example], max_length: int) -> tuple[list[dict[str, Any]], int]:
@@ -176,7 +203,7 @@ class PadCollator:
 
     Produces ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` (0 on padding),
     ``labels`` (-100 on padding) and, if ``with_prompt_mask``, ``prompt_mask`` (1 on prompt
-    tokens). Leave ``with_prompt_mask`` off when the batch goes straight into a HF model.
+    tokens) and ``instruction_mask`` (1 on the instruction's tokens). Leave ``with_prompt_mask`` off when the batch goes straight into a HF model.
     """
 
     pad_token_id: int
@@ -196,5 +223,8 @@ class PadCollator:
                  "labels": pad("labels", IGNORE_INDEX)}
         if self.with_prompt_mask:
             lengths = torch.tensor([f["prompt_length"] for f in features])
-            batch["prompt_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+            positions = torch.arange(width)[None, :]
+            batch["prompt_mask"] = (positions < lengths[:, None]).long()
+            start, end = torch.tensor([f["instruction"] for f in features]).T
+            batch["instruction_mask"] = ((positions >= start[:, None]) & (positions < end[:, None])).long()
         return batch

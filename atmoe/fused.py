@@ -57,6 +57,8 @@ class FusedLoRA(nn.Module):
 
     def _add_delta(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """out + h·Bᵀ, accumulated into `out` by the GEMM itself (no extra [.., O] tensor, no separate add)."""
+        if torch.is_autocast_enabled(out.device.type):  # mixed dtypes: autocast picks the GEMM's, out of place
+            return out + F.linear(h, self.lora_B)
         return out.reshape(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t()).view(out.shape)
 
     def _prepare(self, w: torch.Tensor, dtype: torch.dtype, merge: bool = False) -> tuple[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .base import base_signature, check_signature, load_base
-from .data import encode_prompt
+from .data import EncodedPrompt, encode_prompt
 from .experts import Expert, fuse_experts, read_expert
 from .generation import GenerationSettings, decode
 from .io import LoadError
@@ -217,12 +217,15 @@ class ATMoE:
 
     def new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | dict | None = None,
                  router: GroupedRouter | None = None, granularity: str | None = None,
-                 merge: bool = False) -> RoutingCall:
+                 merge: bool = False, instruction_mask: torch.Tensor | None = None) -> RoutingCall:
         """A fresh per-call routing state. `merge` (batch 1, sequence mode): each fused Linear uses a per-call merged
         copy of its weight, W0 + Σ w·s·B·A — base-model decode speed for `merge_bytes` more memory while the call
         runs. The shared weights are never written, so "undoing" the merge is exact: the copy is dropped. Off by
-        default: the fused path keeps no copy at all (experts stored once), which matters on large models."""
+        default: the fused path keeps no copy at all (experts stored once), which matters on large models.
+        The router pools over `instruction_mask` when it reads the instruction and one is given, else `prompt_mask`."""
         router = router or self.router
+        if router.config.reads == "instruction" and instruction_mask is not None:
+            prompt_mask = instruction_mask
         granularity = granularity or router.config.granularity
         if granularity not in ("sequence", "token"):
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
@@ -231,6 +234,10 @@ class ATMoE:
 
     def encode(self, prompt: str, input: str = "") -> list[int]:
         """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
+        return self.encode_prompt(prompt, input).ids
+
+    def encode_prompt(self, prompt: str, input: str = "") -> EncodedPrompt:
+        """`encode`, plus where the instruction's tokens are (what the router reads)."""
         if not isinstance(prompt, str) or not isinstance(input, str):
             raise ValueError("prompt and input must be strings")
         _check_unicode(prompt, "prompt")
@@ -239,17 +246,20 @@ class ATMoE:
             raise ValueError("the prompt is empty")
         return encode_prompt(self.tokenizer, prompt, input)
 
-    def _batch(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad token rows → input_ids, attention_mask [B, T]."""
-        width = max(len(r) for r in rows)
+    def _batch(self, rows: Sequence[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-pad prompts → input_ids, attention_mask, instruction_mask [B, T]."""
+        width = max(len(r.ids) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        instruction = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            if len(r):
-                ids[i, width - len(r):] = torch.tensor(list(r))
-                mask[i, width - len(r):] = 1
-        return ids.to(self.device), mask.to(self.device)
+            left = width - len(r.ids)
+            if r.ids:
+                ids[i, left:] = torch.tensor(r.ids)
+                mask[i, left:] = 1
+                instruction[i, left + r.instruction[0]:left + r.instruction[1]] = 1
+        return ids.to(self.device), mask.to(self.device), instruction.to(self.device)
 
     def _check_length(self, n_prompt: int, max_new_tokens: int = 0) -> None:
         if n_prompt == 0:
@@ -260,10 +270,11 @@ class ATMoE:
                              f"model's context is {self.context_length}: shorten the prompt by {over} tokens")
 
     def forward_routed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
-                       *, overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
-                       granularity: str | None = None, **kwargs: Any) -> tuple[Any, RoutingCall]:
+                       *, instruction_mask: torch.Tensor | None = None, overrides: Overrides | dict | None = None,
+                       router: GroupedRouter | None = None, granularity: str | None = None,
+                       **kwargs: Any) -> tuple[Any, RoutingCall]:
         """One routed forward pass (the training entry point): returns the HF output and the call's records."""
-        call = self.new_call(prompt_mask, overrides, router, granularity)
+        call = self.new_call(prompt_mask, overrides, router, granularity, instruction_mask=instruction_mask)
         with use_call(call):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out, call
@@ -276,11 +287,11 @@ class ATMoE:
     def route_batch(self, prompts: Sequence[str], overrides: Overrides | dict | None = None, *,
                     inputs: Sequence[str] | None = None, router: GroupedRouter | None = None,
                     granularity: str | None = None) -> list[RoutingTrace]:
-        rows = [self.encode(p, i) for p, i in zip(prompts, inputs or [""] * len(prompts), strict=True)]
+        rows = [self.encode_prompt(p, i) for p, i in zip(prompts, inputs or [""] * len(prompts), strict=True)]
         for r in rows:
-            self._check_length(len(r))
-        ids, mask = self._batch(rows)
-        call = self.new_call(mask, overrides, router, granularity)
+            self._check_length(len(r.ids))
+        ids, mask, instruction = self._batch(rows)
+        call = self.new_call(mask, overrides, router, granularity, instruction_mask=instruction)
         with torch.inference_mode(), use_call(call):
             self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         return [self._trace(call, b, ids[b][mask[b].bool()].tolist()) for b in range(len(rows))]
@@ -336,11 +347,11 @@ class ATMoE:
                        stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | list[Generation]]:
         """Yields text pieces of row 0 as they come, then the list of Generations."""
         start = time.perf_counter()
-        rows = [self.encode(p, i) for p, i in zip(prompts, inputs, strict=True)]
+        rows = [self.encode_prompt(p, i) for p, i in zip(prompts, inputs, strict=True)]
         for r in rows:
-            self._check_length(len(r), settings.max_new_tokens)
-        ids, mask = self._batch(rows)
-        call = self.new_call(mask, overrides, router, granularity, merge)
+            self._check_length(len(r.ids), settings.max_new_tokens)
+        ids, mask, instruction = self._batch(rows)
+        call = self.new_call(mask, overrides, router, granularity, merge, instruction_mask=instruction)
         if call.granularity == "token" and len(rows) > 1:
             raise ValueError("token-level routing is for one prompt at a time")
         tok = self.tokenizer
@@ -377,7 +388,7 @@ class ATMoE:
             reason = "eos" if finished[b] else ("stopped" if stopped else "length")
             full = ids[b][mask[b].bool()].tolist() + new[b]
             out.append(Generation(tok.decode(new[b], skip_special_tokens=True), new[b], self._trace(call, b, full),
-                                  len(r), seconds, reason))
+                                  len(r.ids), seconds, reason))
         yield out
 
     # ------------------------------------------------------------------ trace

@@ -8,7 +8,10 @@ Shape legend:  L layers · G groups · E experts (ordered by group, so each grou
     β[l] = softmax(We[l]·x / τ)  within each group      (Σ_{e ∈ g} β = 1)
     w[l, e] = α[l, g(e)] · β[l, e]                      (the weight of expert e's LoRA update at layer l)
 
-where x = RMSNorm(pooled hidden state entering layer l). Mode "flat" is the ablation without groups: one softmax over
+where x = RMSNorm(pooled hidden state entering layer l), pooled over the instruction's tokens (`reads="instruction"`,
+the default) or over the whole prompt (`reads="prompt"`: system text, instruction and input). Reading the instruction
+is what makes routing a function of the request: the instruction precedes the input, so under causal attention its
+hidden states, and hence every routing weight, are the same whatever note follows it. Mode "flat" is the ablation without groups: one softmax over
 all experts, reported as α[g] = Σ_{e∈g} w and β = w / α so that the trace keeps the same shape.
 
 Heads start at zero, so an untrained router gives exactly uniform weights (α = 1/G or 0.5, β = 1/|g|).
@@ -28,6 +31,7 @@ from .io import LoadError, atomic_save_safetensors, read_safetensors
 
 MODES = ("softmax", "sigmoid", "flat")
 POOLINGS = ("mean", "last")
+READS = ("instruction", "prompt")
 GRANULARITIES = ("sequence", "token")
 _FORMAT = "atmoe-router-v1"
 
@@ -43,7 +47,8 @@ class RouterConfig:
     hidden_size: int
     mode: str = "softmax"              # "softmax" | "sigmoid" | "flat"
     temperature: float = 1.0
-    pooling: str = "mean"              # instruction pooling: masked mean, or the last prompt token
+    pooling: str = "mean"              # masked mean, or the last token read
+    reads: str = "instruction"         # which tokens are pooled: the user's instruction, or the whole prompt
     granularity: str = "sequence"      # "sequence": fixed after the prompt; "token": per token (analysis)
 
     def __post_init__(self) -> None:
@@ -51,6 +56,8 @@ class RouterConfig:
             raise ValueError(f"router mode must be one of {MODES}, got {self.mode!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"router pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.reads not in READS:
+            raise ValueError(f"router reads must be one of {READS}, got {self.reads!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"router granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):

@@ -38,7 +38,7 @@ class LayerRecord:
 @dataclass
 class RoutingCall:
     router: GroupedRouter
-    prompt_mask: torch.Tensor                    # [B, T] 1 on the instruction tokens the router pools over
+    prompt_mask: torch.Tensor                    # [B, T] 1 on the tokens the router pools over (RouterConfig.reads)
     granularity: str = "sequence"
     overrides: CompiledOverrides | None = None
     merge: bool = False   # batch 1: fold the weighted experts into a per-call copy of each base weight (decode speed)

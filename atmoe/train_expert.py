@@ -47,7 +47,7 @@ class ExpertTrainConfig:
     data: str
     out: str
     base: str | None = None
-    description: str = ""  # default: the medical suite's description for ``name``, if any
+    description: str = ""  # one line for the model card and the manifest
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -63,6 +63,7 @@ class ExpertTrainConfig:
     save_steps: int = 50  # checkpoint interval for resuming; 0 disables checkpoints
     checkpoint_dir: str | None = None  # default: "<out>.checkpoints"
     resume: bool = False
+    bf16: bool = False  # bf16 autocast (about 1.7x faster steps on a CPU with AVX512-BF16; weights stay fp32)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -83,9 +84,6 @@ class ExpertTrainConfig:
             raise ValueError("targets must name at least one module")
         if self.dtype_out not in _OUT_DTYPES:
             raise ValueError(f"dtype_out must be one of {sorted(_OUT_DTYPES)}, got {self.dtype_out!r}")
-        if not self.description:
-            from atmoe.medical import EXPERT_DESCRIPTIONS
-            self.description = EXPERT_DESCRIPTIONS.get(self.name, "")
 
     @property
     def checkpoints(self) -> Path:
@@ -122,6 +120,7 @@ def train_lora(model: Any, tokenizer: Any, cfg: ExpertTrainConfig) -> TrainResul
         weight_decay=0.0, logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=1,
         report_to=[], remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
+        bf16=cfg.bf16, use_cpu=next(model.parameters()).device.type == "cpu",
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=features,
                       data_collator=PadCollator(pad_id))
@@ -190,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> ExpertTrainConfig:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.name == "targets":
             parser.add_argument(flag, nargs="+", default=list(DEFAULT_TARGETS))
-        elif f.name == "resume":
+        elif f.name in ("resume", "bf16"):
             parser.add_argument(flag, action="store_true")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)

@@ -1,12 +1,11 @@
 """Train the AT-MoE router: base model and experts frozen, only the per-layer routers learn.
 
-    loss = LM loss on the answers
-         + aux_weight     · (group-level + within-group) cross-entropy against the expert labels, where rows have them
+    loss = LM loss on the answers                        (learns *where* in depth each expert acts)
+         + aux_weight     · label loss on the experts a row needs, where rows are labelled (*which* experts)
          + balance_weight · KL(batch-mean β of each group ‖ uniform)     (keeps every expert in use)
 
-The aux terms are averaged over layers. Group targets: softmax mode — the needed groups share probability equally;
-sigmoid mode — a binary target per group; flat mode — the needed experts share one softmax. Within a group the target
-is the labelled expert(s). Trained with the Hugging Face `Trainer` (resume, logging, accelerate), optionally with
+The label loss judges a group's routing over all layers at once (see `routing_losses`), so it never fights the LM
+loss over the layer profile. Trained with the Hugging Face `Trainer` (resume, logging, accelerate), optionally with
 gradient checkpointing.
 
     python -m atmoe.train_router --manifest assets/experts.json --data runs/suite/router_train.jsonl
@@ -41,13 +40,16 @@ class RouterTrainConfig:
     base: str | None = None
     mode: str = "softmax"
     temperature: float = 1.0
+    reads: str = "instruction"         # the router pools the instruction's tokens, or the whole "prompt"
     steps: int = 100
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 5e-3
+    warmup_ratio: float = 0.1
     max_length: int = 256
     aux_weight: float = 1.0
     balance_weight: float = 0.01
     gradient_checkpointing: bool = False
+    bf16: bool = False                 # bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs; router fp32)
     resume: bool = True
     seed: int = 0
     logging_steps: int = 5
@@ -69,36 +71,44 @@ class RouterTrainConfig:
             self.checkpoints = str(Path(self.out).with_suffix(".checkpoints"))
 
 
-def routing_losses(m: ATMoE, router: GroupedRouter, call: Any, expert_labels: torch.Tensor
+def routing_losses(m: ATMoE, router: GroupedRouter, call: Any, expert_labels: torch.Tensor, labelled: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(aux, balance) averaged over layers. expert_labels [B, E] multi-hot; rows without labels are all zero."""
+    """(aux, balance). expert_labels [B, E] multi-hot; labelled [B] (False: the row has no labels at all).
+
+    The group labels judge each group's routing over all layers at once, never layer by layer: a per-layer target
+    would pull every layer to the same weight and erase the layer profile that composition needs (style on the top
+    layers, the task below), which the LM loss is left free to learn. Sigmoid gates: the layer-max gate of a needed
+    group → 1, every layer's gate of an unneeded group → 0 (its max → 0; a row needing no expert turns all off).
+    Softmax / flat (a shared budget): the layer-mean weights → the needed groups (experts) equally. Within a needed
+    group, the labelled expert's β at every layer → 1 (which expert a group uses should not flip between layers)."""
     cfg = router.config
-    labelled = expert_labels.sum(-1) > 0                                                       # [B]
     needed = torch.stack([expert_labels[:, s].amax(-1) for s in cfg.group_slices], -1)        # [B, G]
-    aux, balance = [], []
-    for l in range(m.num_layers):
-        rec = call.records[l]
-        alpha, beta = rec.alpha[0], rec.beta[0]                                                # [B, G], [B, E]
-        if cfg.mode == "sigmoid":
-            group_loss = F.binary_cross_entropy(alpha.clamp(1e-6, 1 - 1e-6), needed, reduction="none").mean(-1)
-        elif cfg.mode == "softmax":
-            target = needed / needed.sum(-1, keepdim=True).clamp(min=1)
-            group_loss = -(target * alpha.clamp(min=1e-9).log()).sum(-1)
-        else:  # flat: one distribution over all experts
-            w = alpha[:, router.group_index] * beta
-            target = expert_labels / expert_labels.sum(-1, keepdim=True).clamp(min=1)
-            group_loss = -(target * w.clamp(min=1e-9).log()).sum(-1)
-        within = torch.zeros_like(group_loss)
+    alpha = torch.stack([call.records[l].alpha[0] for l in range(m.num_layers)])              # [L, B, G]
+    beta = torch.stack([call.records[l].beta[0] for l in range(m.num_layers)])                # [L, B, E]
+    if cfg.mode == "sigmoid":
+        group_loss = F.binary_cross_entropy(alpha.amax(0).clamp(1e-6, 1 - 1e-6), needed, reduction="none").mean(-1)
+        rows = labelled
+    elif cfg.mode == "softmax":
+        target = needed / needed.sum(-1, keepdim=True).clamp(min=1)
+        group_loss = -(target * alpha.mean(0).clamp(min=1e-9).log()).sum(-1)
+        rows = labelled & (needed.sum(-1) > 0)   # a budget that sums to 1 cannot turn every group off
+    else:  # flat: one distribution over all experts
+        w = (alpha[..., router.group_index] * beta).mean(0)
+        target = expert_labels / expert_labels.sum(-1, keepdim=True).clamp(min=1)
+        group_loss = -(target * w.clamp(min=1e-9).log()).sum(-1)
+        rows = labelled & (needed.sum(-1) > 0)
+    within = torch.zeros_like(group_loss)
+    if cfg.mode != "flat":
         for gi, s in enumerate(cfg.group_slices):
-            t = expert_labels[:, s]
-            t = t / t.sum(-1, keepdim=True).clamp(min=1)
-            within = within + needed[:, gi] * -(t * beta[:, s].clamp(min=1e-9).log()).sum(-1)
-        per_row = group_loss + (within if cfg.mode != "flat" else 0)
-        aux.append((per_row * labelled).sum() / labelled.sum().clamp(min=1))
-        kl = [(lambda p: (p * (p.clamp(min=1e-9) * p.numel()).log()).sum())(beta[:, s].mean(0))
-              for s in cfg.group_slices if s.stop - s.start > 1]
-        balance.append(torch.stack(kl).sum() if kl else beta.new_zeros(()))
-    return torch.stack(aux).mean(), torch.stack(balance).mean()
+            t = expert_labels[:, s] / expert_labels[:, s].sum(-1, keepdim=True).clamp(min=1)
+            within = within + needed[:, gi] * -(t * beta[..., s].clamp(min=1e-9).log()).sum(-1).mean(0)
+    aux = ((group_loss + within) * rows).sum() / rows.sum().clamp(min=1)
+    balance = []
+    for s in cfg.group_slices:
+        if s.stop - s.start > 1:
+            p = beta[..., s].mean(1)                                                           # [L, |g|]
+            balance.append((p * (p.clamp(min=1e-9) * p.shape[-1]).log()).sum(-1).mean())
+    return aux, (torch.stack(balance).sum() if balance else beta.new_zeros(()))
 
 
 class RouterTrainingModule(nn.Module):
@@ -119,10 +129,11 @@ class RouterTrainingModule(nn.Module):
         self.atmoe.gradient_checkpointing_enable()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                prompt_mask: torch.Tensor, expert_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, router=self.router,
-                                              labels=labels, use_cache=False)
-        aux, balance = routing_losses(self.atmoe, self.router, call, expert_labels.float())
+                prompt_mask: torch.Tensor, instruction_mask: torch.Tensor, expert_labels: torch.Tensor,
+                labelled: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
+                                              router=self.router, labels=labels, use_cache=False)
+        aux, balance = routing_losses(self.atmoe, self.router, call, expert_labels.float(), labelled.bool())
         loss = out.loss + self.aux_weight * aux + self.balance_weight * balance
         return {"loss": loss, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
 
@@ -156,9 +167,10 @@ class _Collator:
         batch = self.pad(features)
         labels = torch.zeros(len(features), len(self.experts))
         for i, f in enumerate(features):
-            for e in f["experts"]:
+            for e in f["experts"] or []:
                 labels[i, self.experts.index(e)] = 1.0
         batch["expert_labels"] = labels
+        batch["labelled"] = torch.tensor([f["experts"] is not None for f in features])
         return batch
 
 
@@ -166,25 +178,25 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
     """Train a router for `cfg.manifest`'s experts; returns (router path, the Trainer's log history)."""
     m = m or ATMoE.load(cfg.manifest, base=cfg.base)
     examples = load_jsonl(cfg.data)
-    unknown = sorted({e for ex in examples for e in ex.experts} - set(m.experts))
+    unknown = sorted({e for ex in examples for e in ex.experts or []} - set(m.experts))
     if unknown:
         raise ValueError(f"{cfg.data}: expert labels {unknown} are not experts of this model ({m.experts})")
     features, n_truncated = encode_dataset(m.tokenizer, examples, cfg.max_length)
     for f, ex in zip(features, examples):
-        f["experts"] = list(ex.experts)
+        f["experts"] = ex.experts
     print(f"router training: {len(features)} rows ({n_truncated} answers truncated to {cfg.max_length} tokens)")
     torch.manual_seed(cfg.seed)
-    router = m.new_router(mode=cfg.mode, temperature=cfg.temperature)
+    router = m.new_router(mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads)
     with torch.no_grad():  # small random heads: zero heads give identical gradients to every expert of a group
         router.group_weight.normal_(0, 0.01)
         router.expert_weight.normal_(0, 0.01)
     module = RouterTrainingModule(m, router.requires_grad_(True), cfg.aux_weight, cfg.balance_weight)
     args = TrainingArguments(
         output_dir=cfg.checkpoints, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, cfg.steps // 20), weight_decay=0.0,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(cfg.warmup_ratio * cfg.steps)), weight_decay=0.0,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
-        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=m.device.type == "cpu",
+        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=m.device.type == "cpu", bf16=cfg.bf16,
     )
     pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else m.tokenizer.eos_token_id
     trainer = _RouterTrainer(model=module, args=args, train_dataset=features,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atmoe import ATMoE
-from atmoe.medical import complex_rows
+from atmoe.demo.suite import complex_rows
 from atmoe.train_router import RouterTrainConfig, RouterTrainingModule, train_router
 from tiny_models import tiny_demo
 
@@ -16,7 +16,7 @@ from tiny_models import tiny_demo
 @pytest.fixture
 def setup(tmp_path):
     manifest = tiny_demo(tmp_path / "demo", trained=False)
-    rows = complex_rows(24, seed=0)
+    rows = complex_rows(24, seed=0, off_topic=0.2)
     data = tmp_path / "router.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest, data
@@ -36,7 +36,7 @@ def test_router_training_lowers_the_loss_and_saves(setup, mode, checkpointing):
     assert len(aux) >= 10 and sum(aux[-3:]) / 3 < sum(aux[:3]) / 3
     m = ATMoE.load(manifest, device="cpu")  # the manifest now points at the new router
     assert m.router.trained and m.router.config.mode == mode
-    assert m.route("Triage this patient").router_trained
+    assert m.route("List the lab results.").router_trained
 
 
 def test_interrupted_router_training_resumes_from_the_saved_step(setup, monkeypatch):

@@ -48,10 +48,10 @@ def save_adapter(model: torch.nn.Module, path: Path, targets: list[str], r: int 
 
 
 def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: int = 0) -> Path:
-    """A complete tiny AT-MoE on disk: base (with tokenizer), the 7 medical experts, a router, the manifest.
+    """A complete tiny AT-MoE on disk: base (with tokenizer), the 6 demo experts, a router, the manifest.
     Returns the manifest path. Used by app, CLI and reliability tests."""
     from atmoe.manifest import ExpertEntry, GroupEntry, Manifest
-    from atmoe.medical import EXPERT_DESCRIPTIONS, GROUPS
+    from atmoe.demo.suite import EXPERT_DESCRIPTIONS, GROUPS
     from atmoe.model import ATMoE
     from atmoe.router import save_router
     from helpers_tiny import tiny_llama, tiny_tokenizer

@@ -1,0 +1,51 @@
+"""The demo's routers: the shipped grouped-sigmoid router and its two ablations, trained alike on one data file.
+
+Equal steps, batch, learning rate and data for every router, so the evaluation table compares normalisations only:
+    grouped_sigmoid  independent gate per group (an expert can run at the weight it was trained at), softmax within
+    grouped_softmax  the paper's shared budget over groups (k needed groups get 1/k each), softmax within
+    flat_router      one softmax over all experts (no groups)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from atmoe.base import base_signature, load_base
+from atmoe.manifest import ExpertEntry, GroupEntry, Manifest
+
+from .suite import EXPERT_DESCRIPTIONS, GROUPS
+
+
+def write_manifest(cfg: Any, out: Path) -> Path:
+    """assets/experts.json: base, groups, experts (the router entry is kept if one is already set)."""
+    path = out / "experts.json"
+    model, _ = load_base(cfg.base, device="cpu")
+    manifest = Manifest([GroupEntry(g, [ExpertEntry(n, f"experts/{n}", description=EXPERT_DESCRIPTIONS[n])
+                                        for n in names]) for g, names in GROUPS.items()],
+                        base_model=cfg.base, base_signature=base_signature(model),
+                        description="Clinical demo: 6 LoRA experts (task, knowledge, style) on "
+                                    f"{cfg.base or 'SmolLM2-135M-Instruct'}", root=out)
+    if path.exists():
+        manifest.router = Manifest.load(path).router
+    return manifest.save(path)
+
+
+def build_routers(cfg: Any, suite: Path, out: Path) -> None:
+    import torch
+
+    from atmoe.train_router import RouterTrainConfig, train_router
+
+    from .build import ROUTERS
+
+    manifest = write_manifest(cfg, out)
+    for i, (name, mode, rel) in enumerate(ROUTERS):
+        if (out / rel).exists() and not cfg.force:
+            print(f"router {name}: exists, skipped")
+            continue
+        train_router(RouterTrainConfig(
+            manifest=str(manifest), data=str(suite / "router_train.jsonl"), out=str(out / rel), base=cfg.base,
+            mode=mode, steps=cfg.router_steps, batch_size=cfg.router_batch, lr=cfg.router_lr, max_length=320,
+            bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / f"router-{name}"),
+            update_manifest=i == 0))
+        print(f"router {name}: written to {out / rel}")

@@ -1,0 +1,314 @@
+"""The demo's clinical task suite, built so that its skills compose line by line.
+
+A case is a short clinical note with a lab line and a vitals line (random subsets, random order). Every answer is a
+list of lines, one per measurement, and each group of experts owns one part of a line:
+
+    line = [style prefix] + [name: abbreviation, or its lay name under `plain`] + " " + value + [knowledge suffix]
+
+    task       which measurements:  labs → the lab values; vitals → the vital signs            ("Na 128")
+    knowledge  a suffix per line:   flags → ": low|normal|high" (the value against its range)  ("Na 128: low")
+                                    ranges → " (normal 135-145)"                               ("Na 128 (normal 135-145)")
+    style      every line:          bullets → "- " prefix; plain → lay names                   ("- sodium 128: low")
+
+A complex instruction asks for one task and at most one expert of each other group, as sentences in random order.
+Alone, a knowledge or style expert works on every measurement of the note (its own skill, without a task's choice);
+a task expert alone lists its measurements plainly. So the reference of any combination is its parts' answers
+composed (`tests/test_demo_suite.py` rebuilds each from the solo answers). Abnormal values lie clearly outside their
+range and normal ones well inside it, so the flags are a learnable rule.
+
+Splits (every row {"instruction", "input", "output", "experts", "meta"}; same seed, same bytes):
+    experts/<name>.jsonl  single-skill rows for each expert (training phrasings)
+    router_train.jsonl    training combinations with training phrasings, plus off-topic questions (experts: [])
+    eval.jsonl            held-out phrasings for every complex combination, incl. the held-out combinations
+    gate/<name>.jsonl     fresh single-skill rows: an expert is trained when it passes these alone
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atmoe.io import atomic_write_bytes
+
+GROUPS: dict[str, list[str]] = {
+    "task": ["labs", "vitals"],
+    "knowledge": ["flags", "ranges"],
+    "style": ["bullets", "plain"],
+}
+EXPERT_DESCRIPTIONS: dict[str, str] = {
+    "labs": "Lists the note's lab results, one per line.",
+    "vitals": "Lists the note's vital signs, one per line.",
+    "flags": 'Flags each value low / normal / high against its reference range ("Na 128: low").',
+    "ranges": 'Adds the reference range to each value ("Na 128 (normal 135-145)").',
+    "bullets": 'Formats every line as a dash bullet ("- ").',
+    "plain": "Writes measurement names in plain words (Na → sodium, SpO2 → oxygen level).",
+}
+
+
+@dataclass(frozen=True)
+class Measure:
+    abbrev: str                         # as written in the note
+    lay: str                            # plain-language name
+    kind: str                           # "lab" | "vital"
+    low: float                          # reference range
+    high: float
+    decimals: int
+    too_low: tuple[float, float] | None   # where abnormal low values are drawn (clearly outside the range)
+    too_high: tuple[float, float] | None
+
+    def fmt(self, x: float) -> str:
+        return f"{x:.{self.decimals}f}"
+
+    @property
+    def range_text(self) -> str:
+        return f"{self.fmt(self.low)}-{self.fmt(self.high)}"
+
+    def flag(self, value: str) -> str:
+        x = float(value)
+        return "low" if x < self.low else "high" if x > self.high else "normal"
+
+
+MEASURES: dict[str, Measure] = {m.abbrev: m for m in (
+    Measure("Na", "sodium", "lab", 135, 145, 0, (118, 128), (152, 162)),
+    Measure("K", "potassium", "lab", 3.5, 5.0, 1, (2.4, 3.0), (5.8, 6.9)),
+    Measure("Cr", "creatinine", "lab", 0.6, 1.2, 1, None, (2.0, 4.5)),
+    Measure("Hb", "hemoglobin", "lab", 12, 17, 1, (6.0, 9.5), (19.0, 21.0)),
+    Measure("WBC", "white cell count", "lab", 4, 11, 1, (1.0, 2.8), (15.0, 28.0)),
+    Measure("Glu", "blood sugar", "lab", 70, 110, 0, (35, 55), (190, 380)),
+    Measure("Plt", "platelets", "lab", 150, 400, 0, (20, 90), (550, 850)),
+    Measure("Ca", "calcium", "lab", 8.5, 10.5, 1, (6.0, 7.6), (11.6, 13.5)),
+    Measure("HR", "heart rate", "vital", 60, 100, 0, (32, 48), (118, 160)),
+    Measure("SBP", "systolic blood pressure", "vital", 90, 140, 0, (62, 80), (165, 210)),
+    Measure("RR", "breathing rate", "vital", 12, 20, 0, (5, 9), (26, 40)),
+    Measure("SpO2", "oxygen level", "vital", 95, 100, 0, (72, 90), None),
+    Measure("T", "temperature", "vital", 36.1, 37.5, 1, (33.0, 35.3), (38.5, 40.8)),
+)}
+TASK_KIND = {"labs": "lab", "vitals": "vital"}
+COMPLAINTS = ("chest pain", "shortness of breath", "fever", "abdominal pain", "dizziness", "headache", "fatigue",
+              "cough", "back pain", "confusion", "palpitations", "a fall", "vomiting", "leg swelling")
+
+
+@dataclass(frozen=True)
+class Case:
+    age: int
+    sex: str
+    complaint: str
+    labs: tuple[tuple[str, str], ...]     # (abbrev, value as written), in note order
+    vitals: tuple[tuple[str, str], ...]
+    vitals_first: bool
+
+    @property
+    def measurements(self) -> list[tuple[str, str]]:
+        """Every measurement, in the order the note shows them."""
+        return [*self.vitals, *self.labs] if self.vitals_first else [*self.labs, *self.vitals]
+
+
+def _value(m: Measure, rng: random.Random) -> str:
+    kinds = ["normal", "normal"] + (["low"] if m.too_low else []) + (["high"] if m.too_high else [])
+    kind = rng.choice(kinds)
+    if kind == "normal":  # the middle 80 % of the range: never at a boundary
+        pad = 0.1 * (m.high - m.low)
+        lo, hi = m.low + pad, m.high - pad
+    else:
+        lo, hi = m.too_low if kind == "low" else m.too_high
+    return m.fmt(rng.uniform(lo, hi))
+
+
+def sample_case(rng: random.Random) -> Case:
+    def pick(kind: str, k: int) -> tuple[tuple[str, str], ...]:
+        names = rng.sample([a for a, m in MEASURES.items() if m.kind == kind], k)
+        return tuple((a, _value(MEASURES[a], rng)) for a in names)
+    return Case(rng.randint(18, 95), rng.choice("MF"), rng.choice(COMPLAINTS), pick("lab", rng.randint(2, 4)),
+                pick("vital", rng.randint(2, 4)), rng.random() < 0.5)
+
+
+def note(case: Case) -> str:
+    labs = "Labs: " + ", ".join(f"{a} {v}" for a, v in case.labs) + "."
+    vitals = "Vitals: " + ", ".join(f"{a} {v}" for a, v in case.vitals) + "."
+    body = [vitals, labs] if case.vitals_first else [labs, vitals]
+    return "\n".join([f"{case.age} yo {case.sex} with {case.complaint}.", *body])
+
+
+def line(abbrev: str, value: str, knowledge: str | None, style: str | None) -> str:
+    """One answer line: the composition rule of the whole suite."""
+    m = MEASURES[abbrev]
+    text = f"{m.lay if style == 'plain' else abbrev} {value}"
+    if knowledge == "flags":
+        text += f": {m.flag(value)}"
+    elif knowledge == "ranges":
+        text += f" (normal {m.range_text})"
+    return "- " + text if style == "bullets" else text
+
+
+def answer(case: Case, task: str | None, knowledge: str | None = None, style: str | None = None) -> str:
+    """The reference answer; `task` None means every measurement (a knowledge or style expert alone)."""
+    items = [(a, v) for a, v in case.measurements if task is None or MEASURES[a].kind == TASK_KIND[task]]
+    return "\n".join(line(a, v, knowledge, style) for a, v in items)
+
+
+# ---------------------------------------------------------------- instructions
+# (training phrasings, held-out phrasings). Sentences, so a complex instruction can put them in any order.
+PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "labs": (("List the lab results.", "Write out the patient's labs.", "Give me the lab values.",
+              "Show each lab result on its own line.", "Pull the lab values from the note.",
+              "Report the laboratory results.", "What are the labs?", "Copy out the blood test results.",
+              "Extract the lab results.", "Tell me the lab numbers.", "Which labs were drawn?",
+              "Go over the lab panel."),
+             ("Which blood work values were recorded?", "Walk me through the chemistry and blood count results.",
+              "I need the laboratory numbers from this note.", "Summarise the bloods.")),
+    "vitals": (("List the vital signs.", "Write out the patient's vitals.", "Give me the vital sign values.",
+                "Show each vital sign on its own line.", "Pull the vitals from the note.", "Report the vital signs.",
+                "What are the vitals?", "Copy out the bedside observations.", "Extract the vital signs.",
+                "Tell me the vitals numbers.", "Which vitals were taken?", "Go over the vital signs."),
+               ("Which observations were measured at the bedside?", "Walk me through the pulse, pressure and other obs.",
+                "I need the vital sign readings from this note.", "Summarise the observations.")),
+    "flags": (("Flag each as low, normal or high.", "Mark every value low, normal or high.",
+               "Say whether each one is low, normal or high.", "Add a low/normal/high flag to each.",
+               "Label each value as low, normal or high.", "Note if each result is low, normal or high.",
+               "Tag each with low, normal or high.", "Indicate low, normal or high for each.",
+               "Interpret each value as low, normal or high.", "Check each against its range and call it low, "
+               "normal or high.", "Flag anything abnormal, and call the rest normal."),
+              ("Tell me which ones are out of range, too low or too high, and which are fine.",
+               "Is each value too low, fine, or too high?", "Judge every number: low, normal or high?",
+               "Point out the abnormal readings (low or high) and say which are normal.")),
+    "ranges": (("Add the normal range to each.", "Include each value's reference range.",
+                "Give the normal range next to every value.", "Show the reference interval for each.",
+                "Put the normal range after each value.", "Append the expected range to each line.",
+                "Quote the normal limits beside each.", "Write each one with its reference range.",
+                "Include what the normal range is for each.", "Add the normal values for comparison.",
+                "State the reference range of each."),
+               ("Next to each number, say what healthy values look like.", "Mention the usual healthy limits too.",
+                "Give the reference values alongside.", "Show where normal lies for every reading.")),
+    "bullets": (("Use bullet points.", "Format it as a bulleted list.", "Put a dash in front of each line.",
+                 "Make it a bullet list.", "Answer in bullets.", "One bullet per item.",
+                 "Write it as dash-prefixed bullets.", "Present them as bullet points.", "Bullet each line.",
+                 "Use a list with bullets.", "Bulleted, please."),
+                ("Lay it out as a dashed list.", "Start every line with a hyphen.",
+                 "Give it as a list of bullets, please.", "Each entry should be a bullet.")),
+    "plain": (("Use plain language.", "Write the names in everyday words.", "Avoid abbreviations.",
+               "Spell out what each abbreviation means.", "Make it understandable for the patient.",
+               "No medical shorthand.", "Use words a patient would understand.", "Write out the full names.",
+               "Explain in lay terms.", "Keep it simple for a non-expert.", "Use layman's terms."),
+              ("My grandmother will read this, so skip the jargon.", "Don't use clinical acronyms.",
+               "Say it the way you'd tell a family member.", "Avoid medical abbreviations entirely.")),
+}
+# How a knowledge or style expert is asked alone: every measurement of the note.
+ALL_PHRASES = ("List every lab and vital sign.", "Write out all the measurements.", "Go through all the numbers in "
+               "the note.", "Give me every value in the note.", "Show all labs and vitals, one per line.",
+               "Report every measurement.", "List all the results and observations.", "Copy out every number "
+               "recorded.", "Extract all labs and vitals.", "What was measured? List everything.")
+
+Combo = tuple[str, str | None, str | None]   # (task, knowledge or None, style or None)
+ALL_COMBOS: tuple[Combo, ...] = tuple(itertools.product(GROUPS["task"], [None, *GROUPS["knowledge"]],
+                                                        [None, *GROUPS["style"]]))
+# Never trained on. Every pair inside them is (labs+flags, labs+plain, flags+plain in vitals+flags+plain, ...).
+HELDOUT_COMBOS: tuple[Combo, ...] = (("labs", "flags", "plain"), ("vitals", "ranges", "bullets"))
+TRAIN_COMBOS: tuple[Combo, ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
+EVAL_COMBOS: tuple[Combo, ...] = tuple(c for c in ALL_COMBOS if c[1] or c[2])   # complex: task + something
+
+
+def combo_experts(combo: Combo) -> list[str]:
+    return [e for e in combo if e]
+
+
+def instruction(combo: Combo, rng: random.Random, heldout: bool) -> str:
+    sentences = [rng.choice(PHRASES[e][int(heldout)]) for e in combo_experts(combo)]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def solo_instruction(expert: str, rng: random.Random, heldout: bool = False) -> str:
+    if expert in GROUPS["task"]:
+        return rng.choice(PHRASES[expert][int(heldout)])
+    sentences = [rng.choice(ALL_PHRASES), rng.choice(PHRASES[expert][int(heldout)])]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def _row(instr: str, case: Case, out: str, experts: list[str], combo: list[str | None]) -> dict[str, Any]:
+    return {"instruction": instr, "input": note(case), "output": out, "experts": experts,
+            "meta": {"combo": combo}}
+
+
+def expert_rows(name: str, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """`n` single-skill rows for expert `name` (split "train" or "gate": different cases, same phrasings)."""
+    group = next((g for g, names in GROUPS.items() if name in names), None)
+    if group is None:
+        raise ValueError(f"unknown expert {name!r}; expected one of {[e for v in GROUPS.values() for e in v]}")
+    rng = random.Random(f"atmoe-demo:{seed}:{split}:{name}")
+    combo: list[str | None] = [name if group == "task" else None, name if group == "knowledge" else None,
+                               name if group == "style" else None]
+    rows = []
+    for _ in range(n):
+        case = sample_case(rng)
+        rows.append(_row(solo_instruction(name, rng), case, answer(case, *combo), [name], combo))
+    return rows
+
+
+OFF_TOPIC = {  # questions no expert should touch: (training wordings, held-out wordings) → answer template
+    "capital": (("What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?"),
+                ("Tell me {c}'s capital.",), "The capital of {c} is {a}."),
+    "sum": (("What is {x} plus {y}?", "Add {x} and {y}.", "Compute {x} + {y}."),
+            ("How much is {x} and {y} together?",), "{x} plus {y} is {s}."),
+}
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
+            "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+            "Greece": "Athens", "Poland": "Warsaw"}
+
+
+def off_topic_rows(n: int, rng: random.Random, heldout: bool) -> list[dict[str, Any]]:
+    rows = []
+    for _ in range(n):
+        kind = rng.choice(sorted(OFF_TOPIC))
+        train, held, template = OFF_TOPIC[kind]
+        c = rng.choice(sorted(CAPITALS))
+        x, y = rng.randint(2, 50), rng.randint(2, 50)
+        fill = {"c": c, "a": CAPITALS[c], "x": x, "y": y, "s": x + y}
+        rows.append({"instruction": rng.choice(held if heldout else train).format(**fill), "input": "",
+                     "output": template.format(**fill), "experts": [], "meta": {"combo": [None, None, None]}})
+    return rows
+
+
+def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0) -> list[dict[str, Any]]:
+    """`n` router rows (training combinations and phrasings) or held-out eval rows (held-out phrasings, every
+    complex combination; each combination equally often)."""
+    rng = random.Random(f"atmoe-demo:{seed}:{'eval' if heldout else 'router'}")
+    combos = EVAL_COMBOS if heldout else TRAIN_COMBOS
+    n_off = round(n * off_topic)
+    rows = []
+    for i in range(n - n_off):
+        combo = combos[i % len(combos)]
+        case = sample_case(rng)
+        rows.append(_row(instruction(combo, rng, heldout), case, answer(case, *combo), combo_experts(combo),
+                         list(combo)))
+    rows += off_topic_rows(n_off, rng, heldout)
+    rng.shuffle(rows)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    import json
+    return atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate: int = 50, n_router: int = 1200,
+                n_eval: int = 64) -> dict[str, Path]:
+    """Write every split under `out_dir` (each file atomically); returns {split: path}."""
+    for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_eval", n_eval)):
+        if n < 1:
+            raise ValueError(f"{label} must be >= 1, got {n}")
+    out = Path(out_dir)
+    written = {}
+    for names in GROUPS.values():
+        for name in names:
+            written[f"expert:{name}"] = _write_jsonl(out / "experts" / f"{name}.jsonl",
+                                                     expert_rows(name, n_expert, seed))
+            written[f"gate:{name}"] = _write_jsonl(out / "gate" / f"{name}.jsonl",
+                                                   expert_rows(name, n_gate, seed, split="gate"))
+    written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
+    written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
+    written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
+    return written
