@@ -88,7 +88,7 @@ def slider_values(base: Mapping[str, float], overrides: Mapping[str, Any] | None
 
 
 def describe(overrides: Mapping[str, Any] | None) -> str:
-    """One line for captions, e.g. 'style α=0.00 · bullet_points β=1.00 · off: triage · layers 0–11'."""
+    """One line for captions, e.g. 'style α=0.00 · bullets β=1.00 · off: labs · layers 0–11'."""
     if not overrides:
         return "none (router only)"
     parts = [f"{g} α={v:.2f}" for g, v in (overrides.get("groups") or {}).items()]

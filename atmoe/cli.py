@@ -1,7 +1,10 @@
-"""Command line: `atmoe route|generate|train-expert|train-router|eval|suite|bench`.
+"""Command line: `atmoe route|generate|train-expert|train-router|eval|assets|bench`.
 
-    atmoe route "Triage this patient" --input "72 yo M ..."
-    atmoe generate "Explain the meds in plain words" --override style=0 --override expert:bullet_points=1 --layers 0-11
+    atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
+    atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
+        --override expert:bullets=1 --layers 0-11
+    atmoe eval      the demo's evaluation table (atmoe.demo.evaluate)
+    atmoe assets    rebuild the shipped demo from scratch (atmoe.demo.build, as `make assets`)
 
 Errors are one line on stderr (exit status 2), never a traceback.
 """
@@ -21,7 +24,7 @@ def default_manifest() -> str:
 
 
 def parse_overrides(specs: list[str], layers: str | None, disabled: list[str]):  # -> Overrides | None
-    """`style=0` or `group:style=0` fixes a group; `expert:bullet_points=1` an expert; `--layers 0-11` (inclusive)."""
+    """`style=0` or `group:style=0` fixes a group; `expert:bullets=1` an expert; `--layers 0-11` (inclusive)."""
     from .overrides import Overrides
 
     groups, experts = {}, {}
@@ -61,7 +64,8 @@ def _weights_table(trace) -> str:  # noqa: ANN001
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
-    p.add_argument("--input", default="", help="input text appended to the instruction (e.g. a clinical note)")
+    p.add_argument("--input", default="",
+                   help="input text after the instruction (e.g. a clinical note); the router reads the instruction")
     p.add_argument("--manifest", default=None, help=f"expert manifest (default {DEFAULT_MANIFEST})")
     p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
     p.add_argument("--device", default="auto")
@@ -121,11 +125,16 @@ def main(argv: list[str] | None = None) -> int:
                         "weights while generating (default on: the CLI serves one request; --no-merge keeps "
                         "the fused low-rank path)")
     p.set_defaults(func=cmd_generate)
+    # Subcommands with their own parsers, imported only when called.
     delegated = {"train-expert": "atmoe.train_expert", "train-router": "atmoe.train_router",
-                 "eval": "atmoe.evaluate", "assets": "atmoe.assets",
-                 "bench": "bench.run"}
+                 "eval": "atmoe.demo.evaluate", "assets": "atmoe.demo.build", "bench": "bench.run"}
+    summaries = {"train-expert": "train one LoRA expert (PEFT adapter) on a JSONL file",
+                 "train-router": "train a grouped router over a manifest's experts",
+                 "eval": "the demo's evaluation table on the held-out complex instructions",
+                 "assets": "rebuild the shipped demo (suite, experts, routers, evaluation) with fixed seeds",
+                 "bench": "inference and memory benchmarks"}
     for name, module in delegated.items():
-        sub.add_parser(name, help=f"see `atmoe {name} --help` ({module})", add_help=False)
+        sub.add_parser(name, help=f"{summaries[name]}; see `atmoe {name} --help` ({module})", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in delegated:

@@ -1,8 +1,8 @@
 """The expert manifest: one JSON file naming the base model, the ordered groups, their experts and the router.
 
     {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct" | "local/folder" | null (embedded default),
-     "groups": [{"name": "task", "experts": [{"name": "summarize", "path": "experts/summarize",
-                                              "description": "one-line case summary"}]}],
+     "groups": [{"name": "task", "experts": [{"name": "labs", "path": "experts/labs",
+                                              "description": "Lists the note's lab results, one per line."}]}],
      "router": "router.safetensors" | null,
      "base_signature": {"model_type": ..., "num_hidden_layers": ..., ...}   (optional; checked on load)}
 

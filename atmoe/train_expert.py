@@ -7,7 +7,7 @@ folder (``adapter_config.json`` + fp16 ``adapter_model.safetensors``) plus ``REA
 
 CLI::
 
-    python -m atmoe.train_expert --name triage --group task --data experts/triage.jsonl --out assets/experts/triage
+    python -m atmoe.train_expert --name labs --group task --data runs/demo/suite/experts/labs.jsonl --out experts/labs
 """
 
 from __future__ import annotations

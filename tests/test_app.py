@@ -11,13 +11,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
-from app import batch, figures, presets
+from app import batch, examples, figures, presets
 from app.service import DEFAULT_MANIFEST, missing_manifest_message
 from app.text import md_escape, word_diff
 from atmoe import ATMoE, RoutingTrace
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
-PROMPT, NOTE = "Triage this patient as bullet points.", "72 yo M c/o SOB. HR 135, SpO2 88% on RA."
+PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
+NOTE = "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88.\nLabs: Na 128, K 4.1."
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +132,12 @@ def test_moving_one_group_slider_fixes_only_that_group(at):
 def test_layer_range_and_disable(at):
     _generate(at)
     at.slider(key="ov_layers").set_value((2, 3))
-    at.toggle(key="off_triage").set_value(True)
+    at.toggle(key="off_labs").set_value(True)
     _apply(at)
     _ok(at)
-    assert at.session_state["ov"] == {"groups": {}, "experts": {}, "layers": [2, 3], "disabled": ["triage"]}
+    assert at.session_state["ov"] == {"groups": {}, "experts": {}, "layers": [2, 3], "disabled": ["labs"]}
     tr = at.session_state["trace"]
-    t = tr.experts.index("triage")
+    t = tr.experts.index("labs")
     assert np.allclose(tr.expert_weights[2:, t], 0) and not np.allclose(tr.expert_weights[:2, t], 0)
 
 
@@ -160,7 +161,7 @@ def test_bad_inputs_show_errors_not_tracebacks(at):
 
 def test_preset_file_and_link_round_trip(at, manifest, monkeypatch):
     _generate(at)
-    preset = {"groups": {"style": 0.1}, "experts": {"triage": 1.0}, "layers": [1, 3], "disabled": []}
+    preset = {"groups": {"style": 0.1}, "experts": {"labs": 1.0}, "layers": [1, 3], "disabled": []}
     at.file_uploader(key="preset_file").set_value(("p.json", json.dumps(preset).encode(), "application/json")).run()
     _ok(at)
     assert at.session_state["ov"] == preset and at.slider(key="ov_g:style").value == 0.1
@@ -186,7 +187,7 @@ def test_compare_tokens_batch_export_views(at):
     _ok(at)
     delta = _figure(at, "delta_groups")["data"][0]
     assert delta["zmid"] == 0 and delta["colorscale"]
-    csv = b"instruction,input,category\nTriage this patient.,HR 140,triage\nSummarize this case.,,summary\n,,x\n"
+    csv = b"instruction,input,category\nList the lab results.,Labs: Na 128.,labs\nUse bullet points.,,bullets\n,,x\n"
     at.radio(key="batch_source").set_value("upload").run()
     at.file_uploader(key="batch_file").set_value(("b.csv", csv, "text/csv")).run()
     at.button(key="batch_run").click().run()
@@ -200,6 +201,14 @@ def test_compare_tokens_batch_export_views(at):
     at.button(key="export_build").click().run()
     _ok(at)
     assert any(d.proto.label.startswith("Download adapter") for d in at.get("download_button"))
+
+
+def test_example_button_fills_the_form(at):
+    ex = examples.examples(5)
+    assert at.button(key="example_1").label == ex[1]["label"]
+    at.button(key="example_1").click().run()
+    _ok(at)
+    assert (at.text_area(key="prompt").value, at.text_area(key="note").value) == (ex[1]["instruction"], ex[1]["input"])
 
 
 def test_missing_manifest_explains_how_to_build(at, monkeypatch, tmp_path):
@@ -242,6 +251,53 @@ def test_presets_only_moved_sliders_become_overrides():
     for bad in (b"[1, 2]", b'{"groups": {"a": 2}}', b'{"weird": 1}', b"\xff\xfe"):
         with pytest.raises(ValueError):
             presets.from_json(bad)
+
+
+@pytest.fixture()
+def example_files(tmp_path, monkeypatch):
+    """app.examples reading from `tmp_path` (nothing there yet), with its caches cleared before and after."""
+    def clear():
+        examples.heldout_rows.cache_clear()
+        examples.off_topic_example.cache_clear()
+    monkeypatch.setattr(examples, "EVAL_PATH", tmp_path / "eval.jsonl")
+    monkeypatch.setattr(examples, "OFF_TOPIC_PATH", tmp_path / "off_topic.jsonl")
+    clear()
+    yield tmp_path, clear
+    clear()
+
+
+def test_examples_show_different_combinations_from_the_heldout_split(example_files):
+    from atmoe.demo.suite import EXPERT_DESCRIPTIONS, complex_rows
+
+    folder, clear = example_files
+    never_trained = {"labs + flags + plain", "vitals + ranges + bullets"}
+    # Nothing shipped: the seeded held-out generator.
+    rows = complex_rows(64, seed=0, heldout=True)
+    df, source = examples.heldout_rows()
+    assert "atmoe.demo.suite" in source and df.instruction.tolist() == [r["instruction"] for r in rows]
+    exs = examples.examples(5)
+    labels = [e["label"] for e in exs]
+    assert len(labels) == len(set(labels)) == 5 and "off-topic" not in labels
+    assert set(labels[:2]) == never_trained                      # the combinations no router trained on come first
+    assert {e for label in labels for e in label.split(" + ")} == set(EXPERT_DESCRIPTIONS)  # every expert shown
+    by_instruction = {r["instruction"]: r for r in rows}
+    for ex in exs:
+        row = by_instruction[ex["instruction"]]
+        assert ex["input"] == row["input"] and ex["label"] == " + ".join(row["experts"])
+    # Shipped files: the rows come from them, and the last example is the first off-topic question.
+    shipped = rows[::-1][:24]
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shipped), encoding="utf-8")
+    off = {"instruction": "What is the capital of Peru?", "input": "", "output": "Lima.", "experts": []}
+    (folder / "off_topic.jsonl").write_text(json.dumps(off) + "\n" + json.dumps({**off, "instruction": "Add 2 and 3."}))
+    clear()
+    df, source = examples.heldout_rows()
+    assert source == str(folder / "eval.jsonl") and df.instruction.tolist() == [r["instruction"] for r in shipped]
+    assert df.category.tolist() == ["+".join(r["experts"]) for r in shipped]
+    exs = examples.examples(5)
+    assert exs[-1] == {"label": "off-topic", "instruction": "What is the capital of Peru?", "input": ""}
+    labels = [e["label"] for e in exs[:-1]]
+    assert len(labels) == len(set(labels)) == 4 and set(labels[:2]) == never_trained
+    assert all(e["instruction"] in {r["instruction"] for r in shipped} for e in exs[:-1])
 
 
 def test_text_is_escaped_and_diffed_safely():

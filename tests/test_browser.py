@@ -83,8 +83,10 @@ def test_generate_override_and_apply_in_browser(server):
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
             page.goto(server)
-            page.get_by_role("textbox", name="Instruction", exact=True).fill("Triage this patient and interpret the labs, as bullet points.")
-            page.get_by_role("textbox", name="Input (optional clinical note)").fill("72 yo M c/o SOB. HR 135, SpO2 88% on RA.")
+            page.get_by_role("textbox", name="Instruction", exact=True).fill(
+                "List the vital signs. Flag each as low, normal or high. Use bullet points.")
+            page.get_by_role("textbox", name="Input (optional clinical note)").fill(
+                "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88.\nLabs: Na 128, K 4.1.")
             page.get_by_test_id("stExpander").filter(has_text="Generation settings").locator("summary").click()
             tokens = page.get_by_label("Max new tokens")
             tokens.fill("8")

@@ -18,17 +18,18 @@ def manifest(tmp_path_factory):
 
 
 def test_route_prints_the_weight_tables(manifest, capsys):
-    assert main(["route", "Triage this patient", "--manifest", manifest, "--device", "cpu"]) == 0
+    assert main(["route", "List the lab results. Use bullet points.", "--input", "Labs: Na 128, K 4.1.",
+                 "--manifest", manifest, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "group weights α" in out and "bullet_points" in out and "trained" in out
+    assert "group weights α" in out and "bullets" in out and "trained" in out
 
 
 def test_generate_with_overrides_shows_them_in_the_trace(manifest, capsys):
-    args = ["generate", "Explain the meds", "--manifest", manifest, "--device", "cpu", "--max-new-tokens", "4",
-            "--override", "style=0", "--override", "expert:bullet_points=1", "--layers", "0-2", "--json"]
+    args = ["generate", "List the vital signs. Use plain language.", "--manifest", manifest, "--device", "cpu",
+            "--max-new-tokens", "4", "--override", "style=0", "--override", "expert:bullets=1", "--layers", "0-2", "--json"]
     assert main(args) == 0
     trace = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert trace["overrides"] == {"groups": {"style": 0.0}, "experts": {"bullet_points": 1.0}, "layers": [0, 2],
+    assert trace["overrides"] == {"groups": {"style": 0.0}, "experts": {"bullets": 1.0}, "layers": [0, 2],
                                   "disabled": []}
     style = trace["groups"].index("style")
     assert [row[style] for row in trace["group_weights"][:3]] == [0.0, 0.0, 0.0]
@@ -47,8 +48,8 @@ def test_generate_merges_by_default_and_no_merge_keeps_the_fused_path(manifest, 
     monkeypatch.setattr(ATMoE, "new_call", spy)
     outs = []
     for flag in ("--merge", "--no-merge"):
-        assert main(["generate", "Explain the meds", "--manifest", manifest, "--device", "cpu", "--max-new-tokens", "6",
-                     flag, "--json"]) == 0
+        assert main(["generate", "List the lab results.", "--manifest", manifest, "--device", "cpu",
+                     "--max-new-tokens", "6", flag, "--json"]) == 0
         outs.append(capsys.readouterr().out.splitlines()[0])
     assert seen == [True, False]
     assert outs[0] == outs[1]  # same greedy text: the merged copy is the same function within float rounding
@@ -62,7 +63,7 @@ def test_generate_merges_by_default_and_no_merge_keeps_the_fused_path(manifest, 
     (["--layers", "x"], "expected FIRST-LAST"),
 ])
 def test_bad_input_is_one_clear_line(manifest, capsys, args, message):
-    assert main(["route", "Triage", "--manifest", manifest, "--device", "cpu", *args]) == 2
+    assert main(["route", "List the labs.", "--manifest", manifest, "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -75,6 +76,16 @@ def test_missing_manifest_and_empty_prompt_in_a_real_process(manifest, tmp_path)
 
 
 def test_parse_overrides():
-    ov = parse_overrides(["group:task=0.5", "expert:triage=1"], "3", ["summarize"])
-    assert ov.groups == {"task": 0.5} and ov.experts == {"triage": 1.0} and ov.layers == (3, 3)
+    ov = parse_overrides(["group:task=0.5", "expert:labs=1"], "3", ["plain"])
+    assert ov.groups == {"task": 0.5} and ov.experts == {"labs": 1.0} and ov.layers == (3, 3)
+    assert list(ov.disabled) == ["plain"]
     assert parse_overrides([], None, []) is None
+
+
+@pytest.mark.parametrize("command,module", [("eval", "atmoe.demo.evaluate"), ("assets", "atmoe.demo.build")])
+def test_eval_and_assets_hand_off_to_the_demo(command, module, monkeypatch):
+    import importlib
+    seen = []
+    monkeypatch.setattr(importlib.import_module(module), "main", seen.append)
+    assert main([command, "--quick", "--out", "x"]) == 0
+    assert seen == [["--quick", "--out", "x"]]

@@ -17,21 +17,21 @@ def _write(tmp_path: Path, lines: list[str], bom: bool = False) -> Path:
     return path
 
 
-ROW = json.dumps({"instruction": "Triage this patient.", "input": "HR 140", "output": "EMERGENT", "experts": ["triage"]})
+ROW = json.dumps({"instruction": "List the lab results.", "input": "Labs: Na 128.", "output": "Na 128", "experts": ["labs"]})
 
 
 def test_loads_bom_blank_lines_and_both_shapes(tmp_path: Path) -> None:
     pc = json.dumps({"prompt": "Say hi.", "completion": "hi"})
     no_input = json.dumps({"instruction": "Say hi.", "output": "hi", "meta": {"k": 1}})
     examples = load_jsonl(_write(tmp_path, [ROW, "", "   ", pc, no_input], bom=True))
-    assert examples == [Example("Triage this patient.", "HR 140", "EMERGENT", ["triage"]),
+    assert examples == [Example("List the lab results.", "Labs: Na 128.", "Na 128", ["labs"]),
                         Example("Say hi.", "", "hi"), Example("Say hi.", "", "hi", None, {"k": 1})]
     assert examples[1].experts is None  # no "experts" key: unlabelled, unlike [] (needs no expert)
 
 
 def test_bad_lines_are_all_reported_with_line_numbers(tmp_path: Path) -> None:
     lines = [ROW, "{not json", "[1, 2]", json.dumps({"instruction": "x"}), json.dumps({"instruction": 3, "output": "y"}),
-             json.dumps({"instruction": "x", "output": "y", "experts": "triage"}), json.dumps({"prompt": "p"}), ROW]
+             json.dumps({"instruction": "x", "output": "y", "experts": "labs"}), json.dumps({"prompt": "p"}), ROW]
     with pytest.raises(DataError) as err:
         load_jsonl(_write(tmp_path, lines))
     message = str(err.value)

@@ -226,11 +226,11 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
     from tiny_models import tiny_demo
     m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
     ov = Overrides(groups={"style": 0.1}, layers=(1, 2))
-    plain = m.generate("Summarize this case", max_new_tokens=12, overrides=ov)
-    merged = m.generate("Summarize this case", max_new_tokens=12, overrides=ov, merge=True)
+    plain = m.generate("List the vital signs.", max_new_tokens=12, overrides=ov)
+    merged = m.generate("List the vital signs.", max_new_tokens=12, overrides=ov, merge=True)
     assert merged.token_ids == plain.token_ids
     np.testing.assert_allclose(merged.trace.effective_weights, plain.trace.effective_weights, atol=1e-6)
-    ids = torch.tensor(m.encode("Summarize this case"))[None]
+    ids = torch.tensor(m.encode("List the vital signs."))[None]
     mask = torch.ones_like(ids)
     with torch.inference_mode():
         a, _ = m.forward_routed(ids, mask, mask, overrides=ov)
@@ -278,7 +278,7 @@ def test_a_routed_decode_step_adds_no_host_syncs_and_no_routing_work(tmp_path, m
             return func(*args, **(kwargs or {}))
 
     m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
-    ids = torch.tensor(m.encode("Triage this patient"))[None]
+    ids = torch.tensor(m.encode("List the lab results."))[None]
     mask = torch.ones_like(ids)
     step = dict(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
                 position_ids=torch.tensor([[ids.shape[1]]]), use_cache=True)
@@ -314,7 +314,7 @@ def test_changing_overrides_never_recompiles_a_compiled_model(tmp_path):
     from atmoe.routing import use_call
     from tiny_models import tiny_demo
     m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
-    ids = torch.tensor(m.encode("Triage this patient"))[None]
+    ids = torch.tensor(m.encode("List the lab results."))[None]
     mask = torch.ones_like(ids)
     compiled = torch.compile(m.model, backend="eager", dynamic=False)
 
@@ -326,7 +326,7 @@ def test_changing_overrides_never_recompiles_a_compiled_model(tmp_path):
         run(compiled, None)  # the one compilation
         with dynamo.config.patch(error_on_recompile=True):
             for ov in (Overrides(groups={"style": 0.1}), Overrides(groups={"style": 0.9}, layers=(0, 0)),
-                       Overrides(disabled=["triage"]), Overrides(experts={"bullet_points": 1.0})):
+                       Overrides(disabled=["labs"]), Overrides(experts={"bullets": 1.0})):
                 torch.testing.assert_close(run(compiled, ov), run(m.model, ov), rtol=0, atol=1e-6)
     finally:
         dynamo.reset()

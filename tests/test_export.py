@@ -28,11 +28,12 @@ def _peft_logits(base_dir, adapter_dir, ids) -> torch.Tensor:
         return peft(input_ids=torch.tensor([ids])).logits[0].float()
 
 
-@pytest.mark.parametrize("overrides", [None, Overrides(groups={"style": 0.0}, experts={"triage": 0.9},
-                                                       layers=(1, 3), disabled=["plain_language"])])
+@pytest.mark.parametrize("overrides", [None, Overrides(groups={"style": 0.0}, experts={"labs": 0.9},
+                                                       layers=(1, 3), disabled=["plain"])])
 def test_exported_adapter_equals_routed_model(demo, tmp_path, overrides):
     path, m = demo
-    ids = m.encode("Triage this patient as bullet points.", "72 yo M c/o SOB. HR 135, SpO2 88% on RA.")
+    ids = m.encode("List the vital signs. Use bullet points.",
+                   "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88.")
     score = m.score(input_ids=ids, overrides=overrides)
     out = export_adapter(m, score.trace, tmp_path / "frozen")
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -48,7 +49,7 @@ def test_exported_adapter_equals_routed_model(demo, tmp_path, overrides):
 
 def test_router_weights_export_and_refusals(demo, tmp_path):
     path, m = demo
-    ids = m.encode("Summarize this case in one line.")
+    ids = m.encode("List the lab results.")
     ov = Overrides(groups={"task": 1.0})
     routed = m.score(input_ids=ids, overrides=ov)
     plain = m.score(input_ids=ids)
@@ -56,7 +57,7 @@ def test_router_weights_export_and_refusals(demo, tmp_path):
     out = export_adapter(m, plain.trace, tmp_path / "router", use="router")
     assert torch.allclose(_peft_logits(path.parent / "base", out, ids), plain.logits, atol=1e-4)
     out = export_adapter(m, routed.trace, tmp_path / "router2", use="router")
-    token = m.route("Summarize this case.", granularity="token")
+    token = m.route("List the labs.", granularity="token")
     with pytest.raises(ValueError, match="sequence-level"):
         export_adapter(m, token, tmp_path / "bad")
     with pytest.raises(ValueError, match="use must be"):

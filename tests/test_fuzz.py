@@ -205,10 +205,9 @@ def test_real_generations_with_fuzzed_prompts_and_settings(model):
 # ====================================================================== 3. overrides
 
 GROUPS = ["task", "knowledge", "style"]
-EXPERTS = ["summarize", "extract_meds", "triage", "drug_classes", "lab_interpretation", "plain_language",
-           "bullet_points"]
+EXPERTS = ["labs", "vitals", "flags", "ranges", "bullets", "plain"]   # grouped 2 + 2 + 2, as in the demo
 KNOWN = st.sampled_from(GROUPS + EXPERTS)
-NAME = st.one_of(KNOWN, KNOWN, KNOWN, st.sampled_from(["", "nope", "TASK", "summarize ", "../x", "😀"]),
+NAME = st.one_of(KNOWN, KNOWN, KNOWN, st.sampled_from(["", "nope", "TASK", "labs ", "../x", "😀"]),
                  st.text(max_size=3))
 SANE = st.one_of(st.floats(0, 0.3), st.sampled_from([0.0, 1.0, 0.5]))
 WILD = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.booleans(), st.none(),
@@ -216,8 +215,8 @@ WILD = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3,
 WEIGHTS = st.dictionaries(NAME, st.one_of(SANE, SANE, SANE, SANE, WILD), max_size=3)
 LAYERS = st.one_of(st.none(), st.none(), st.lists(st.integers(-2, 5), min_size=2, max_size=2),
                    st.sampled_from([[0], [0, 1, 2], "0-2", [True, 2], [0.0, 2.0], [3, 1], [4, 4], [-1, 2]]))
-DISABLED = st.one_of(st.lists(st.sampled_from(EXPERTS), max_size=7, unique=True),
-                     st.lists(NAME, max_size=3), st.sampled_from(["summarize", [1, 2], [None]]))
+DISABLED = st.one_of(st.lists(st.sampled_from(EXPERTS), max_size=6, unique=True),
+                     st.lists(NAME, max_size=3), st.sampled_from(["labs", [1, 2], [None]]))
 OVERRIDES = st.fixed_dictionaries({}, optional={"groups": WEIGHTS, "experts": WEIGHTS, "layers": LAYERS,
                                                 "disabled": DISABLED})
 
@@ -269,7 +268,8 @@ def test_override_fuzz_keeps_the_invariants(mode, model, sigmoid_model):
         with torch.no_grad():
             for p in router.parameters():
                 p.normal_(0, 0.5)
-    prompts = ["Summarize this case in one line.", "Triage: HR 140, BP 80/50.", "List the medications as JSON."]
+    prompts = ["List the lab results.", "List the vital signs. Flag each as low, normal or high.",
+               "Use bullet points. Use plain language."]
     outcome = Counter()
 
     @settings(max_examples=300, deadline=None, database=None, derandomize=True,
@@ -290,20 +290,20 @@ def test_override_fuzz_keeps_the_invariants(mode, model, sigmoid_model):
 
 
 ADVERSARIAL = [
-    {"groups": {"task": math.nan}}, {"groups": {"task": math.inf}}, {"experts": {"triage": -0.5}},
-    {"experts": {"summarize": 0.0, "extract_meds": 0.0, "triage": 0.0}},
+    {"groups": {"task": math.nan}}, {"groups": {"task": math.inf}}, {"experts": {"labs": -0.5}},
+    {"experts": {"labs": 0.0, "vitals": 0.0}},
     {"groups": {"nope": 0.5}}, {"disabled": ["ghost"]}, {"layers": [3, 1]}, {"layers": [0, 4]}, {"layers": [-1, 2]},
-    {"experts": {"triage": 0.5}, "disabled": ["triage"]},
-    {"disabled": EXPERTS[:3], "groups": {"task": 0.2}}, {"layers": [0, 10**12]}, {"groups": {"task": 2**24}},
-    {"groups": {"task": 0.5}, "bogus": 1}, {"groups": [("task", 0.5)]}, {"disabled": "triage"}, "task=0.5", [1, 2],
-    {"layers": [0, 1, 2]}, {"layers": "0-2"}, {"experts": {"triage": True}}, {"experts": {"triage": "0.5"}},
+    {"experts": {"labs": 0.5}, "disabled": ["labs"]},
+    {"disabled": EXPERTS[:2], "groups": {"task": 0.2}}, {"layers": [0, 10**12]}, {"groups": {"task": 2**24}},
+    {"groups": {"task": 0.5}, "bogus": 1}, {"groups": [("task", 0.5)]}, {"disabled": "labs"}, "task=0.5", [1, 2],
+    {"layers": [0, 1, 2]}, {"layers": "0-2"}, {"experts": {"labs": True}}, {"experts": {"labs": "0.5"}},
 ]
 SIGMOID_SERVES = [  # independent gates: no shared budget to respect
     {"groups": {"task": 0.0, "knowledge": 0.0, "style": 0.0}}, {"groups": {"task": 0.7, "style": 0.7}}]
 SERVED = [
-    {}, {"disabled": EXPERTS}, {"disabled": EXPERTS[:3]}, {"groups": {"task": 1.0}}, {"groups": {"task": 0.0}},
-    {"experts": {"summarize": 0.0, "extract_meds": 1.0, "triage": 0.0}}, {"layers": [3, 3], "groups": {"style": 1.0}},
-    {"groups": {"task": 0.3, "knowledge": 0.3, "style": 0.4}}, {"disabled": EXPERTS[:6]},
+    {}, {"disabled": EXPERTS}, {"disabled": EXPERTS[:2]}, {"groups": {"task": 1.0}}, {"groups": {"task": 0.0}},
+    {"experts": {"labs": 0.0, "vitals": 1.0}}, {"layers": [3, 3], "groups": {"style": 1.0}},
+    {"groups": {"task": 0.3, "knowledge": 0.3, "style": 0.4}}, {"disabled": EXPERTS[:5]},
 ]
 
 
@@ -325,6 +325,6 @@ def test_huge_override_dicts_are_refused_quickly_and_briefly(model):
     assert size < 2000, f"the error message echoes every unknown name ({size} characters)"
     with pytest.raises(ValueError):
         model.route("hi", {"disabled": [f"e{i}" for i in range(100_000)]})
-    full = {"experts": {e: 1.0 / 3 if i < 3 else 0.1 for i, e in enumerate(EXPERTS)}}
+    full = {"experts": {e: 0.5 if i < 2 else 0.1 for i, e in enumerate(EXPERTS)}}
     with pytest.raises(ValueError, match="knowledge"):  # every expert fixed: task's sum to 1, knowledge's to 0.2
         model.route("hi", full)

@@ -52,12 +52,21 @@ def test_prompt_longer_than_the_context_is_refused(smol):
 @pytest.mark.skipif(not ASSETS.exists(), reason="the demo assets are built by `make assets`")
 def test_shipped_demo_routes_a_complex_instruction():
     m = ATMoE.load(ASSETS, device="cpu")
-    assert m.router.trained and len(m.experts) == 7
-    tr = m.route("List this patient's medications with what each is for, as bullet points",
-                 input="64 yo F w/ hx HTN. Meds: metformin 500 mg PO BID; lisinopril 10 mg PO daily.")
+    assert m.router.trained and m.groups == ["task", "knowledge", "style"]
+    assert m.experts == ["labs", "vitals", "flags", "ranges", "bullets", "plain"]
+    instruction = "List the vital signs. Add the normal range to each. Use plain language."
+    notes = ("58 yo M with chest pain.\nVitals: HR 140, SBP 85, SpO2 88.\nLabs: Na 138, K 4.2.",
+             "71 yo F with a fall.\nLabs: Hb 8.1, Cr 2.9, Glu 240.\nVitals: T 38.9, RR 28.")
+    tr = m.route(instruction, input=notes[0])
     beta = tr.expert_weights.mean(0)
-    task = [m.experts.index(e) for e in ("summarize", "extract_meds", "triage")]
-    assert m.experts[task[int(np.argmax(beta[task]))]] == "extract_meds"
-    out = m.generate("Triage this patient.", input="58 yo M c/o chest pain. HR 140, BP 85/50, SpO2 88% on RA.",
-                     max_new_tokens=24)
-    assert out.text.strip()
+    for group, wanted in (("task", "vitals"), ("knowledge", "ranges"), ("style", "plain")):
+        members = [i for i, g in enumerate(tr.expert_groups) if g == group]
+        assert m.experts[members[int(np.argmax(beta[members]))]] == wanted, group
+    # The router reads the instruction: another note after it leaves every weight as it was.
+    np.testing.assert_allclose(m.route(instruction, input=notes[1]).effective_weights, tr.effective_weights,
+                               atol=1e-5)
+    # An off-topic question opens each group's gate less than an instruction that needs that group.
+    off = m.route("What is the capital of France?").group_weights.mean(0)
+    assert (off < tr.group_weights.mean(0)).all(), (off, tr.group_weights.mean(0))
+    out = m.generate("List the vital signs.", input=notes[0], max_new_tokens=24)
+    assert "HR 140" in out.text, out.text

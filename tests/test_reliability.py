@@ -34,7 +34,7 @@ from helpers_tiny import tiny_llama, tiny_tokenizer
 from tiny_models import save_adapter, tiny_demo
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "Summarize this case in one line."
+PROMPT = "List the lab results. Use bullet points."
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,7 +74,7 @@ def valid_trace(tr: RoutingTrace) -> None:
 
 # ====================================================================== 1. hostile and broken files
 
-def _expert(manifest: Path, name: str = "summarize") -> Path:
+def _expert(manifest: Path, name: str = "labs") -> Path:
     return manifest.parent / "experts" / name
 
 
@@ -128,7 +128,7 @@ def _wrong_shapes(m: Path) -> list[str]:
         ts[k] = torch.randn(ts[k].shape[0] + 1, ts[k].shape[1])
         return ts
     _rewrite_tensors(m, change)
-    return ["'summarize'", "do not fit"]
+    return ["'labs'", "do not fit"]
 
 
 def _nan_weights(m: Path) -> list[str]:
@@ -151,7 +151,7 @@ def _other_base(m: Path) -> list[str]:
     shutil.rmtree(_expert(m))  # same architecture and module names, hidden size 64 instead of 32
     other = tiny_llama(len(tiny_tokenizer()), hidden_size=64, layers=4)
     save_adapter(other, _expert(m), ["q_proj", "v_proj"], r=4, alpha=8)
-    return ["'summarize'", "do not fit", "(4, 32)"]
+    return ["'labs'", "do not fit", "(4, 32)"]
 
 
 def _missing_config(m: Path) -> list[str]:
@@ -164,13 +164,13 @@ def _unknown_target_modules(m: Path) -> list[str]:
     cfg = json.loads(path.read_text())
     cfg["target_modules"] = sorted(cfg["target_modules"]) + ["warp_drive"]
     path.write_text(json.dumps(cfg))
-    return ["'summarize'", "warp_drive", "do not exist"]
+    return ["'labs'", "warp_drive", "do not exist"]
 
 
 def _tensor_for_unknown_module(m: Path) -> list[str]:
     _rewrite_tensors(m, lambda ts: {k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.qq_proj"): v
                                     for k, v in ts.items()})
-    return ["'summarize'", "qq_proj", "no such module"]
+    return ["'labs'", "qq_proj", "no such module"]
 
 
 def _pickle_only(m: Path) -> list[str]:
@@ -204,8 +204,8 @@ def _router_escape(m: Path) -> list[str]:
 
 
 def _duplicate_expert(m: Path) -> list[str]:
-    _edit_manifest(m, lambda d: d["groups"][1]["experts"][0].update(name="summarize"))
-    return [str(m), "duplicate name 'summarize'"]
+    _edit_manifest(m, lambda d: d["groups"][1]["experts"][0].update(name="labs"))
+    return [str(m), "duplicate name 'labs'"]
 
 
 def _empty_group(m: Path) -> list[str]:
@@ -422,7 +422,7 @@ def _peft_result(tmp_path: Path):
 
     from atmoe.train_expert import ExpertTrainConfig, TrainResult
     peft_model = get_peft_model(tiny_llama(len(tiny_tokenizer())), LoraConfig(r=2, target_modules=["q_proj"]))
-    cfg = ExpertTrainConfig(name="triage", group="task", data="unused.jsonl", out=str(tmp_path / "adapter"),
+    cfg = ExpertTrainConfig(name="labs", group="task", data="unused.jsonl", out=str(tmp_path / "adapter"),
                             description="x")
     return TrainResult(peft_model, [1.0], 1, 0), cfg
 
@@ -531,7 +531,7 @@ def test_every_bad_jsonl_row_is_reported_with_its_line_number(tmp_path):
 def test_wrong_types_bad_utf8_and_huge_lines_are_reported(tmp_path):
     huge = json.dumps({"instruction": "x", "output": "y" * (10 << 20)})  # a 10 MB line
     path = _jsonl(tmp_path, [GOOD, b"\xff\xfe not utf-8", huge, json.dumps({"instruction": "x", "output": "y",
-                                                                         "experts": "triage"}), GOOD])
+                                                                         "experts": "labs"}), GOOD])
     with pytest.raises(DataError) as err:
         load_jsonl(path)
     message = str(err.value)
@@ -600,7 +600,7 @@ def test_exact_limits_are_accepted(model):
 
 
 def test_same_request_gives_identical_tokens_and_weights(model):
-    ov = Overrides(groups={"style": 0.2}, experts={"triage": 0.7}, layers=(1, 3))
+    ov = Overrides(groups={"style": 0.2}, experts={"labs": 0.7}, layers=(1, 3))
     runs = [model.generate(PROMPT, max_new_tokens=6, temperature=1.5, top_p=0.95, seed=7, overrides=ov)
             for _ in range(5)]
     for r in runs[1:]:
@@ -611,8 +611,8 @@ def test_same_request_gives_identical_tokens_and_weights(model):
 
 
 def test_routing_alone_equals_routing_in_a_left_padded_batch(model):
-    prompts = [PROMPT, "hi", "A 72 year old man with shortness of breath, HR 88 and BP 142/90; triage him and list "
-               "his medications as JSON.", "Explain potassium 5.6 mmol/L in plain language."]
+    prompts = [PROMPT, "hi", "List the vital signs of a 72 year old man with shortness of breath, HR 88 and SBP 142. "
+               "Flag each as low, normal or high.", "Explain K 5.6 in plain language."]
     batch = model.route_batch(prompts, Overrides(groups={"task": 0.5}))
     assert len({len(model.encode(p)) for p in prompts}) == 4  # four lengths → left padding
     for p, b in zip(prompts, batch):

@@ -12,17 +12,19 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from atmoe.data import PadCollator, encode_dataset, load_jsonl
-from atmoe.medical import write_suite
+from atmoe.demo.suite import EXPERT_DESCRIPTIONS, expert_rows
 from atmoe.train_expert import ExpertTrainConfig, parse_args, train_expert
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_suite(tmp_path_factory.mktemp("suite"), n_expert=48, n_router=20, n_eval=10)["expert:triage"]
+    path = tmp_path_factory.mktemp("suite") / "labs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in expert_rows("labs", 48, seed=0)), encoding="utf-8")
+    return path
 
 
 def _cfg(data: Path, out: Path, **kw: object) -> ExpertTrainConfig:
-    args = dict(name="triage", group="task", data=str(data), out=str(out), steps=20, batch_size=8, lr=1e-2,
+    args = dict(name="labs", group="task", data=str(data), out=str(out), steps=20, batch_size=8, lr=1e-2,
                 logging_steps=5, save_steps=0, max_length=192)
     return ExpertTrainConfig(**{**args, **kw})  # type: ignore[arg-type]
 
@@ -38,11 +40,11 @@ def test_config_validation(data: Path, tmp_path: Path) -> None:
                 {"targets": ()}, {"dropout": 1.0}, {"save_steps": -1}):
         with pytest.raises(ValueError):
             _cfg(data, tmp_path / "x", **bad)
-    assert _cfg(data, tmp_path / "x").description.startswith("EMERGENT")
+    assert _cfg(data, tmp_path / "x").description == ""  # the engine knows no suite: the caller describes
 
 
 def test_cli_parses_into_config() -> None:
-    cfg = parse_args(["--name", "triage", "--group", "task", "--data", "d.jsonl", "--out", "o", "--steps", "7",
+    cfg = parse_args(["--name", "labs", "--group", "task", "--data", "d.jsonl", "--out", "o", "--steps", "7",
                       "--lr", "0.002", "--targets", "q_proj", "v_proj", "--resume"])
     assert (cfg.steps, cfg.lr, cfg.targets, cfg.resume, cfg.base, cfg.rank) == (7, 0.002, ("q_proj", "v_proj"), True, None, 8)
 
@@ -51,21 +53,23 @@ def test_training_lowers_loss_and_saves_a_loadable_adapter(data: Path, tmp_path:
     texts = [f"{e.instruction} {e.input} {e.output}" for e in load_jsonl(data)]
     tok = tiny_tokenizer(texts)
     before = _loss(tiny_llama(len(tok)), tok, data)
-    out = tmp_path / "experts" / "triage"
+    out = tmp_path / "experts" / "labs"
     out.mkdir(parents=True)
     (out / "stale.txt").write_text("old run")  # an existing out folder is replaced whole
     model = tiny_llama(len(tok))
-    saved = train_expert(_cfg(data, out), model, tok)
+    saved = train_expert(_cfg(data, out, description=EXPERT_DESCRIPTIONS["labs"]), model, tok)
 
     assert saved == out and not (out / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
                                                       "atmoe_expert.json", "train_log.jsonl"]
     assert not list(tmp_path.joinpath("experts").glob(".*"))  # no temp or old folders left behind
     meta = json.loads((out / "atmoe_expert.json").read_text())
-    assert (meta["name"], meta["group"], meta["train_rows"], meta["steps"]) == ("triage", "task", 48, 20)
+    assert (meta["name"], meta["group"], meta["train_rows"], meta["steps"]) == ("labs", "task", 48, 20)
     assert meta["final_loss"] < before
     assert all(t.dtype == torch.float16 for t in load_file(out / "adapter_model.safetensors").values())
-    assert "48 rows" in (out / "README.md").read_text()
+    assert meta["description"] == EXPERT_DESCRIPTIONS["labs"]
+    readme = (out / "README.md").read_text()
+    assert "48 rows" in readme and EXPERT_DESCRIPTIONS["labs"] in readme
 
     trained = model.eval()
     after = _loss(trained, tok, data)

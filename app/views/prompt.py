@@ -17,7 +17,7 @@ def _use_example(ex: dict[str, str]) -> None:
 
 
 def _example_buttons() -> None:
-    st.caption("Examples (held-out instructions with a clinical note): one click fills the form")
+    st.caption("Examples from the held-out set, combinations no router trained on first: one click fills the form")
     exs = examples(5)
     cols = st.columns(len(exs))
     for i, (col, ex) in enumerate(zip(cols, exs)):
@@ -29,7 +29,7 @@ def _form(svc: Service) -> str | None:
     """The prompt form; returns 'generate' / 'route' when submitted."""
     with st.form("prompt_form"):
         st.text_area("Instruction", key="prompt", height=90,
-                     placeholder="e.g. Triage this patient and interpret the labs, as bullet points.")
+                     placeholder="e.g. List the lab results. Flag each as low, normal or high. Use bullet points.")
         st.text_area("Input (optional clinical note)", key="note", height=90)
         with st.expander("Generation settings"):
             c = st.columns(5)

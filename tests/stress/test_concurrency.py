@@ -16,18 +16,18 @@ from atmoe import ATMoE
 from tiny_models import tiny_demo
 
 THREADS, REQUESTS = 8, 50
-PROMPTS = ["Summarize this case in one line.", "Triage: HR 140, BP 80/50, confused.", "List the medications as JSON.",
-           "Explain potassium 5.6 mmol/L in plain language.", "hi"]
+PROMPTS = ["List the lab results.", "List the vital signs. Flag each as low, normal or high.",
+           "Give me the lab values. Add the normal range to each. Use bullet points.",
+           "Explain K 5.6 in plain language.", "hi"]
 SESSIONS = [  # (overrides, router name, granularity)
     (None, None, None),
     ({"groups": {"style": 0.0}}, None, None),
-    ({"experts": {"triage": 1.0}, "layers": [0, 1]}, None, None),
-    ({"disabled": ["summarize", "extract_meds", "triage"]}, None, None),
+    ({"experts": {"labs": 1.0}, "layers": [0, 1]}, None, None),
+    ({"disabled": ["labs", "vitals"]}, None, None),  # the task group off
     ({"groups": {"task": 0.9, "knowledge": 0.05}}, None, "token"),
     (None, "sigmoid", None),
-    ({"groups": {"knowledge": 1.0}, "experts": {"drug_classes": 0.25}}, "sigmoid", None),
-    ({"disabled": ["plain_language", "bullet_points", "drug_classes", "lab_interpretation", "summarize",
-                   "extract_meds", "triage"]}, None, None),  # every expert off: the base model
+    ({"groups": {"knowledge": 1.0}, "experts": {"flags": 0.25}}, "sigmoid", None),
+    ({"disabled": ["plain", "bullets", "flags", "ranges", "labs", "vitals"]}, None, None),  # every expert off
 ]
 
 

@@ -1,0 +1,341 @@
+"""The demo's evaluation: every system answers the held-out complex instructions, scored by line F1 (`metrics.py`).
+
+Systems (names as in results.json, in this order):
+    base              no expert (every expert disabled)
+    expert:<name>     that expert alone at weight 1 on every layer
+    uniform_merge     every expert at 1/E on every layer (an untrained flat router)
+    oracle_constant   layer-constant oracle: the row's labelled experts at full weight on every layer, the rest off
+    router_constant   layer-constant router: the shipped router's own α and β for the row, averaged over layers and
+                      fixed on every layer — the same decisions without the layer dimension
+    <router name>     each trained router as it is (grouped_sigmoid, grouped_softmax, flat_router; the first shipped)
+
+Routing scores (trained routers only; from the routing used for each answer, L layers, G groups):
+    selection      over (row, needed group): the expert with the highest layer-mean β in the group is the labelled
+                   one. `chance` = always picking each group's most frequent labelled expert on these rows.
+    gate accuracy  over (row, group): "on" equals "the row needs the group". A sigmoid gate is on when it opens
+                   (> 0.5) on some layer: a needed group may act on a few layers only, which is what the training
+                   loss asks for. A shared budget (softmax, flat) is on when its layer mean is above 1/(2G), halfway
+                   between off and the 1/G that training asks of a needed group.
+
+`evaluate(..., partial_path=...)` writes each finished system there, so a rerun resumes after the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from atmoe.io import atomic_write_bytes, atomic_write_json, read_json
+from atmoe.model import ATMoE
+from atmoe.overrides import Overrides
+from atmoe.router import GroupedRouter, load_router
+from atmoe.trace import RoutingTrace
+
+from .metrics import score
+
+if TYPE_CHECKING:
+    from .build import BuildConfig
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class System:
+    """One column of answers: a router, plus the overrides it runs with for a row (given the row's own routing
+    by this router when `needs_routing`)."""
+
+    name: str
+    router: GroupedRouter
+    about: str
+    overrides: Callable[[Row, RoutingTrace | None], Overrides | None] = lambda row, trace: None
+    needs_routing: bool = False      # overrides read the router's routing of the row (a prompt-only pass first)
+    scored_routing: bool = False     # a trained router as it is: selection and gate accuracy are reported
+
+    def overrides_for(self, row: Row, trace: RoutingTrace | None = None) -> Overrides | None:
+        return self.overrides(row, trace)
+
+
+def layer_constant(trace: RoutingTrace) -> Overrides:
+    """The trace's α [L, G] and β [L, E] averaged over layers, fixed on every layer."""
+    clip = lambda v: min(max(float(v), 0.0), 1.0)  # noqa: E731 — float32 means may stray past [0, 1] by rounding
+    alpha, beta = trace.group_weights.astype(np.float64).mean(0), trace.expert_weights.astype(np.float64).mean(0)
+    return Overrides(groups={g: clip(a) for g, a in zip(trace.groups, alpha)},
+                     experts={e: clip(b) for e, b in zip(trace.experts, beta)})
+
+
+def systems(m: ATMoE, routers: dict[str, GroupedRouter]) -> list[System]:
+    """Every system, in table order. `routers`: trained routers by name; the first is the shipped one."""
+    sigmoid = m.new_router(mode="sigmoid")  # untrained: only ever used with every weight it needs fixed
+
+    def alone(e: str) -> Callable[[Row, RoutingTrace | None], Overrides]:
+        ov = Overrides(groups={h: float(h == m.expert_groups[e]) for h in m.groups}, experts={e: 1.0})
+        return lambda row, trace: ov
+
+    def oracle(row: Row, trace: RoutingTrace | None) -> Overrides:
+        needed = [e for e in m.experts if e in row["experts"]]
+        per_group = Counter(m.expert_groups[e] for e in needed)   # labelled experts of one group share it
+        return Overrides(groups={g: float(g in per_group) for g in m.groups},
+                         experts={e: 1.0 / per_group[m.expert_groups[e]] for e in needed})
+
+    out = [System("base", sigmoid, "no expert", lambda row, trace: Overrides(disabled=m.experts))]
+    out += [System(f"expert:{e}", sigmoid, f"{e} alone, weight 1 on every layer", alone(e)) for e in m.experts]
+    out.append(System("uniform_merge", m.new_router(mode="flat"), "every expert at 1/E on every layer"))
+    out.append(System("oracle_constant", sigmoid, "labelled experts at full weight on every layer", oracle))
+    if routers:
+        shipped = next(iter(routers))
+        out.append(System("router_constant", routers[shipped], f"{shipped}'s layer-mean α, β on every layer",
+                          lambda row, trace: layer_constant(trace), needs_routing=True))
+    out += [System(name, r, f"trained router ({r.config.mode})", scored_routing=True) for name, r in routers.items()]
+    return out
+
+
+# ---------------------------------------------------------------- routing scores
+def _members(trace: RoutingTrace, g: str) -> list[int]:
+    return [i for i, h in enumerate(trace.expert_groups) if h == g]
+
+
+def selection_hits(trace: RoutingTrace, row: Row) -> tuple[int, int]:
+    """(hits, total) over the row's needed groups: argmax of layer-mean β within the group is a labelled expert."""
+    beta = trace.expert_weights.mean(0)
+    hits = total = 0
+    for g in trace.groups:
+        cols = _members(trace, g)
+        wanted = {trace.experts[i] for i in cols} & set(row["experts"])
+        if wanted:
+            total += 1
+            hits += trace.experts[cols[int(np.argmax(beta[cols]))]] in wanted
+    return hits, total
+
+
+def gate_hits(trace: RoutingTrace, row: Row) -> tuple[int, int]:
+    """(hits, total) over every group: "on" ⇔ the row needs the group. A sigmoid gate is on when it opens (> 0.5)
+    on some layer — a needed group may act on a few layers only (style on the top ones), which is what the
+    training loss asks for (`routing_losses`); a shared budget is on when its layer mean is above 1/(2G)."""
+    if trace.mode == "sigmoid":
+        threshold, alpha = 0.5, trace.group_weights.max(0)
+    else:
+        threshold, alpha = 1.0 / (2 * len(trace.groups)), trace.group_weights.mean(0)
+    needed = {trace.expert_groups[trace.experts.index(e)] for e in row["experts"]}
+    hits = sum(bool(alpha[i] > threshold) == (g in needed) for i, g in enumerate(trace.groups))
+    return hits, len(trace.groups)
+
+
+def chance_selection(rows: list[Row], expert_groups: dict[str, str]) -> float | None:
+    """Selection accuracy of always picking each group's most frequent labelled expert on these rows."""
+    by_group: dict[str, Counter] = {}
+    for row in rows:
+        for e in row["experts"]:
+            by_group.setdefault(expert_groups[e], Counter())[e] += 1
+    total = sum(sum(c.values()) for c in by_group.values())
+    return sum(max(c.values()) for c in by_group.values()) / total if total else None
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean over `resamples` resamplings of the rows (fixed seed)."""
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    lo, hi = np.percentile(values[idx].mean(1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------- generation and scoring
+def _answers(m: ATMoE, rows: list[Row], system: System, max_new_tokens: int, batch_size: int
+             ) -> tuple[list[str], list[RoutingTrace]]:
+    """Greedy answers of one system to every row; rows with identical overrides generate together."""
+    traces: list[RoutingTrace | None] = [None] * len(rows)
+    if system.needs_routing:
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            traces[s:s + batch_size] = m.route_batch([r["instruction"] for r in chunk],
+                                                     inputs=[r["input"] for r in chunk], router=system.router)
+    batches: dict[str, tuple[Overrides | None, list[int]]] = {}
+    for i, row in enumerate(rows):
+        ov = system.overrides_for(row, traces[i])
+        batches.setdefault(json.dumps(ov and ov.to_dict(), sort_keys=True), (ov, []))[1].append(i)
+    calls = [(ov, idx[s:s + batch_size]) for ov, idx in batches.values() for s in range(0, len(idx), batch_size)]
+    gens: dict[int, Any] = {}
+    for ov, part in tqdm(calls, desc=system.name, leave=False):
+        gens.update(zip(part, m.generate_batch([rows[i]["instruction"] for i in part],
+                                               inputs=[rows[i]["input"] for i in part],
+                                               max_new_tokens=max_new_tokens, router=system.router, overrides=ov)))
+    return [gens[i].text for i in range(len(rows))], [gens[i].trace for i in range(len(rows))]
+
+
+def summarise(system: System, rows: list[Row], texts: list[str], traces: list[RoutingTrace], skills: list[str]
+              ) -> dict[str, Any]:
+    scores = [score(t, r) for t, r in zip(texts, rows)]
+    f1 = np.array([s["f1"] for s in scores])
+    per_skill = {k: (float(np.mean([x for x, r in zip(f1, rows) if k in r["experts"]]))
+                     if any(k in r["experts"] for r in rows) else None) for k in skills}
+    out: dict[str, Any] = {"about": system.about, "f1": float(f1.mean()), "ci95": list(bootstrap_ci(f1)),
+                           "exact": float(np.mean([s["exact"] for s in scores])), "per_skill": per_skill,
+                           "selection": None, "gate_accuracy": None}
+    if system.scored_routing:
+        sel = np.array([selection_hits(t, r) for t, r in zip(traces, rows)]).sum(0)
+        gate = np.array([gate_hits(t, r) for t, r in zip(traces, rows)]).sum(0)
+        out["selection"] = float(sel[0] / sel[1]) if sel[1] else None
+        out["gate_accuracy"] = float(gate[0] / gate[1])
+    return out
+
+
+def _fingerprint(rows: list[Row], max_new_tokens: int, routers: dict[str, GroupedRouter]) -> str:
+    """What a partial result depends on: the rows, the budget, the routers' weights (stale partials are ignored)."""
+    h = hashlib.sha256(json.dumps([rows, max_new_tokens, list(routers)], sort_keys=True).encode())
+    for r in routers.values():
+        for t in r.state_dict().values():
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def evaluate(m: ATMoE, rows: list[Row], routers: dict[str, GroupedRouter], *, max_new_tokens: int | None = None,
+             batch_size: int = 8, partial_path: str | Path | None = None) -> dict[str, Any]:
+    """Greedy answers of every system to every row, scored; see the module docstring. Default `max_new_tokens`:
+    the longest reference in tokens + 16."""
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    if max_new_tokens is None:
+        max_new_tokens = max(len(m.tokenizer(r["output"])["input_ids"]) for r in rows) + 16
+    all_systems = systems(m, routers)
+    results: dict[str, Any] = {
+        "n": len(rows), "decoding": "greedy", "max_new_tokens": max_new_tokens,
+        "shipped": next(iter(routers), None), "skills": list(m.experts),
+        "chance": {"selection": chance_selection(rows, m.expert_groups)},
+        "fingerprint": _fingerprint(rows, max_new_tokens, routers), "systems": {}, "answers": {}}
+    if partial_path is not None and Path(partial_path).exists():
+        previous = read_json(partial_path, "partial evaluation")
+        if previous.get("fingerprint") == results["fingerprint"]:
+            results["systems"], results["answers"] = previous["systems"], previous["answers"]
+    todo = [s for s in all_systems if s.name not in results["systems"]]
+    for system in tqdm(todo, desc="systems", initial=len(all_systems) - len(todo), total=len(all_systems)):
+        texts, traces = _answers(m, rows, system, max_new_tokens, batch_size)
+        results["systems"][system.name] = summarise(system, rows, texts, traces, results["skills"])
+        results["answers"][system.name] = texts
+        if partial_path is not None:
+            atomic_write_json(partial_path, results)
+    order = [s.name for s in all_systems]
+    for key in ("systems", "answers"):
+        results[key] = {name: results[key][name] for name in order}
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """system | per-skill F1 … | mean F1 [95 % CI] | exact | selection (chance) | gate acc."""
+    skills, chance = results["skills"], results["chance"]["selection"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    head = ["system", *skills, "mean F1 [95% CI]", "exact", "selection (chance)", "gate acc."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in results["systems"].items():
+        label = f"`{name}`" + (" (shipped)" if name == results["shipped"] else "")
+        sel = "–" if s["selection"] is None else f"{s['selection']:.3f} ({fmt(chance)})"
+        lines.append("| " + " | ".join([label, *(fmt(s["per_skill"][k]) for k in skills),
+                                         f"**{s['f1']:.3f}** [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]",
+                                         fmt(s["exact"]), sel, fmt(s["gate_accuracy"])]) + " |")
+    return (f"n = {results['n']} held-out complex instructions, {results['decoding']} decoding, max_new_tokens = "
+            f"{results['max_new_tokens']}. Line F1; a skill's column averages the rows that need it.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- entry points
+def read_rows(path: str | Path) -> list[Row]:
+    if not Path(path).is_file():
+        raise ValueError(f"data file not found: {path}")
+    rows = []
+    for n, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if text.strip():
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+            missing = [k for k in ("instruction", "input", "output", "experts") if k not in row]
+            if missing:
+                raise ValueError(f"{path}, line {n}: missing {missing}")
+            rows.append(row)
+    return rows
+
+
+def write_results(results: dict[str, Any], out: Path) -> str:
+    table = markdown_table(results)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_bytes(out / "results.md", table.encode())
+    return table
+
+
+def _check_rows(rows: list[Row], m: ATMoE, path: Path) -> None:
+    unknown = sorted({e for r in rows for e in r["experts"]} - set(m.experts))
+    if unknown:
+        raise ValueError(f"{path} labels expert(s) {unknown} that the manifest does not have: {m.experts}")
+
+
+def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
+    """The build's last stage: the demo routers of `build.ROUTERS` on the first `cfg.eval_n` held-out rows."""
+    from .build import ROUTERS
+
+    out = Path(out)
+    m = ATMoE.load(out / "experts.json", device="auto")
+    routers = {}
+    for name, mode, file in ROUTERS:
+        routers[name] = load_router(out / file, expected=m.router_config).to(m.device)
+        if routers[name].config.mode != mode:
+            raise ValueError(f"{out / file} is a {routers[name].config.mode} router; {name} must be {mode}")
+    data = out / "data" / "eval.jsonl"
+    rows = read_rows(data)[: cfg.eval_n]
+    if not rows:
+        raise ValueError(f"{data} has no rows")
+    _check_rows(rows, m, data)
+    partial = out / "eval" / "partial.json"
+    print(write_results(evaluate(m, rows, routers, partial_path=partial), out / "eval"))
+    partial.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .build import ROUTERS
+
+    p = argparse.ArgumentParser(description="Score every system on held-out rows; write results.json and .md")
+    p.add_argument("--manifest", default="assets/experts.json")
+    p.add_argument("--data", default="assets/data/eval.jsonl")
+    p.add_argument("--out", default="runs/eval", help="folder for results.json, results.md (and partial.json)")
+    p.add_argument("--n", type=int, default=None, help="first N rows (default: all)")
+    p.add_argument("--router", action="append", default=[], metavar="NAME=PATH",
+                   help="trained routers to compare, the first shipped (default: the demo's, next to the manifest)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    try:
+        specs = [s.partition("=")[::2] for s in a.router]
+        bad = [s for s, (name, path) in zip(a.router, specs) if not name or not path]
+        if bad:
+            raise ValueError(f"--router expects NAME=PATH, got {bad}")
+        if a.n is not None and a.n < 1:
+            raise ValueError(f"--n must be >= 1, got {a.n}")
+        rows = read_rows(a.data)[: a.n]
+        if not rows:
+            raise ValueError(f"{a.data} has no rows")
+        if not specs:  # the demo's routers that exist next to the manifest
+            root = Path(a.manifest).parent
+            specs = [(name, str(root / f)) for name, _, f in ROUTERS if (root / f).is_file()]
+        for name, path in specs:
+            if not Path(path).is_file():
+                raise ValueError(f"router file not found: {path} (--router {name}=...)")
+        m = ATMoE.load(a.manifest, device=a.device)
+        routers = {name: load_router(path, expected=m.router_config).to(m.device) for name, path in specs}
+        _check_rows(rows, m, Path(a.data))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(a.out)
+    results = evaluate(m, rows, routers, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                       partial_path=out / "partial.json")
+    print(write_results(results, out))
+    (out / "partial.json").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The demo suite's promises: deterministic, compositional, held-out phrasings and combinations really held out,
+flags a learnable rule, and every split written."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from atmoe.demo.suite import (ALL_COMBOS, EVAL_COMBOS, GROUPS, HELDOUT_COMBOS, MEASURES, PHRASES, TRAIN_COMBOS, Case,
+                              answer, complex_rows, expert_rows, note, sample_case, write_suite)
+
+EXPERTS = [e for names in GROUPS.values() for e in names]
+N_EXPERT, N_ROUTER = 1600, 1200   # write_suite's defaults: the sizes the build trains on
+
+
+@pytest.fixture(scope="module")
+def training_rows() -> dict[str, list[dict]]:
+    rows = {f"expert:{e}": expert_rows(e, N_EXPERT) for e in EXPERTS}
+    rows["router_train"] = complex_rows(N_ROUTER, off_topic=0.1)
+    return rows
+
+
+def test_same_seed_same_rows_other_seed_other_rows() -> None:
+    assert complex_rows(40, seed=3, heldout=True) == complex_rows(40, seed=3, heldout=True)
+    assert complex_rows(40, seed=3, off_topic=0.1) == complex_rows(40, seed=3, off_topic=0.1)
+    assert expert_rows("flags", 20, seed=3) == expert_rows("flags", 20, seed=3)
+    assert complex_rows(40, seed=3, heldout=True) != complex_rows(40, seed=4, heldout=True)
+    assert expert_rows("flags", 20, seed=3) != expert_rows("flags", 20, seed=3, split="gate")
+
+
+def _compose_from_solo(case, task: str, knowledge: str | None, style: str | None) -> str:
+    """A combination's reference rebuilt by string operations on the solo answers only."""
+    task_lines = answer(case, task).splitlines()                   # "Na 128"
+    abbrev = lambda text: text.split(" ", 1)[0]  # noqa: E731 — every unstyled line starts with its abbreviation
+    suffix = {abbrev(t): "" for t in task_lines}
+    if knowledge:  # the knowledge expert's lines over the whole note, kept for the task's measurements
+        for k in answer(case, None, knowledge).splitlines():
+            if abbrev(k) in suffix:
+                plain_line = next(t for t in task_lines if abbrev(t) == abbrev(k))
+                assert k.startswith(plain_line) and len(k) > len(plain_line), (k, plain_line)
+                suffix[abbrev(k)] = k[len(plain_line):]                # ": low" | " (normal 135-145)"
+    head = {abbrev(t): abbrev(t) for t in answer(case, None).splitlines()}
+    if style:  # what the style expert alone does to each line's name: "Na" → "- Na" | "sodium"
+        for raw, styled in zip(answer(case, None).splitlines(), answer(case, None, None, style).splitlines(),
+                               strict=True):
+            rest = raw[len(abbrev(raw)):]                              # " 128"
+            assert styled.endswith(rest) and styled != raw, (raw, styled)
+            head[abbrev(raw)] = styled[: len(styled) - len(rest)]
+    return "\n".join(head[abbrev(t)] + t[len(abbrev(t)):] + suffix[abbrev(t)] for t in task_lines)
+
+
+def test_every_combination_is_the_composition_of_its_parts_solo_answers() -> None:
+    rng = random.Random(7)
+    for _ in range(60):
+        case = sample_case(rng)
+        for combo in ALL_COMBOS:
+            assert answer(case, *combo) == _compose_from_solo(case, *combo), combo
+
+
+def _case_of(note_text: str) -> Case:
+    """The case back from its note (the rows store the note, not the case)."""
+    first, *body = note_text.splitlines()
+    age, _, sex, _, complaint = first.rstrip(".").split(" ", 4)
+    parts = {line.split(": ")[0]: tuple(tuple(x.split(" ")) for x in line.split(": ")[1].rstrip(".").split(", "))
+             for line in body}
+    case = Case(int(age), sex, complaint, parts["Labs"], parts["Vitals"], body[0].startswith("Vitals"))
+    assert note(case) == note_text
+    return case
+
+
+def test_rows_carry_the_composed_references() -> None:
+    rows = complex_rows(64, heldout=True) + complex_rows(60) + [r for e in EXPERTS for r in expert_rows(e, 10)]
+    for row in rows:
+        task, knowledge, style = row["meta"]["combo"]
+        assert row["experts"] == [e for e in (task, knowledge, style) if e]
+        case = _case_of(row["input"])
+        assert row["output"] == answer(case, task, knowledge, style)
+        if task is not None:
+            assert row["output"] == _compose_from_solo(case, task, knowledge, style)
+
+
+def test_heldout_phrasings_never_appear_in_training_rows(training_rows) -> None:
+    instructions = [r["instruction"] for rows in training_rows.values() for r in rows]
+    for e in EXPERTS:
+        train, held = PHRASES[e]
+        for phrase in held:
+            assert not any(phrase in t for t in train), (e, phrase)
+            assert not any(phrase in i for i in instructions), (e, phrase)
+    assert not any("'s capital." in i or "together?" in i for i in instructions)  # held-out off-topic wordings
+    # and the eval rows ask with held-out phrasings only
+    for row in complex_rows(64, heldout=True):
+        for e in row["experts"]:
+            assert any(p in row["instruction"] for p in PHRASES[e][1]), row["instruction"]
+            assert not any(p in row["instruction"] for p in PHRASES[e][0]), row["instruction"]
+
+
+def test_heldout_combinations_are_unseen_but_every_pair_inside_them_is_trained(training_rows) -> None:
+    trained = {tuple(r["meta"]["combo"]) for r in training_rows["router_train"] if r["experts"]}
+    assert trained == set(TRAIN_COMBOS)
+    assert not trained & set(HELDOUT_COMBOS)
+    trained_sets = [set(r["experts"]) for r in training_rows["router_train"]]
+    for combo in HELDOUT_COMBOS:
+        for pair in itertools.combinations([e for e in combo if e], 2):
+            assert any(set(pair) <= s for s in trained_sets), (combo, pair)
+    evaluated = {tuple(r["meta"]["combo"]) for r in complex_rows(64, heldout=True)}
+    assert evaluated == set(EVAL_COMBOS) and set(HELDOUT_COMBOS) <= evaluated
+
+
+def test_at_least_ten_training_phrasings_per_skill_and_all_used(training_rows) -> None:
+    router = [r["instruction"] for r in training_rows["router_train"]]
+    for e in EXPERTS:
+        train = PHRASES[e][0]
+        assert len(set(train)) >= 10, e
+        used = {p for p in train if any(p in i for i in router)}
+        assert len(used) >= 10, (e, len(used))
+
+
+def test_flags_are_correct_with_a_clear_gap() -> None:
+    for m in MEASURES.values():   # abnormal values are drawn well outside the range: ≥ 15 % of its width
+        width = m.high - m.low
+        assert m.too_low is None or m.too_low[1] <= m.low - 0.15 * width, m.abbrev
+        assert m.too_high is None or m.too_high[0] >= m.high + 0.15 * width, m.abbrev
+    rng, seen = random.Random(11), set()
+    for _ in range(1500):
+        case = sample_case(rng)
+        lines = answer(case, None, "flags").splitlines()
+        for (a, v), text in zip(case.measurements, lines, strict=True):
+            m, x = MEASURES[a], float(v)
+            expected = "low" if x < m.low else "high" if x > m.high else "normal"
+            assert text == f"{a} {v}: {expected}"
+            # as written (rounded), no value sits near a boundary: ≥ one display unit and ≥ 5 % of the width
+            gap = min(abs(x - m.low), abs(x - m.high))
+            assert gap >= max(10 ** -m.decimals, 0.05 * (m.high - m.low)) - 1e-9, (a, v)
+            seen.add((a, expected))
+    for m in MEASURES.values():   # every flag a measure can have does occur
+        for flag, possible in (("low", m.too_low), ("normal", True), ("high", m.too_high)):
+            assert ((m.abbrev, flag) in seen) == bool(possible), (m.abbrev, flag)
+
+
+def test_write_suite_writes_every_split(tmp_path) -> None:
+    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_eval=6)
+    written = write_suite(tmp_path / "s", seed=0, **sizes)
+    expected = {**{f"expert:{e}": f"experts/{e}.jsonl" for e in EXPERTS},
+                **{f"gate:{e}": f"gate/{e}.jsonl" for e in EXPERTS},
+                "router_train": "router_train.jsonl", "eval": "eval.jsonl", "off_topic": "off_topic.jsonl"}
+    assert {k: p.relative_to(tmp_path / "s").as_posix() for k, p in written.items()} == expected
+    counts = {"expert": 5, "gate": 3, "router_train": 10, "eval": 6, "off_topic": 16}
+    for key, path in written.items():
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        assert len(rows) == counts[key.split(":")[0]], key
+        for r in rows:
+            assert set(r) == {"instruction", "input", "output", "experts", "meta"} and r["output"], key
+    again = write_suite(tmp_path / "t", seed=0, **sizes)
+    assert all(written[k].read_bytes() == again[k].read_bytes() for k in written)
+    with pytest.raises(ValueError, match="n_eval"):
+        write_suite(tmp_path / "u", n_eval=0)
