@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import tempfile
 import threading
-import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from atmoe import ATMoE, Overrides, RoutingTrace
+from atmoe import ATMoE, Generation, Overrides, RoutingTrace
 
 DEFAULT_MANIFEST = "assets/experts.json"
 BATCH_CHUNK = 8
@@ -154,26 +153,21 @@ class Service:
     def stream(self, prompt: str, input: str, settings: Settings, overrides: dict[str, Any] | None,
                stop: threading.Event) -> Iterator[str | Answer]:
         """Text pieces as they are generated, then the `Answer`. Setting `stop` ends it after the current token."""
-        n_prompt = self.prompt_tokens(prompt, input)
-        start = time.perf_counter()
-        n = 0
-        for item in self.model.stream(prompt, input=input, max_new_tokens=settings.max_new_tokens,
-                                      temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                      overrides=overrides, granularity=settings.granularity, stop=stop,
-                                      merge=settings.merge):
-            if isinstance(item, str):
-                n += 1
-                yield item
-            else:
-                seconds = time.perf_counter() - start
-                reason = "stopped" if stop.is_set() else ("length" if n >= settings.max_new_tokens else "eos")
-                yield Answer("", item, seconds, n, n_prompt, reason, overrides, settings)
+        for item in self.model.stream(prompt, input=input, stop=stop, overrides=overrides, **self._kwargs(settings)):
+            yield item if isinstance(item, str) else self._answer(item, overrides, settings)
 
     def generate(self, prompt: str, input: str, settings: Settings,
                  overrides: dict[str, Any] | None) -> Answer:
-        g = self.model.generate(prompt, input=input, max_new_tokens=settings.max_new_tokens,
-                                temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                                overrides=overrides, granularity=settings.granularity, merge=settings.merge)
+        g = self.model.generate(prompt, input=input, overrides=overrides, **self._kwargs(settings))
+        return self._answer(g, overrides, settings)
+
+    @staticmethod
+    def _kwargs(settings: Settings) -> dict[str, Any]:
+        return dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                    seed=settings.seed, granularity=settings.granularity, merge=settings.merge)
+
+    @staticmethod
+    def _answer(g: Generation, overrides: dict[str, Any] | None, settings: Settings) -> Answer:
         return Answer(g.text, g.trace, g.seconds, len(g.token_ids), g.prompt_tokens, g.finish_reason, overrides,
                       settings)
 

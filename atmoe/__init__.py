@@ -2,7 +2,7 @@
 
     from atmoe import ATMoE, Overrides
     m = ATMoE.load("assets/experts.json")
-    out = m.generate("Summarize this case in plain words", input=note, overrides=Overrides(groups={"style": 0.0}))
+    out = m.generate("List the lab results in plain words", input=note, overrides=Overrides(groups={"style": 0.0}))
     out.text, out.trace.to_frame()
 """
 

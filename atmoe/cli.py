@@ -93,15 +93,15 @@ def cmd_route(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from .trace import RoutingTrace
+    from .model import Generation
 
     ov = parse_overrides(a.override, a.layers, a.disable)
     m = _load(a)
     trace = None
     for piece in m.stream(a.prompt, input=a.input, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                           top_p=a.top_p, seed=a.seed, overrides=ov, granularity=a.granularity, merge=a.merge):
-        if isinstance(piece, RoutingTrace):
-            trace = piece
+        if isinstance(piece, Generation):
+            trace = piece.trace
         elif not a.json:
             print(piece, end="", flush=True)
     print()

@@ -318,12 +318,13 @@ class ATMoE:
     def stream(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
                router: GroupedRouter | None = None, granularity: str | None = None,
-               stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | RoutingTrace]:
-        """Yield one text piece per generated token ("" while a character is incomplete), then the RoutingTrace.
+               stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | Generation]:
+        """Yield text pieces as tokens are generated ("" while a character is incomplete), then the whole
+        `Generation` (text, token ids, finish reason, trace), exactly what `generate` would return.
         `merge=True` trades one weight copy per call for base-model decode speed (see `new_call`)."""
         for item in self._generate_rows([prompt], [input], GenerationSettings(max_new_tokens, temperature, top_p, seed),
                                         overrides, router, granularity, stop, merge):
-            yield item if isinstance(item, str) else item[0].trace
+            yield item if isinstance(item, str) else item[0]
 
     def generate(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
 from app import batch, examples, figures, presets
-from app.service import DEFAULT_MANIFEST, missing_manifest_message
+from app.service import DEFAULT_MANIFEST, Service, Settings, missing_manifest_message
 from app.text import md_escape, word_diff
 from atmoe import ATMoE, RoutingTrace
 
@@ -317,3 +318,31 @@ def test_batch_reader_limits_and_reasons():
                             ("a.jsonl", b"[1]", "expected a JSON object"), ("a.csv", b"\xff\xfe\x00", "UTF-8")):
         with pytest.raises(ValueError, match=why):
             batch.read_instructions(name, data)
+
+
+@pytest.mark.parametrize("budget", [1, 3])
+def test_streamed_answer_is_the_generated_answer_even_when_it_ends_on_the_last_step(manifest, budget):
+    """The Prompt tab (stream) and the Compare tab (generate) report one answer alike: an end-of-turn on the last
+    allowed step is "eos" with no token counted for it (a stream once counted the end-of-turn step as a token and
+    called it "length")."""
+    svc = Service.load(str(manifest), device="cpu")
+    eos = svc.model.tokenizer.eos_token_id
+    steps = []
+
+    def eos_on_step(module, args, out):   # the model ends its turn on the step `budget`, whatever it says before
+        steps.append(1)
+        out = out.clone()
+        out[..., eos] = 1e4 if len(steps) == budget else -1e4
+        return out
+
+    settings = Settings(max_new_tokens=budget)
+    hook = svc.model.model.lm_head.register_forward_hook(eos_on_step)
+    try:
+        *pieces, streamed = svc.stream(PROMPT, NOTE, settings, None, threading.Event())
+        steps.clear()
+        generated = svc.generate(PROMPT, NOTE, settings, None)
+    finally:
+        hook.remove()
+    assert streamed.finish_reason == generated.finish_reason == "eos"
+    assert streamed.new_tokens == generated.new_tokens == budget - 1
+    assert streamed.text == generated.text == "".join(pieces)

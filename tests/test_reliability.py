@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atmoe import ATMoE, Overrides, RoutingTrace
+from atmoe import ATMoE, Generation, Overrides, RoutingTrace
 from atmoe.base import BaseModelError, load_base
 from atmoe.data import DataError, Example, encode_dataset, load_jsonl
 from atmoe.generation import MAX_NEW_TOKENS, GenerationSettings
@@ -652,9 +652,10 @@ def test_stop_event_ends_the_stream_promptly(model):
     done.set()
     t.join(timeout=30)
     assert not t.is_alive() and not errors
-    assert len(items) == 3 and all(isinstance(x, str) for x in items[:2]) and isinstance(items[2], RoutingTrace)
+    assert len(items) == 3 and all(isinstance(x, str) for x in items[:2]) and isinstance(items[2], Generation)
     assert elapsed < 2.0
-    valid_trace(items[2])
+    assert items[2].finish_reason == "stopped" and items[2].text == "".join(items[:2])
+    valid_trace(items[2].trace)
     assert again.token_ids == stop_reference.token_ids
     assert threading.active_count() == baseline and current_call() is None
 

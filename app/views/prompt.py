@@ -85,7 +85,6 @@ def _generate(svc: Service, prompt: str, note: str) -> None:
                 pass
             stream.close()
         if result:
-            result[0].text = "".join(pieces)
             pending["answer"] = result[0]
         pending["done"].set()
     state.adopt_pending()
