@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+from collections.abc import Sequence
 
 import streamlit as st
 
-from app import state
-from app.service import DEFAULT_MANIFEST, Service, missing_manifest_message
+from app import launch, state
+from app.launch import Launch, LaunchError
+from app.service import Service, missing_manifest_message
 from app.views import batch, catalog, compare, export, overrides, prompt, tokens
 
 
-def manifest_from_args(argv: list[str] | None = None) -> str:
-    """`-- --manifest PATH`, else $ATMOE_MANIFEST, else the shipped default."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--manifest", default=None)
-    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return args.manifest or os.environ.get("ATMOE_MANIFEST") or DEFAULT_MANIFEST
+def launch_options(argv: Sequence[str]) -> Launch | None:
+    """The manifests this server offers (see `app.launch`); bad launch arguments become a message on the page."""
+    try:
+        return launch.parse(argv, os.environ.get("ATMOE_MANIFEST"))
+    except LaunchError as e:
+        st.error(f"The dashboard was started with unusable arguments: {e}.\n\nUsage: `{launch.USAGE}`")
+        return None
 
 
-@st.cache_resource(max_entries=2, show_spinner="Loading the model (once per process)…")
-def load_service(manifest: str) -> Service:
-    """One model per manifest path, shared by every session (the engine keeps no per-request state)."""
+@st.cache_resource(max_entries=None, show_spinner="Loading the model (once per process)…")
+def load_listed(manifest: str) -> Service:
+    """One model per launch-listed manifest, shared by every session (the engine keeps no per-request state).
+    Only paths from the launch list reach this cache, so it holds at most that many models and nothing a visitor
+    does evicts the model another session is using."""
     return Service.load(manifest)
 
 
-def get_service() -> Service | None:
+@st.cache_resource(max_entries=1, show_spinner="Loading the model…")
+def load_any(manifest: str) -> Service:
+    """A model from the free path box (--allow-any-manifest, local use): one at a time, apart from the listed ones."""
+    return Service.load(manifest)
+
+
+def _choose(options: Launch) -> tuple[str, bool]:
+    """Sidebar model choice → (manifest path, whether it is from the launch list)."""
     with st.sidebar:
         st.header("Model")
-        path = st.text_input("Expert manifest", value=manifest_from_args(), key="manifest",
-                             help="Path to an experts.json (or its folder). Press Enter to load.").strip()
+        path = st.selectbox("Expert manifest", options.paths, key="manifest", format_func=options.name_of,
+                            help="The models this server was started with (`--manifest`, `--models-dir`)")
+        if options.allow_any:
+            free = st.text_input("…or any manifest path on this server", key="manifest_path",
+                                 help="Path to an experts.json (or its folder). Press Enter to load.").strip()
+            st.caption(":warning: Started with `--allow-any-manifest`: whoever opens this page can load any path "
+                       "on the server. For local use only.")
+            if free:
+                return free, False
+    return path, True
+
+
+def get_service(options: Launch) -> Service | None:
+    path, listed = _choose(options)
+    listed = listed or path in options.paths  # a listed path typed into the free box shares the listed model
     missing = missing_manifest_message(path)
     if missing:
         st.error(missing)
         return None
     try:
-        svc = load_service(path)
+        svc = load_listed(path) if listed else load_any(path)
     except state.ERRORS as e:
         st.error(f"The model in `{path}` could not be loaded: {e}")
         return None
@@ -57,11 +80,15 @@ def get_service() -> Service | None:
     return svc
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    """The page; `argv` are the launch arguments (`streamlit run streamlit_app.py -- …`)."""
     st.set_page_config(page_title="AT-MoE dashboard", page_icon="🧭", layout="wide")
     state.init()
     st.title("AT-MoE: which experts answer, layer by layer")
-    svc = get_service()
+    options = launch_options(argv)
+    if options is None:
+        return
+    svc = get_service(options)
     if svc is None:
         return
     state.adopt_pending()

@@ -65,9 +65,9 @@ def missing_manifest_message(path: str) -> str | None:
     p = Path(path)
     if (p / "experts.json").is_file() or p.is_file():
         return None
-    how = ("Build the shipped demo model with `make assets`, " if path == DEFAULT_MANIFEST else "")
-    return (f"No expert manifest at `{path}`. {how}or start the app with `streamlit run streamlit_app.py -- "
-            "--manifest path/to/experts.json`, or enter another manifest path in the sidebar.")
+    how = ("Build the shipped demo model with `make assets`, or start" if path == DEFAULT_MANIFEST else "Start")
+    return (f"No expert manifest at `{path}`. {how} the app with `streamlit run streamlit_app.py -- "
+            "--manifest path/to/experts.json` (repeatable) or `-- --models-dir DIR`.")
 
 
 class Service:

@@ -3,14 +3,52 @@
 Sliders start at the router's own α/β for the current prompt, averaged over the applied layer range. Only sliders moved
 away from that value (and disabled experts) become fixed overrides: in softmax mode fixed group weights are a share of
 a budget of 1 and the free groups split the rest, so sending every slider as fixed would over-constrain the router.
+A free slider therefore shows the router's value, not the renormalised one the model uses; the caption under each
+slider gives both (and the fixed value), from the last routing.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 
 from app import presets, state
 from app.service import Service
+from atmoe import RoutingTrace
+
+
+def slider_notes(trace: RoutingTrace, layers: tuple[int, int]) -> dict[str, str]:
+    """Per slider ('g:…' / 'e:…'), means over `layers` (inclusive) of `trace`: the router's value, the value fixed
+    and the value in use — e.g. 'router 0.74 · in use 0.00 (renormalised)' or 'fixed 1.00 · router 0.12'."""
+    rows = slice(layers[0], layers[1] + 1)
+    source = trace.overrides or {}
+    fixed_groups, disabled = source.get("groups") or {}, set(source.get("disabled") or [])
+
+    def mean(weights: np.ndarray, i: int) -> float:
+        return float(np.mean(weights[rows, i]))
+
+    notes = {}
+    for i, g in enumerate(trace.groups):
+        router, used = mean(trace.router_group_weights, i), mean(trace.group_weights, i)
+        if trace.group_overridden[rows, i].any():
+            how = f"fixed {used:.2f}" if g in fixed_groups else f"off, in use {used:.2f} (every expert disabled)"
+            notes[f"g:{g}"] = f"{how} · router {router:.2f}"
+        else:
+            notes[f"g:{g}"] = _free(router, used)
+    effective = trace.effective_weights
+    for i, e in enumerate(trace.experts):
+        router, used = mean(trace.router_expert_weights, i), mean(trace.expert_weights, i)
+        if trace.expert_overridden[rows, i].any():
+            note = f"{'off, in use' if e in disabled else 'fixed'} {used:.2f} · router {router:.2f}"
+        else:
+            note = _free(router, used)
+        notes[f"e:{e}"] = f"{note} · effective α·β {mean(effective, i):.2f}"
+    return notes
+
+
+def _free(router: float, used: float) -> str:
+    same = f"{router:.2f}" == f"{used:.2f}"
+    return f"router {router:.2f} · in use {used:.2f}" + ("" if same else " (renormalised)")
 
 
 def _layers(svc: Service) -> tuple[int, int]:
@@ -79,13 +117,19 @@ def render(svc: Service) -> None:
         return
     _sync_widgets(svc)
     L = svc.num_layers
+    a, b = _layers(svc)
+    notes = slider_notes(ss.trace, (a, b))
     with st.form("overrides_form", border=False):
         st.slider("Layer range", 0, L - 1, key="ov_layers", help="Overrides apply to these decoder layers "
                   "(inclusive); the sliders show the router's mean over the applied range")
+        st.caption(f"A slider sits at the router's value, or at the value you fixed. Under it, means over layers "
+                   f"{a}–{b} of the last routing: the router's value and the value in use (free weights share "
+                   f"what the fixed ones leave).")
         st.subheader("Group weights α")
         for g in svc.groups:
             st.slider(f"α {g}", 0.0, 1.0, step=0.01, key=f"ov_g:{g}",
                       help=f"Router's mean: {ss._slider_base[f'g:{g}']:.2f}. Move to fix it.")
+            st.caption(notes[f"g:{g}"])
         for g in svc.groups:
             st.subheader(f"Experts in {g} (β)")
             for e in [e for e in svc.experts if svc.expert_groups[e] == g]:
@@ -93,6 +137,7 @@ def render(svc: Service) -> None:
                 c1.slider(f"β {e}", 0.0, 1.0, step=0.01, key=f"ov_e:{e}",
                           help=f"Router's mean: {ss._slider_base[f'e:{e}']:.2f}. Within a group β sums to 1.")
                 c2.toggle("off", key=f"off_{e}", help=f"Disable {e}")
+                st.caption(notes[f"e:{e}"])
         c1, c2 = st.columns(2)
         c1.form_submit_button("Apply", type="primary", on_click=_apply, args=(svc,), width="stretch")
         c2.form_submit_button("Reset to router", on_click=_reset, args=(svc,), width="stretch")
