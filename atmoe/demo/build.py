@@ -39,7 +39,7 @@ class BuildConfig:
     expert_steps: float = 1.0               # × EXPERT_STEPS (a skill's steps grow with how much it must learn)
     expert_batch: int = 8
     expert_lr: float = 3e-3
-    router_steps: int = 120
+    router_steps: int = 100
     router_batch: int = 8
     router_lr: float = 5e-3
     eval_n: int = 64
