@@ -12,7 +12,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -26,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
+from atmoe.cliargs import dataclass_parser
 from atmoe.data import PadCollator, encode_dataset, load_jsonl
 from atmoe.io import atomic_directory
 
@@ -63,6 +63,7 @@ class ExpertTrainConfig:
     save_steps: int = 50  # checkpoint interval for resuming; 0 disables checkpoints
     checkpoint_dir: str | None = None  # default: "<out>.checkpoints"
     resume: bool = False
+    init_adapter: str | None = None  # continue training this PEFT adapter folder instead of a fresh LoRA
     bf16: bool = False  # bf16 autocast (about 1.7x faster steps on a CPU with AVX512-BF16; weights stay fp32)
 
     def __post_init__(self) -> None:
@@ -113,7 +114,10 @@ def train_lora(model: Any, tokenizer: Any, cfg: ExpertTrainConfig) -> TrainResul
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=list(cfg.targets), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    if cfg.init_adapter:  # continued training: the adapter's own LoRA config and weights (upcast to fp32)
+        peft_model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, lora)
     args = TrainingArguments(
         output_dir=str(cfg.checkpoints), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=int(cfg.warmup_ratio * cfg.steps),
@@ -183,17 +187,7 @@ def train_expert(cfg: ExpertTrainConfig, model: Any = None, tokenizer: Any = Non
 
 def parse_args(argv: list[str] | None = None) -> ExpertTrainConfig:
     """Parse command-line flags (one per config field) into an :class:`ExpertTrainConfig`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(ExpertTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if f.name == "targets":
-            parser.add_argument(flag, nargs="+", default=list(DEFAULT_TARGETS))
-        elif f.name in ("resume", "bf16"):
-            parser.add_argument(flag, action="store_true")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, required=required, default=None if required else f.default)
+    parser = dataclass_parser(ExpertTrainConfig, __doc__.splitlines()[0])
     return ExpertTrainConfig(**vars(parser.parse_args(argv)))
 
 
