@@ -81,9 +81,9 @@ def summarise(traces: Sequence[RoutingTrace], table: pd.DataFrame) -> dict[str, 
     rows = table[["instruction", "category"]].copy()
     for gi, g in enumerate(groups):
         rows[f"α {g}"] = mean_alpha[:, gi].round(4)
-    gidx = traces[0].group_index
-    for gi, g in enumerate(groups):
-        cols = np.nonzero(gidx == gi)[0]
+    layout = traces[0].layout
+    for g in groups:
+        cols = np.array(layout.members(g))
         best = cols[mean_beta[:, cols].argmax(1)]
         rows[f"top {g}"] = [experts[i] for i in best]
         rows[f"top {g} β"] = mean_beta[np.arange(len(best)), best].round(4)

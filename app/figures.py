@@ -59,12 +59,11 @@ def _title(text: str, overridden: np.ndarray) -> str:
 
 def _group_boundaries(fig: go.Figure, trace: RoutingTrace) -> None:
     """Vertical lines between groups and the group names above their columns."""
-    gi = trace.group_index
-    for b in np.nonzero(np.diff(gi))[0]:
-        fig.add_vline(x=b + 0.5, line=dict(color="black", width=3))
-    for g, name in enumerate(trace.groups):
-        cols = np.nonzero(gi == g)[0]
-        fig.add_annotation(x=(cols[0] + cols[-1]) / 2, y=1.0, yref="paper", yanchor="bottom", text=f"<b>{name}</b>",
+    layout = trace.layout
+    for s in layout.slices[:-1]:
+        fig.add_vline(x=s.stop - 0.5, line=dict(color="black", width=3))
+    for name, s in zip(layout.groups, layout.slices):
+        fig.add_annotation(x=(s.start + s.stop - 1) / 2, y=1.0, yref="paper", yanchor="bottom", text=f"<b>{name}</b>",
                            showarrow=False)
 
 
@@ -114,7 +113,7 @@ def token_heatmap(trace: RoutingTrace, prompt_tokens: int, layers: tuple[int, in
         z, rows = alpha.mean(1).T, list(trace.groups)                          # [G, T]
     else:
         e = trace.experts.index(expert)
-        g = trace.groups.index(trace.expert_groups[e])
+        g = trace.layout.group_index[e]
         z, rows = (alpha[..., g] * trace.token_expert_weights[:, a:b + 1, e]).mean(1)[None, :], [f"{expert} α·β"]
     T = z.shape[1]
     first = min(prompt_tokens, T) if answer_only else 0

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from atmoe import ATMoE, Generation, Overrides, RoutingTrace
+from atmoe import ATMoE, Generation, GroupLayout, Overrides, RoutingTrace
 
 DEFAULT_MANIFEST = "assets/experts.json"
 BATCH_CHUNK = 8
@@ -100,8 +100,8 @@ class Service:
         return list(self.model.experts)
 
     @property
-    def expert_groups(self) -> dict[str, str]:
-        return dict(self.model.expert_groups)
+    def layout(self) -> GroupLayout:
+        return self.model.layout
 
     @property
     def num_layers(self) -> int:
@@ -134,7 +134,7 @@ class Service:
         if overrides is None:
             return None
         ov = Overrides.from_dict(overrides)
-        self.model.compile(ov)
+        self.model.check_overrides(ov)
         return None if ov.is_empty() else ov.to_dict()
 
     def prompt_tokens(self, prompt: str, input: str = "") -> int:

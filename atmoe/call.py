@@ -1,4 +1,4 @@
-"""Per-call routing state, and the hook that routes at the entrance of every decoder layer.
+"""Per-call routing state (`RoutingCall`), and the hook that routes at the entrance of every decoder layer.
 
 Nothing about a request is stored on the (shared) model: a `RoutingCall` lives in a `ContextVar` for the duration of
 one forward call, so threads serving different users with different overrides never see each other's weights.
@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
+from torch import nn
 
 from .overrides import CompiledOverrides
 from .router import GroupedRouter, effective_weights
@@ -37,6 +39,8 @@ class LayerRecord:
 
 @dataclass
 class RoutingCall:
+    """The routing state of one call: made by `ATMoE.new_call`, current inside `use_call`, dropped afterwards."""
+
     router: GroupedRouter
     prompt_mask: torch.Tensor                    # [B, T] 1 on the tokens the router pools over (RouterConfig.reads)
     granularity: str = "sequence"
@@ -45,6 +49,16 @@ class RoutingCall:
     weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
     records: dict[int, LayerRecord] = field(default_factory=dict)
     prepared: dict[object, tuple[str, torch.Tensor]] = field(default_factory=dict)  # FusedLoRA → (kind, factor)
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """What every layer recorded under `name` (router_alpha, router_beta, alpha, beta or fallback), stacked over
+        layers: [L, B, ·] in sequence mode, [L, B, T, ·] in token mode (the steps' tokens in order). The used α, β
+        keep the router's autograd graph (training reads them here)."""
+        def per_layer(record: LayerRecord) -> torch.Tensor:
+            parts = getattr(record, name)
+            return torch.cat(parts, dim=1) if self.granularity == "token" else parts[0]
+
+        return torch.stack([per_layer(self.records[l]) for l in range(len(self.records))])
 
 
 def current_call() -> RoutingCall | None:
@@ -100,3 +114,13 @@ def route_layer(layer: int, hidden: torch.Tensor) -> None:
     rec.alpha.append(alpha)
     rec.beta.append(beta)
     call.weights[layer] = effective_weights(router, alpha, beta)
+
+
+def _route_pre_hook(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    route_layer(layer, args[0] if args else kwargs["hidden_states"])
+
+
+def add_routing_hooks(layers: nn.ModuleList) -> None:
+    """Route at the entrance of every decoder layer (a forward pre-hook; it does nothing outside a call)."""
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(partial(_route_pre_hook, i), with_kwargs=True)

@@ -1,4 +1,4 @@
-"""Command line: `atmoe route|generate|train-expert|train-router|eval|assets|bench`.
+"""Command line: `atmoe route|generate|train-expert|train-router|eval|assets`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
@@ -127,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_generate)
     # Subcommands with their own parsers, imported only when called.
     delegated = {"train-expert": "atmoe.train_expert", "train-router": "atmoe.train_router",
-                 "eval": "atmoe.demo.evaluate", "assets": "atmoe.demo.build", "bench": "bench.run"}
+                 "eval": "atmoe.demo.evaluate", "assets": "atmoe.demo.build"}
     summaries = {"train-expert": "train one LoRA expert (PEFT adapter) on a JSONL file",
                  "train-router": "train a grouped router over a manifest's experts",
                  "eval": "the demo's evaluation table on the held-out complex instructions",
-                 "assets": "rebuild the shipped demo (suite, experts, routers, evaluation) with fixed seeds",
-                 "bench": "inference and memory benchmarks"}
+                 "assets": "rebuild the shipped demo (suite, experts, routers, evaluation) with fixed seeds"}
     for name, module in delegated.items():
         sub.add_parser(name, help=f"{summaries[name]}; see `atmoe {name} --help` ({module})", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,32 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: no examples (empty file)")
     return examples
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise ValueError if `text` cannot be encoded (a lone surrogate, e.g. from a broken paste)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
+
+
+def token_labels(tokenizer: Any, ids: Sequence[int], window: int = 8) -> list[str]:
+    """The text each token adds, for per-token views. Decoding tokens one by one shows "\ufffd" for the pieces of a
+    multi-byte character (byte-level BPE); here such a token gets "" and the character goes to the token that
+    completes it. Each label is the difference of two decodes of a short window ending at that token."""
+    labels = []
+    for i in range(len(ids)):
+        start = max(0, i - window + 1)
+        before, after = tokenizer.decode(ids[start:i]), tokenizer.decode(ids[start:i + 1])
+        if after.endswith("\ufffd") and i + 1 < len(ids):
+            labels.append("")  # an incomplete character: shown on the token that completes it
+            continue
+        common = 0
+        while common < min(len(before), len(after)) and before[common] == after[common]:
+            common += 1
+        labels.append(after[common:])
+    return labels
 
 
 def build_prompt(instruction: str, input: str = "") -> str:

@@ -1,4 +1,5 @@
-"""LoRA experts: read PEFT adapters (safetensors only), validate them against the base model, fuse them in place."""
+"""LoRA experts: read PEFT adapters (safetensors only), validate them against the base model's decoder layers, fuse
+them in place."""
 
 from __future__ import annotations
 
@@ -147,6 +148,22 @@ def _check_targets(name: str, config: dict, found: dict, modules: dict) -> None:
         unknown = [t for t in targets if t not in leaf_names]
         if unknown:
             raise LoadError(f"expert '{name}': target_modules {unknown} do not exist in the base model")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers, found by structure: the outermost ModuleList of num_hidden_layers."""
+    n = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise LoadError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def layer_index(model: nn.Module) -> tuple[list[str], dict[str, int]]:
+    """Names of the decoder layers, and the decoder-layer index of every module inside one."""
+    prefix, layers = decoder_layers(model)
+    layer_of = {f"{prefix}.{i}.{sub}": i for i, layer in enumerate(layers) for sub, _ in layer.named_modules()}
+    return [f"{prefix}.{i}" for i in range(len(layers))], layer_of
 
 
 def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str, int]) -> list[FusedLoRA]:

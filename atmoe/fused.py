@@ -4,7 +4,7 @@
       = W0·x + B_cat( (A_cat·x) ⊙ scale ),      scale[r] = w[l, e(r)] · s_{e(r)}
 
 Shape legend: R = Σ_e r_e (total rank of the experts that target this module), I in, O out features.
-Two matmuls whatever the number of experts. The weights w arrive per call through `routing.current_call()`;
+Two matmuls whatever the number of experts. The weights w arrive per call through `call.current_call()`;
 outside a routed call the layer is exactly the base layer.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import current_call
+from .call import current_call
 
 
 class FusedLoRA(nn.Module):

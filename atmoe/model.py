@@ -3,7 +3,7 @@
     prompt → tokens → [layer l: router(pooled hidden) → overrides → w[l] → FusedLoRA modules] × L → logits
                                                        ↘ RoutingTrace (router's and used weights, per layer)
 
-The object is safe to share between threads: every call carries its own routing state (see `routing.py`).
+The object is safe to share between threads: every call carries its own routing state (see `call.py`).
 """
 
 from __future__ import annotations
@@ -12,24 +12,23 @@ import inspect
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .base import base_signature, check_signature, load_base
-from .data import EncodedPrompt, encode_prompt
-from .experts import Expert, fuse_experts, read_expert
+from .base import check_signature, load_base
+from .call import RoutingCall, add_routing_hooks, checkpoint_context, use_call
+from .data import EncodedPrompt, check_text, encode_prompt
+from .experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert
 from .generation import GenerationSettings, decode
 from .io import LoadError
+from .layout import GroupLayout
 from .manifest import Manifest
 from .overrides import CompiledOverrides, Overrides, compile_overrides
 from .router import GroupedRouter, RouterConfig, load_router, save_router
-from .routing import RoutingCall, checkpoint_context, route_layer, use_call
 from .trace import RoutingTrace
 
 
@@ -53,65 +52,25 @@ class Score:
     trace: RoutingTrace
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers, found by structure: the outermost ModuleList of num_hidden_layers."""
-    n = model.config.get_text_config().num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return name, module
-    raise LoadError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def layer_index(model: nn.Module) -> tuple[list[str], dict[str, int]]:
-    """Names of the decoder layers, and the decoder-layer index of every module inside one."""
-    prefix, layers = decoder_layers(model)
-    layer_of = {f"{prefix}.{i}.{sub}": i for i, layer in enumerate(layers) for sub, _ in layer.named_modules()}
-    return [f"{prefix}.{i}" for i in range(len(layers))], layer_of
-
-
-def _check_unicode(text: str, what: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"the {what} is not valid Unicode text (a lone surrogate at character {e.start})") from None
-
-
-def token_labels(tokenizer: Any, ids: Sequence[int], window: int = 8) -> list[str]:
-    """The text each token adds, for per-token views. Decoding tokens one by one shows "\ufffd" for the pieces of a
-    multi-byte character (byte-level BPE); here such a token gets "" and the character goes to the token that
-    completes it. Each label is the difference of two decodes of a short window ending at that token."""
-    labels = []
-    for i in range(len(ids)):
-        start = max(0, i - window + 1)
-        before, after = tokenizer.decode(ids[start:i]), tokenizer.decode(ids[start:i + 1])
-        if after.endswith("\ufffd") and i + 1 < len(ids):
-            labels.append("")  # an incomplete character: shown on the token that completes it
-            continue
-        common = 0
-        while common < min(len(before), len(after)) and before[common] == after[common]:
-            common += 1
-        labels.append(after[common:])
-    return labels
-
-
-def _route_pre_hook(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    route_layer(layer, args[0] if args else kwargs["hidden_states"])
-
-
 class ATMoE:
-    """Grouped LoRA experts routed layer by layer. Build with `ATMoE.load(manifest)` or `ATMoE.from_experts(...)`."""
+    """Grouped LoRA experts routed layer by layer. Build with `ATMoE.load(manifest)` or `ATMoE.from_experts(...)`.
+
+    `groups`, `experts` (ordered by group) and `expert_groups` (expert → group) name them; `layout` is their
+    `GroupLayout` (which columns of a [.., E] array belong to which group), shared with the router and the traces."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, experts: Sequence[Expert], groups: Sequence[str],
                  router: GroupedRouter | str | Path | None = None, *, router_mode: str = "softmax",
                  manifest: Manifest | None = None) -> None:
         self.model, self.tokenizer, self.manifest = model, tokenizer, manifest
-        self.groups = list(groups)
-        self._experts = sorted(experts, key=lambda e: self.groups.index(e.group))  # stable: manifest order in group
-        self.experts = [e.name for e in self._experts]
-        self.expert_groups = {e.name: e.group for e in self._experts}
-        empty = [g for g in self.groups if g not in self.expert_groups.values()]
-        if empty:
-            raise LoadError(f"group(s) {empty} have no experts")
+        groups = list(groups)
+        order = {g: i for i, g in enumerate(groups)}   # stable sort: manifest order within a group
+        self._experts = sorted(experts, key=lambda e: order.get(e.group, len(groups)))
+        try:  # every group has experts, names are unique, no undeclared group
+            self.layout = GroupLayout(groups, [e.name for e in self._experts], [e.group for e in self._experts])
+        except ValueError as e:
+            raise LoadError(str(e)) from None
+        self.groups, self.experts = list(self.layout.groups), list(self.layout.experts)
+        self.expert_groups = dict(zip(self.layout.experts, self.layout.expert_groups))  # expert → group
         model.requires_grad_(False)  # base and experts are frozen; only routers ever train
         self.layer_names, layer_of = layer_index(model)
         self.num_layers = len(self.layer_names)
@@ -120,9 +79,8 @@ class ATMoE:
             if missing:
                 raise LoadError(f"expert '{ex.name}': modules {missing[:3]} are not inside a decoder layer")
         self.fused = fuse_experts(model, self._experts, layer_of)
-        for i, layer in enumerate(decoder_layers(model)[1]):
-            layer.register_forward_pre_hook(partial(_route_pre_hook, i), with_kwargs=True)
-        cfg = RouterConfig(self.groups, self.experts, [self.expert_groups[e] for e in self.experts], self.num_layers,
+        add_routing_hooks(decoder_layers(model)[1])
+        cfg = RouterConfig(self.groups, self.experts, list(self.layout.expert_groups), self.num_layers,
                            model.config.get_text_config().hidden_size, mode=router_mode)
         if isinstance(router, (str, Path)):
             router = load_router(router, expected=cfg)  # its errors name the file
@@ -160,12 +118,6 @@ class ATMoE:
         groups = list(groups or dict.fromkeys(g for g, *_ in experts))
         _, layer_of = layer_index(model)
         loaded = [read_expert(name, g, src, model, layer_of, desc) for g, name, src, desc in experts]
-        unknown = sorted({e.group for e in loaded} - set(groups))
-        if unknown:
-            raise LoadError(f"experts use group(s) {unknown} that are not declared in {groups}")
-        names = [e.name for e in loaded]
-        if len(set(names)) != len(names):
-            raise LoadError(f"duplicate expert names in {names}")
         return cls(model, tokenizer, loaded, groups, router, router_mode=router_mode, manifest=manifest)
 
     # ------------------------------------------------------------------ properties
@@ -191,8 +143,7 @@ class ATMoE:
 
     def new_router(self, **changes: Any) -> GroupedRouter:
         """A fresh, untrained router for this model (e.g. `mode="sigmoid"`), on the model's device."""
-        cfg = RouterConfig(**{**self.router.config.__dict__, **changes})
-        return GroupedRouter(cfg).to(self.device)
+        return GroupedRouter(replace(self.router.config, **changes)).to(self.device)
 
     def save_router(self, path: str | Path, router: GroupedRouter | None = None) -> Path:
         return save_router(router or self.router, path)
@@ -203,16 +154,17 @@ class ATMoE:
             gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
 
     # ------------------------------------------------------------------ calls
-    def compile(self, overrides: Overrides | dict | None, router: GroupedRouter | None = None
-                ) -> CompiledOverrides | None:
+    def check_overrides(self, overrides: Overrides | dict | None, router: GroupedRouter | None = None
+                        ) -> CompiledOverrides | None:
+        """Validate `overrides` against this model (names, layer range, budgets: ValueError naming every fault) and
+        turn them into the masks a call applies. `router` decides whether groups share a budget (not sigmoid)."""
         if overrides is None:
             return None
         if isinstance(overrides, dict):
             overrides = Overrides.from_dict(overrides)
         if not isinstance(overrides, Overrides):
             raise ValueError(f"overrides must be an Overrides, a dict or None, got {type(overrides).__name__}")
-        return compile_overrides(overrides, groups=self.groups, experts=self.experts, expert_groups=self.expert_groups,
-                                 num_layers=self.num_layers,
+        return compile_overrides(overrides, layout=self.layout, num_layers=self.num_layers,
                                  competitive_groups=(router or self.router).config.mode != "sigmoid")
 
     def new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | dict | None = None,
@@ -229,7 +181,7 @@ class ATMoE:
         granularity = granularity or router.config.granularity
         if granularity not in ("sequence", "token"):
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
-        return RoutingCall(router, prompt_mask.to(self.device), granularity, self.compile(overrides, router),
+        return RoutingCall(router, prompt_mask.to(self.device), granularity, self.check_overrides(overrides, router),
                            merge=bool(merge) and prompt_mask.shape[0] == 1)
 
     def encode(self, prompt: str, input: str = "") -> list[int]:
@@ -240,8 +192,8 @@ class ATMoE:
         """`encode`, plus where the instruction's tokens are (what the router reads)."""
         if not isinstance(prompt, str) or not isinstance(input, str):
             raise ValueError("prompt and input must be strings")
-        _check_unicode(prompt, "prompt")
-        _check_unicode(input, "input")
+        check_text(prompt, "prompt")
+        check_text(input, "input")
         if not (prompt.strip() or input.strip()):
             raise ValueError("the prompt is empty")
         return encode_prompt(self.tokenizer, prompt, input)
@@ -305,7 +257,7 @@ class ATMoE:
         if text is not None:
             if not isinstance(text, str):
                 raise ValueError("text must be a string")
-            _check_unicode(text, "text")
+            check_text(text, "text")
             input_ids = self.tokenizer(text)["input_ids"]
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(self.device)
         self._check_length(ids.shape[1])
@@ -392,39 +344,5 @@ class ATMoE:
                                   len(r.ids), seconds, reason))
         yield out
 
-    # ------------------------------------------------------------------ trace
     def _trace(self, call: RoutingCall, row: int, token_ids: list[int]) -> RoutingTrace:
-        def stack(name: str) -> np.ndarray:  # → [L, ·] (sequence) or [T, L, ·] (token)
-            per_layer = []
-            for l in range(self.num_layers):
-                parts = getattr(call.records[l], name)
-                t = torch.cat(parts, dim=1)[row] if call.granularity == "token" else parts[0][row]
-                per_layer.append(t.detach().float().cpu().numpy())
-            return np.stack(per_layer, axis=-2)
-
-        if len(call.records) != self.num_layers:
-            raise RuntimeError(f"routing ran on {len(call.records)} of {self.num_layers} layers")
-        arrays = {k: stack(k) for k in ("router_alpha", "router_beta", "alpha", "beta")}
-        fallback = [l for l in range(self.num_layers) if bool(torch.cat(call.records[l].fallback, -1)[row].any())]
-        extra: dict[str, Any] = {}
-        if call.granularity == "token":
-            # Drop left padding: keep the positions of this row's real tokens.
-            keep = np.arange(arrays["alpha"].shape[0])[-len(token_ids):]
-            arrays = {k: v[keep] for k, v in arrays.items()}
-            extra = dict(tokens=token_labels(self.tokenizer, token_ids)[: len(keep)],
-                         token_group_weights=arrays["alpha"], token_expert_weights=arrays["beta"])
-            arrays = {k: v.mean(0) for k, v in arrays.items()}
-        ov = call.overrides
-        L = self.num_layers
-        g_over = np.zeros((L, len(self.groups)), bool) if ov is None else \
-            (ov.layer_mask[:, None] & ov.group_fixed[None, :]).numpy()
-        e_over = np.zeros((L, len(self.experts)), bool) if ov is None else \
-            (ov.layer_mask[:, None] & ov.expert_fixed[None, :]).numpy()
-        return RoutingTrace(
-            layers=list(self.layer_names), groups=list(self.groups), experts=list(self.experts),
-            expert_groups=[self.expert_groups[e] for e in self.experts],
-            router_group_weights=arrays["router_alpha"], router_expert_weights=arrays["router_beta"],
-            group_weights=arrays["alpha"], expert_weights=arrays["beta"], mode=call.router.config.mode,
-            granularity=call.granularity, router_trained=call.router.trained,
-            overrides=ov and ov.source, group_overridden=g_over, expert_overridden=e_over,
-            fallback_layers=fallback, **extra)
+        return RoutingTrace.from_call(call, row, token_ids, self.layer_names, self.tokenizer)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .layout import GroupLayout
+
 _TOL = 1e-4
 
 
@@ -117,9 +119,10 @@ def _share(weights: torch.Tensor, fixed: torch.Tensor, value: torch.Tensor) -> t
     return torch.where(fixed, value, share * rest)
 
 
-def compile_overrides(ov: Overrides, *, groups: Sequence[str], experts: Sequence[str],
-                      expert_groups: Mapping[str, str], num_layers: int, competitive_groups: bool) -> CompiledOverrides:
+def compile_overrides(ov: Overrides, *, layout: GroupLayout, num_layers: int, competitive_groups: bool
+                      ) -> CompiledOverrides:
     """Check `ov` against a model's names and layers; raise ValueError naming every fault."""
+    groups, experts = layout.groups, layout.experts
     for kind, names, known in (("group", ov.groups, groups), ("expert", ov.experts, experts),
                                ("expert", ov.disabled, experts)):
         unknown = [n for n in names if n not in known]
@@ -139,13 +142,8 @@ def compile_overrides(ov: Overrides, *, groups: Sequence[str], experts: Sequence
     for i, e in enumerate(experts):
         if e in ov.experts or e in ov.disabled:
             expert_fixed[i], expert_value[i] = True, float(ov.experts.get(e, 0.0))
-    slices, start = [], 0
-    for gi, g in enumerate(groups):
-        members = [i for i, e in enumerate(experts) if expert_groups[e] == g]
-        s = slice(start, start + len(members))
-        slices.append(s)
-        start = s.stop
-        all_disabled = all(experts[i] in ov.disabled for i in members)
+    for gi, (g, s) in enumerate(zip(groups, layout.slices)):
+        all_disabled = all(e in ov.disabled for e in experts[s])
         fixed_sum = float(expert_value[s].sum())
         if fixed_sum > 1 + _TOL:
             raise ValueError(f"fixed expert weights in group '{g}' sum to {fixed_sum:.3f}; within a group they must "
@@ -171,5 +169,5 @@ def compile_overrides(ov: Overrides, *, groups: Sequence[str], experts: Sequence
     layer_mask = torch.zeros(num_layers, dtype=torch.bool)
     a, b = ov.layers if ov.layers is not None else (0, num_layers - 1)
     layer_mask[a:b + 1] = True
-    return CompiledOverrides(layer_mask, group_fixed, group_value, expert_fixed, expert_value, tuple(slices),
+    return CompiledOverrides(layer_mask, group_fixed, group_value, expert_fixed, expert_value, layout.slices,
                              competitive_groups, ov.to_dict())

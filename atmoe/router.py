@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .io import LoadError, atomic_save_safetensors, read_safetensors
+from .layout import GroupLayout
 
 MODES = ("softmax", "sigmoid", "flat")
 POOLINGS = ("mean", "last")
@@ -62,13 +63,9 @@ class RouterConfig:
             raise ValueError(f"router granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"router temperature must be > 0, got {self.temperature!r}")
-        if len(self.experts) != len(self.expert_groups) or not self.experts:
-            raise ValueError("router needs at least one expert and one group per expert")
         if self.num_layers < 1 or self.hidden_size < 1:
             raise ValueError("router num_layers and hidden_size must be positive")
-        seen = [g for g in dict.fromkeys(self.expert_groups)]
-        if seen != list(self.groups):
-            raise ValueError(f"experts must be ordered by group {self.groups}, got groups {self.expert_groups}")
+        GroupLayout(self.groups, self.experts, self.expert_groups)  # raises unless every group has experts, in order
 
     def check_shape(self, expected: RouterConfig, what: str) -> None:
         """Raise LoadError if this router was made for other layers, hidden size or experts than `expected`."""
@@ -78,18 +75,9 @@ class RouterConfig:
                 raise LoadError(f"{what} was made for {name}={got}, but this model has {want}")
 
     @property
-    def group_slices(self) -> tuple[slice, ...]:
-        out, start = [], 0
-        for g in self.groups:
-            n = self.expert_groups.count(g)
-            out.append(slice(start, start + n))
-            start += n
-        return tuple(out)
-
-    @property
-    def group_index(self) -> torch.Tensor:
-        """[E] index of each expert's group."""
-        return torch.tensor([self.groups.index(g) for g in self.expert_groups])
+    def layout(self) -> GroupLayout:
+        """The groups and their experts (a fresh object: a config is a plain, JSON-saved record)."""
+        return GroupLayout(self.groups, self.experts, self.expert_groups)
 
 
 class GroupedRouter(nn.Module):
@@ -104,12 +92,13 @@ class GroupedRouter(nn.Module):
         self.group_bias = nn.Parameter(torch.zeros(L, G))
         self.expert_weight = nn.Parameter(torch.zeros(L, E, D))
         self.expert_bias = nn.Parameter(torch.zeros(L, E))
-        self.register_buffer("group_index", config.group_index, persistent=False)
+        self.layout = config.layout                  # built once: forward reads its slices at every layer
+        self.register_buffer("group_index", torch.tensor(self.layout.group_index), persistent=False)
         self.trained = False  # set by training or by loading a checkpoint; reported in every trace
 
     def forward(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [..., D] (pooled) → α [..., G], β [..., E], fallback [...] (bool: non-finite input → uniform)."""
-        cfg, tau = self.config, self.config.temperature
+        cfg, tau, slices = self.config, self.config.temperature, self.layout.slices
         x = hidden.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight[layer]
         group_logits = F.linear(x, self.group_weight[layer], self.group_bias[layer]) / tau    # [..., G]
@@ -117,7 +106,7 @@ class GroupedRouter(nn.Module):
 
         if cfg.mode == "flat":
             w = expert_logits.softmax(-1)                                                      # one softmax over E
-            group_weights = torch.stack([w[..., s].sum(-1) for s in cfg.group_slices], -1)   # α[g] = Σ_{e∈g} w
+            group_weights = torch.stack([w[..., s].sum(-1) for s in slices], -1)              # α[g] = Σ_{e∈g} w
             within_group_weights = w / group_weights[..., self.group_index].clamp(min=1e-30)
         else:
             if cfg.mode == "softmax":
@@ -125,7 +114,7 @@ class GroupedRouter(nn.Module):
             else:
                 group_weights = group_logits.sigmoid()                                        # gates in [0, 1]
             within_group_weights = torch.cat(
-                [expert_logits[..., s].softmax(-1) for s in cfg.group_slices], -1)             # Σ_{e∈g} β = 1
+                [expert_logits[..., s].softmax(-1) for s in slices], -1)                      # Σ_{e∈g} β = 1
 
         # Numerics guard: a non-finite hidden state (e.g. a half-precision overflow) must never produce NaN weights.
         fallback = ~(torch.isfinite(group_weights).all(-1) & torch.isfinite(within_group_weights).all(-1))
@@ -140,11 +129,10 @@ class GroupedRouter(nn.Module):
         cfg = self.config
         G = len(cfg.groups)
         alpha = torch.full((G,), 0.5 if cfg.mode == "sigmoid" else 1.0 / G, device=device)
+        sizes = torch.tensor(self.layout.sizes, device=device, dtype=torch.float)   # [G]
         if cfg.mode == "flat":
-            sizes = torch.tensor([s.stop - s.start for s in cfg.group_slices], device=device, dtype=torch.float)
             alpha = sizes / sizes.sum()
-        sizes = torch.tensor([cfg.expert_groups.count(g) for g in cfg.expert_groups], device=device, dtype=torch.float)
-        beta = 1.0 / sizes
+        beta = 1.0 / sizes[self.group_index.to(device)]                              # [E]
         return alpha.expand(*batch_shape, G), beta.expand(*batch_shape, len(cfg.experts))
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+from .data import token_labels
+from .layout import GroupLayout
+
+if TYPE_CHECKING:
+    from .call import RoutingCall
 
 
 @dataclass
@@ -48,9 +55,51 @@ class RoutingTrace:
         if self.expert_overridden is None:
             self.expert_overridden = np.zeros((L, E), dtype=bool)
 
+    @classmethod
+    def from_call(cls, call: RoutingCall, row: int, token_ids: Sequence[int], layers: Sequence[str],
+                  tokenizer: Any) -> RoutingTrace:
+        """The trace of batch row `row` of a finished call. `token_ids`: the row's tokens without padding (prompt,
+        then any generated ones; token mode labels them with `tokenizer`); `layers`: the decoder layers' names."""
+        if len(call.records) != len(layers):
+            raise RuntimeError(f"routing ran on {len(call.records)} of {len(layers)} layers")
+        token_mode = call.granularity == "token"
+
+        def weights(name: str) -> np.ndarray:  # → [L, ·] (sequence) or [T, L, ·] (token)
+            w = call.stacked(name)[:, row].detach().float().cpu().numpy()
+            return np.moveaxis(w, 0, 1) if token_mode else w
+
+        arrays = {k: weights(k) for k in ("router_alpha", "router_beta", "alpha", "beta")}
+        fallback = call.stacked("fallback")[:, row]
+        extra: dict[str, Any] = {}
+        if token_mode:
+            # Drop left padding: keep the positions of this row's real tokens.
+            keep = np.arange(arrays["alpha"].shape[0])[-len(token_ids):]
+            arrays = {k: v[keep] for k, v in arrays.items()}
+            extra = dict(tokens=token_labels(tokenizer, token_ids)[: len(keep)],
+                         token_group_weights=arrays["alpha"], token_expert_weights=arrays["beta"])
+            arrays = {k: v.mean(0) for k, v in arrays.items()}
+        cfg, ov = call.router.config, call.overrides
+        layout = cfg.layout
+        L, G, E = len(layers), len(layout.groups), len(layout.experts)
+        g_over = np.zeros((L, G), bool) if ov is None else (ov.layer_mask[:, None] & ov.group_fixed[None, :]).numpy()
+        e_over = np.zeros((L, E), bool) if ov is None else (ov.layer_mask[:, None] & ov.expert_fixed[None, :]).numpy()
+        return cls(
+            layers=list(layers), groups=list(layout.groups), experts=list(layout.experts),
+            expert_groups=list(layout.expert_groups),
+            router_group_weights=arrays["router_alpha"], router_expert_weights=arrays["router_beta"],
+            group_weights=arrays["alpha"], expert_weights=arrays["beta"], mode=cfg.mode,
+            granularity=call.granularity, router_trained=call.router.trained,
+            overrides=ov and ov.source, group_overridden=g_over, expert_overridden=e_over,
+            fallback_layers=[l for l in range(L) if bool(fallback[l].any())], **extra)
+
+    @property
+    def layout(self) -> GroupLayout:
+        return GroupLayout(self.groups, self.experts, self.expert_groups)
+
     @property
     def group_index(self) -> np.ndarray:
-        return np.array([self.groups.index(g) for g in self.expert_groups])
+        """[E] the index of each expert's group."""
+        return np.array(self.layout.group_index)
 
     @property
     def effective_weights(self) -> np.ndarray:

@@ -13,8 +13,6 @@ gradient checkpointing.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -26,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .call import RoutingCall
+from .cliargs import dataclass_parser
 from .data import PadCollator, encode_dataset, load_jsonl
 from .io import atomic_write_bytes
 from .model import ATMoE
@@ -71,7 +71,7 @@ class RouterTrainConfig:
             self.checkpoints = str(Path(self.out).with_suffix(".checkpoints"))
 
 
-def routing_losses(m: ATMoE, router: GroupedRouter, call: Any, expert_labels: torch.Tensor, labelled: torch.Tensor
+def routing_losses(router: GroupedRouter, call: RoutingCall, expert_labels: torch.Tensor, labelled: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(aux, balance). expert_labels [B, E] multi-hot; labelled [B] (False: the row has no labels at all).
 
@@ -81,10 +81,9 @@ def routing_losses(m: ATMoE, router: GroupedRouter, call: Any, expert_labels: to
     group → 1, every layer's gate of an unneeded group → 0 (its max → 0; a row needing no expert turns all off).
     Softmax / flat (a shared budget): the layer-mean weights → the needed groups (experts) equally. Within a needed
     group, the labelled expert's β at every layer → 1 (which expert a group uses should not flip between layers)."""
-    cfg = router.config
-    needed = torch.stack([expert_labels[:, s].amax(-1) for s in cfg.group_slices], -1)        # [B, G]
-    alpha = torch.stack([call.records[l].alpha[0] for l in range(m.num_layers)])              # [L, B, G]
-    beta = torch.stack([call.records[l].beta[0] for l in range(m.num_layers)])                # [L, B, E]
+    cfg, slices = router.config, router.layout.slices
+    needed = torch.stack([expert_labels[:, s].amax(-1) for s in slices], -1)                  # [B, G]
+    alpha, beta = call.stacked("alpha"), call.stacked("beta")                                 # [L, B, G], [L, B, E]
     if cfg.mode == "sigmoid":
         group_loss = F.binary_cross_entropy(alpha.amax(0).clamp(1e-6, 1 - 1e-6), needed, reduction="none").mean(-1)
         rows = labelled
@@ -99,12 +98,12 @@ def routing_losses(m: ATMoE, router: GroupedRouter, call: Any, expert_labels: to
         rows = labelled & (needed.sum(-1) > 0)
     within = torch.zeros_like(group_loss)
     if cfg.mode != "flat":
-        for gi, s in enumerate(cfg.group_slices):
+        for gi, s in enumerate(slices):
             t = expert_labels[:, s] / expert_labels[:, s].sum(-1, keepdim=True).clamp(min=1)
             within = within + needed[:, gi] * -(t * beta[..., s].clamp(min=1e-9).log()).sum(-1).mean(0)
     aux = ((group_loss + within) * rows).sum() / rows.sum().clamp(min=1)
     balance = []
-    for s in cfg.group_slices:
+    for s in slices:
         if s.stop - s.start > 1:
             p = beta[..., s].mean(1)                                                           # [L, |g|]
             balance.append((p * (p.clamp(min=1e-9) * p.shape[-1]).log()).sum(-1).mean())
@@ -133,7 +132,7 @@ class RouterTrainingModule(nn.Module):
                 labelled: torch.Tensor) -> dict[str, torch.Tensor]:
         out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
                                               router=self.router, labels=labels, use_cache=False)
-        aux, balance = routing_losses(self.atmoe, self.router, call, expert_labels.float(), labelled.bool())
+        aux, balance = routing_losses(self.router, call, expert_labels.float(), labelled.bool())
         loss = out.loss + self.aux_weight * aux + self.balance_weight * balance
         return {"loss": loss, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
 
@@ -215,15 +214,7 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train an AT-MoE router (base and experts frozen).")
-    for f in dataclasses.fields(RouterTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            required = f.default is dataclasses.MISSING
-            parser.add_argument(flag, type=kind, required=required, default=None if required else f.default)
+    parser = dataclass_parser(RouterTrainConfig, "Train an AT-MoE router (base and experts frozen).")
     cfg = RouterTrainConfig(**vars(parser.parse_args(argv)))
     path, _ = train_router(cfg)
     print(f"router written to {path}")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
-from atmoe.routing import use_call
+from atmoe.call import use_call
 
 from .inference import random_batch
 from .models import TARGETS, build_atmoe, nbytes, write_experts

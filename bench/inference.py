@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from atmoe.generation import GenerationSettings, decode
-from atmoe.routing import use_call
+from atmoe.call import use_call
 
 from .timing import interleaved
 

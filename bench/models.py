@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from atmoe.model import ATMoE, decoder_layers
+from atmoe.experts import decoder_layers
+from atmoe.model import ATMoE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = ("tiny", "smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b")
@@ -46,7 +47,9 @@ def build_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.
         from atmoe.base import load_base
         model, tok = load_base(None, device=str(device), dtype=dtype)
         return model.eval(), tok
-    if name == "tiny":  # the shape of tests/helpers_tiny.tiny_llama, every LoRA target present
+    if name == "tiny":
+        # The shape of tests/tiny_models.tiny_llama, every LoRA target present, but written out here: bench does not
+        # import tests/ (not a package, not installed), and it wants a 2048-token context and HF's default init.
         cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0,
                           tie_word_embeddings=False)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import re
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
 from app import batch, examples, figures, presets
-from app.service import DEFAULT_MANIFEST, Service, Settings, missing_manifest_message
+from app.service import Service, Settings
 from app.text import md_escape, word_diff
 from atmoe import ATMoE, RoutingTrace
 
@@ -178,30 +182,183 @@ def test_preset_file_and_link_round_trip(at, manifest, monkeypatch):
     assert not bad.exception and any("ignored" in e.value for e in bad.error)
 
 
-def test_compare_tokens_batch_export_views(at):
-    _generate(at, granularity="token")
-    _ok(at)
-    assert _figure(at, "token_heatmap")["data"][0]["zmax"] == 1
+@pytest.fixture(scope="module")
+def sigmoid_manifest(tmp_path_factory) -> Path:
+    """Independent group gates: an override of one group leaves every other weight as the router's."""
+    return tiny_demo(tmp_path_factory.mktemp("app_sigmoid"), mode="sigmoid")
+
+
+@pytest.fixture()
+def downloads(monkeypatch) -> dict[str, bytes]:
+    """The bytes behind every download button, by the media id in the button's URL."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files: dict[str, bytes] = {}
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def load_and_get_id(self, path_or_data, mimetype, kind, filename=None):
+        file_id = real(self, path_or_data, mimetype, kind, filename)
+        files[file_id] = path_or_data.encode() if isinstance(path_or_data, str) else bytes(path_or_data)
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", load_and_get_id)
+    return files
+
+
+def _download(at: AppTest, files: dict[str, bytes], label: str) -> bytes:
+    for d in at.get("download_button"):
+        if d.proto.label.startswith(label):
+            return files[Path(d.proto.url).stem]
+    raise AssertionError(f"no download button {label!r}")
+
+
+def test_compare_view_shows_what_the_override_changed(sigmoid_manifest, monkeypatch):
+    """Compare: the two answers differ, and the change heatmaps are non-zero exactly in the overridden group's
+    columns (sigmoid gates: overriding one group leaves every other weight as the router's)."""
+    monkeypatch.setenv("ATMOE_MANIFEST", str(sigmoid_manifest))
+    at = AppTest.from_file(SCRIPT, default_timeout=60).run()
+    _generate(at)
     at.slider(key="ov_g:style").set_value(0.0)
     _apply(at)
     at.button(key="compare_run").click().run()
     _ok(at)
+    cmp = at.session_state["compare"]
+    plain, changed = cmp["plain"], cmp["changed"]
+    assert plain.overrides is None and changed.overrides == at.session_state["ov"] == \
+        {"groups": {"style": 0.0}, "experts": {}, "layers": None, "disabled": []}
+    assert plain.text != changed.text
+    assert plain.settings == changed.settings  # same prompt, settings and seed: only the overrides differ
+    tr = changed.trace
+    style = tr.groups.index("style")
     delta = _figure(at, "delta_groups")["data"][0]
-    assert delta["zmid"] == 0 and delta["colorscale"]
-    csv = b"instruction,input,category\nList the lab results.,Labs: Na 128.,labs\nUse bullet points.,,bullets\n,,x\n"
+    assert delta["zmid"] == 0 and list(delta["x"]) == tr.groups
+    z = _z(delta)
+    assert (np.abs(z[:, style]) > 1e-3).all()                       # the overridden column changed on every layer
+    np.testing.assert_allclose(np.delete(z, style, axis=1), 0, atol=1e-7)  # and nothing else did
+    np.testing.assert_allclose(z[:, style], -tr.router_group_weights[:, style], atol=1e-6)
+    z = _z(_figure(at, "delta_experts")["data"][0])
+    in_style = tr.group_index == style
+    assert (np.abs(z[:, in_style]) > 1e-4).all()
+    np.testing.assert_allclose(z[:, ~in_style], 0, atol=1e-7)
+    # The two answers are on the page, each in its own column.
+    shown = " ".join(m.value for m in at.markdown)
+    for text in (plain.text, changed.text):
+        for word in md_escape(text).split()[:2]:
+            assert word in shown
+
+
+def test_per_token_view_rows_match_the_trace(at):
+    _generate(at, granularity="token")
+    _ok(at)
+    ans = at.session_state["answer"]
+    tr, p = ans.trace, ans.prompt_tokens
+    assert tr.granularity == "token" and len(tr.tokens) == p + ans.new_tokens
+    alpha, beta = tr.token_group_weights, tr.token_expert_weights           # [T, L, G], [T, L, E]
+    heat = _figure(at, "token_heatmap")["data"][0]
+    assert heat["zmax"] == 1 and list(heat["y"]) == tr.groups
+    assert list(heat["x"]) == list(range(p, len(tr.tokens)))                 # answer tokens only (the default)
+    np.testing.assert_allclose(_z(heat), alpha[p:].mean(1).T, atol=1e-6)   # one row per group, mean over layers
+    # Dominant group of each answer token, shown as its group's colour, in order.
+    from app.views.tokens import COLOURS
+
+    best = alpha[p:].mean(1).argmax(-1)
+    expected = [COLOURS[g] for g, t in zip(best, tr.tokens[p:]) if md_escape(t.replace("\n", "↵")).strip()]
+    shown = next(m.value for m in at.markdown if "-background[" in m.value)
+    assert len(expected) >= 3
+    assert re.findall(r":(\w+)-background\[", shown) == expected
+    # One expert's α·β over a layer range, prompt tokens included.
+    at.slider(key="tok_layers").set_value((1, 2))
+    at.selectbox(key="tok_colour").set_value("labs")
+    at.checkbox(key="tok_answer_only").uncheck().run()
+    _ok(at)
+    heat = _figure(at, "token_heatmap")["data"][0]
+    e = tr.experts.index("labs")
+    g = tr.groups.index(tr.expert_groups[e])
+    assert list(heat["y"]) == ["labs α·β"] and list(heat["x"]) == list(range(len(tr.tokens)))
+    np.testing.assert_allclose(_z(heat), (alpha[:, 1:3, g] * beta[:, 1:3, e]).mean(1)[None], atol=1e-6)
+
+
+def test_batch_view_statistics_equal_the_service(at, manifest):
+    csv = (b"instruction,input,category\nList the lab results.,Labs: Na 128.,labs\nUse bullet points.,,bullets\n"
+           b"Give the vital signs in plain words.,HR 135,vitals\nList the lab values.,K 5.9,labs\n,,x\n")
     at.radio(key="batch_source").set_value("upload").run()
     at.file_uploader(key="batch_file").set_value(("b.csv", csv, "text/csv")).run()
     at.button(key="batch_run").click().run()
     _ok(at)
-    rows = at.session_state["batch"]["summary"]["rows"]
-    assert len(rows) == 2 and "top task" in rows.columns
+    summary = at.session_state["batch"]["summary"]
+    rows = summary["rows"]
+    table = [("List the lab results.", "Labs: Na 128."), ("Use bullet points.", ""),
+             ("Give the vital signs in plain words.", "HR 135"), ("List the lab values.", "K 5.9")]
+    assert rows["instruction"].tolist() == [i for i, _ in table]            # the empty row was skipped
+    svc = Service.load(str(manifest), device="cpu")
+    traces = [svc.route(i, n) for i, n in table]
+    alpha = np.stack([t.group_weights for t in traces])                   # [N, L, G]
+    beta = np.stack([t.expert_weights for t in traces]).mean(1)           # [N, E]
+    for gi, g in enumerate(svc.groups):
+        np.testing.assert_allclose(rows[f"α {g}"], alpha[:, :, gi].mean(1), atol=1e-4)
+        cols = np.nonzero(traces[0].group_index == gi)[0]
+        assert rows[f"top {g}"].tolist() == [svc.experts[cols[i]] for i in beta[:, cols].argmax(1)]
+    assert len(np.unique(alpha.mean(1).round(3), axis=0)) > 1             # rows really route differently
+    # The charts: mean α per layer over the rows, and mean α per category.
+    lines = _figure(at, "batch_layers")["data"]
+    assert [d["name"] for d in lines] == svc.groups
+    for gi, d in enumerate(lines):
+        np.testing.assert_allclose(_z({"z": d["y"]}), alpha[:, :, gi].mean(0), atol=1e-6)
+    bars = {d["name"]: dict(zip(d["x"], _z({"z": d["y"]}))) for d in _figure(at, "batch_categories")["data"]}
+    labs = alpha[[0, 3]].mean((0, 1))
+    for gi, g in enumerate(svc.groups):
+        assert bars[g]["labs"] == pytest.approx(labs[gi], abs=1e-6)
+        assert bars[g]["bullets"] == pytest.approx(alpha[1, :, gi].mean(), abs=1e-6)
+    # With the current overrides applied, the batch is routed with them.
+    _generate(at)
+    at.slider(key="ov_g:style").set_value(0.0)
+    _apply(at)
+    at.checkbox(key="batch_ov").check()
+    at.button(key="batch_run").click().run()
+    _ok(at)
+    assert np.allclose(at.session_state["batch"]["summary"]["rows"]["α style"], 0)
+    # Unreadable uploads name the line.
     at.file_uploader(key="batch_file").set_value(("b.jsonl", b'{"instruction": 1}\nnot json', "text/plain")).run()
     assert any("line 2" in e.value for e in at.error)
-    at.file_uploader(key="batch_file").set_value(None).run()
-    _generate(at)  # sequence level: the adapter export is offered
-    at.button(key="export_build").click().run()
+
+
+def test_export_view_downloads_the_trace_and_the_routing_as_an_adapter(at, downloads):
+    _generate(at)
+    at.slider(key="ov_g:style").set_value(0.0)
+    _apply(at)
     _ok(at)
-    assert any(d.proto.label.startswith("Download adapter") for d in at.get("download_button"))
+    tr: RoutingTrace = at.session_state["trace"]
+    assert tr.overrides == {"groups": {"style": 0.0}, "experts": {}, "layers": None, "disabled": []}
+    got = RoutingTrace.from_dict(json.loads(_download(at, downloads, "Trace as JSON")))
+    for name in ("group_weights", "expert_weights", "router_group_weights", "router_expert_weights"):
+        np.testing.assert_allclose(getattr(got, name), getattr(tr, name), err_msg=name)
+    assert got.overrides == tr.overrides
+    frame = pd.read_csv(io.BytesIO(_download(at, downloads, "Trace as CSV")))
+    assert len(frame) == len(tr.to_frame())
+    assert json.loads(_download(at, downloads, "Save preset")) == at.session_state["ov"]
+    assert np.abs(tr.effective_weights - tr.router_effective_weights).max() > 0.05
+    for use, expected in (("used", tr.effective_weights), ("router", tr.router_effective_weights)):
+        at.radio(key="export_use").set_value(use)
+        at.button(key="export_build").click().run()
+        _ok(at)
+        with zipfile.ZipFile(io.BytesIO(_download(at, downloads, "Download adapter"))) as z:
+            assert {"atmoe_adapter/adapter_config.json", "atmoe_adapter/adapter_model.safetensors"} <= set(z.namelist())
+            routing = json.loads(z.read("atmoe_adapter/atmoe_routing.json"))
+        assert routing["use"] == use
+        np.testing.assert_allclose(routing["effective_weights"], expected, atol=1e-6)
+
+
+def test_experts_view_lists_what_is_loaded(at, manifest):
+    m = ATMoE.load(manifest, device="cpu")
+    table = next(d.value for d in at.dataframe if "expert" in d.value.columns)
+    assert table["expert"].tolist() == m.experts
+    assert table["group"].tolist() == [m.expert_groups[e] for e in m.experts]
+    assert table["rank"].tolist() == [m.expert(e).rank for e in m.experts]
+    metrics = {x.label: x.value for x in at.metric}
+    assert metrics["Decoder layers"] == str(m.num_layers)
+    assert metrics["Router"] == f"{m.router.config.mode} · trained"
+    assert [x.label for x in at.expander if x.label.endswith("training data and metrics")] == \
+        [f"{e} — training data and metrics" for e in m.experts]
 
 
 def test_example_button_fills_the_form(at):
@@ -210,13 +367,6 @@ def test_example_button_fills_the_form(at):
     at.button(key="example_1").click().run()
     _ok(at)
     assert (at.text_area(key="prompt").value, at.text_area(key="note").value) == (ex[1]["instruction"], ex[1]["input"])
-
-
-def test_missing_manifest_explains_how_to_build(at, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    assert "make assets" in missing_manifest_message(DEFAULT_MANIFEST)
-    at.text_input(key="manifest").input(str(tmp_path / "nowhere.json")).run()
-    assert not at.exception and any("No expert manifest" in e.value for e in at.error)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -240,6 +390,36 @@ def test_figures_use_fixed_ranges_and_mark_overrides():
     assert np.allclose(ex.data[0].z, tr.effective_weights) and len(ex.layout.shapes) == 1  # one group boundary
     assert len(ex.data[1].x) == 2  # both g1 experts inherit their group's override
     assert figures.delta_heatmap(tr).data[0].zmid == 0
+
+
+def test_heatmap_rows_are_layers_in_order_with_their_own_values():
+    """Row i of every heatmap is layer i: its label is L{i} and its values are layer i's (a reversed label or z axis
+    would show one layer's weights under another's name)."""
+    L = 5
+    rng = np.random.default_rng(1)
+    router_a, a = rng.dirichlet(np.ones(2), L), rng.dirichlet(np.ones(2), L)
+    b = np.concatenate([rng.dirichlet(np.ones(2), L), np.ones((L, 1))], 1)
+    router_b = np.concatenate([rng.dirichlet(np.ones(2), L), np.ones((L, 1))], 1)
+    over = np.zeros((L, 2), bool)
+    over[0, 1] = True  # the first layer only: its mark must sit on row L0
+    tr = RoutingTrace([f"l{i}" for i in range(L)], ["g1", "g2"], ["a", "b", "c"], ["g1", "g1", "g2"], router_a,
+                      router_b, a, b, "softmax", group_overridden=over)
+    rows = [f"L{i}" for i in range(L)]
+    figs = {"group": (figures.group_heatmap(tr), tr.group_weights),
+            "expert": (figures.expert_heatmap(tr, "expert"), tr.expert_weights),
+            "effective": (figures.expert_heatmap(tr, "effective"), tr.effective_weights),
+            "delta group": (figures.delta_heatmap(tr, "group"), tr.group_weights - tr.router_group_weights),
+            "delta effective": (figures.delta_heatmap(tr, "effective"),
+                                tr.effective_weights - tr.router_effective_weights)}
+    for name, (fig, z) in figs.items():
+        assert list(fig.data[0].y) == rows, name
+        np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), z, err_msg=name)
+        assert len(np.unique(z.round(6), axis=0)) == L, name  # rows differ, so an order error shows
+    assert list(figs["group"][0].data[1].y) == ["L0"] and list(figs["group"][0].data[1].x) == ["g2"]
+    # Hover values: router α and used α of the cell, in the same layer order.
+    custom = np.asarray(figs["group"][0].data[0].customdata)
+    np.testing.assert_allclose(custom[..., 0].astype(float), np.round(tr.router_group_weights, 4))
+    np.testing.assert_allclose(custom[..., 1].astype(float), np.round(tr.group_weights, 4))
 
 
 def test_presets_only_moved_sliders_become_overrides():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_tiny import tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 from atmoe.data import IGNORE_INDEX, DataError, Example, PadCollator, build_prompt, encode_dataset, encode_example, load_jsonl
 

@@ -143,8 +143,7 @@ def test_markdown_table_has_every_system_and_column() -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, one_torch_thread):
     import torch
-    from helpers_tiny import tiny_llama, tiny_tokenizer
-    from tiny_models import save_adapter
+    from tiny_models import save_adapter, tiny_llama, tiny_tokenizer
 
     from atmoe.model import ATMoE
 

@@ -235,7 +235,7 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
     with torch.inference_mode():
         a, _ = m.forward_routed(ids, mask, mask, overrides=ov)
         call = m.new_call(mask, ov, merge=True)
-        from atmoe.routing import use_call
+        from atmoe.call import use_call
         with use_call(call):
             b = m.model(input_ids=ids, attention_mask=mask)
     assert call.prepared and all(kind == "merged" and f.shape == layer.base_layer.weight.shape
@@ -245,9 +245,9 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
 
 
 def test_token_labels_put_multibyte_characters_on_the_token_that_completes_them():
-    from helpers_tiny import tiny_tokenizer
+    from tiny_models import tiny_tokenizer
 
-    from atmoe.model import token_labels
+    from atmoe.data import token_labels
     tok = tiny_tokenizer()
     text = "Fièvre 38.5°C — patient 🙂 stable"
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -265,7 +265,7 @@ def test_a_routed_decode_step_adds_no_host_syncs_and_no_routing_work(tmp_path, m
     Counted with a dispatch mode, so it holds on CPU too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from atmoe.routing import use_call
+    from atmoe.call import use_call
     from tiny_models import tiny_demo
 
     class Ops(TorchDispatchMode):
@@ -311,7 +311,7 @@ def test_changing_overrides_never_recompiles_a_compiled_model(tmp_path):
     (torch.compiler.disable), so torch.compile guards never see them: new overrides reuse the compiled code."""
     import torch._dynamo as dynamo
 
-    from atmoe.routing import use_call
+    from atmoe.call import use_call
     from tiny_models import tiny_demo
     m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
     ids = torch.tensor(m.encode("List the lab results."))[None]

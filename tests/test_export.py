@@ -50,18 +50,25 @@ def test_exported_adapter_equals_routed_model(demo, tmp_path, overrides):
 def test_router_weights_export_and_refusals(demo, tmp_path):
     path, m = demo
     ids = m.encode("List the lab results.")
-    ov = Overrides(groups={"task": 1.0})
+    # An override on the last layer only: the router at that layer reads the hidden state entering it, which the
+    # override has not touched yet, so the router's own weights are those of a run without overrides on every layer.
+    last = m.num_layers - 1
+    ov = Overrides(groups={"task": 1.0}, experts={"bullets": 1.0}, layers=(last, last))
     routed = m.score(input_ids=ids, overrides=ov)
     plain = m.score(input_ids=ids)
-    # use="router" freezes the router's own weights (no overrides); without overrides that is the plain routing.
-    out = export_adapter(m, plain.trace, tmp_path / "router", use="router")
+    assert np.abs(routed.trace.effective_weights[last] - plain.trace.effective_weights[last]).max() > 0.05
+    np.testing.assert_allclose(routed.trace.router_effective_weights, plain.trace.effective_weights, atol=1e-6)
+    # use="router" freezes the router's own weights, so the overridden run exports the plain routing.
+    out = export_adapter(m, routed.trace, tmp_path / "router", use="router")
+    w = np.array(json.loads((out / "atmoe_routing.json").read_text())["effective_weights"])
+    np.testing.assert_allclose(w, plain.trace.effective_weights, atol=1e-6)
     assert torch.allclose(_peft_logits(path.parent / "base", out, ids), plain.logits, atol=1e-4)
-    out = export_adapter(m, routed.trace, tmp_path / "router2", use="router")
+    used = export_adapter(m, routed.trace, tmp_path / "used")  # and "used" exports the overridden one
+    assert torch.allclose(_peft_logits(path.parent / "base", used, ids), routed.logits, atol=1e-4)
+    assert (routed.logits - plain.logits).abs().max() > 1e-3
     token = m.route("List the labs.", granularity="token")
     with pytest.raises(ValueError, match="sequence-level"):
         export_adapter(m, token, tmp_path / "bad")
     with pytest.raises(ValueError, match="use must be"):
         export_adapter(m, routed.trace, tmp_path / "bad", use="both")
     assert not (tmp_path / "bad").exists()
-    w = np.array(json.loads((out / "atmoe_routing.json").read_text())["effective_weights"])
-    assert np.allclose(w, routed.trace.router_effective_weights, atol=1e-6)

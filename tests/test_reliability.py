@@ -25,13 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from atmoe import ATMoE, Generation, Overrides, RoutingTrace
 from atmoe.base import BaseModelError, load_base
+from atmoe.call import current_call
 from atmoe.data import DataError, Example, encode_dataset, load_jsonl
 from atmoe.generation import MAX_NEW_TOKENS, GenerationSettings
 from atmoe.io import atomic_directory, atomic_write_json
-from atmoe.routing import current_call
 from atmoe.router import GroupedRouter, RouterConfig, save_router
-from helpers_tiny import tiny_llama, tiny_tokenizer
-from tiny_models import save_adapter, tiny_demo
+from tiny_models import save_adapter, tiny_demo, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "List the lab results. Use bullet points."

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers_tiny import tiny_tokenizer
-from tiny_models import tiny_demo
+from tiny_models import tiny_demo, tiny_tokenizer
 
 from atmoe import ATMoE
 from atmoe.data import Example, PadCollator, encode_example, encode_prompt

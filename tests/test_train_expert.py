@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_tiny import tiny_llama, tiny_tokenizer
+from tiny_models import tiny_llama, tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
 

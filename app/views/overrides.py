@@ -132,7 +132,7 @@ def render(svc: Service) -> None:
             st.caption(notes[f"g:{g}"])
         for g in svc.groups:
             st.subheader(f"Experts in {g} (β)")
-            for e in [e for e in svc.experts if svc.expert_groups[e] == g]:
+            for e in svc.layout.experts_of(g):
                 c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
                 c1.slider(f"β {e}", 0.0, 1.0, step=0.01, key=f"ov_e:{e}",
                           help=f"Router's mean: {ss._slider_base[f'e:{e}']:.2f}. Within a group β sums to 1.")

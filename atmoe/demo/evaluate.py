@@ -99,16 +99,13 @@ def systems(m: ATMoE, routers: dict[str, GroupedRouter]) -> list[System]:
 
 
 # ---------------------------------------------------------------- routing scores
-def _members(trace: RoutingTrace, g: str) -> list[int]:
-    return [i for i, h in enumerate(trace.expert_groups) if h == g]
-
-
 def selection_hits(trace: RoutingTrace, row: Row) -> tuple[int, int]:
     """(hits, total) over the row's needed groups: argmax of layer-mean β within the group is a labelled expert."""
     beta = trace.expert_weights.mean(0)
     hits = total = 0
-    for g in trace.groups:
-        cols = _members(trace, g)
+    layout = trace.layout
+    for g in layout.groups:
+        cols = layout.members(g)
         wanted = {trace.experts[i] for i in cols} & set(row["experts"])
         if wanted:
             total += 1
@@ -124,7 +121,7 @@ def gate_hits(trace: RoutingTrace, row: Row) -> tuple[int, int]:
         threshold, alpha = 0.5, trace.group_weights.max(0)
     else:
         threshold, alpha = 1.0 / (2 * len(trace.groups)), trace.group_weights.mean(0)
-    needed = {trace.expert_groups[trace.experts.index(e)] for e in row["experts"]}
+    needed = {trace.layout.group_of(e) for e in row["experts"]}
     hits = sum(bool(alpha[i] > threshold) == (g in needed) for i, g in enumerate(trace.groups))
     return hits, len(trace.groups)
 

@@ -48,7 +48,7 @@ def writes(kind: str, dest: Path):
                     (tmp / f"part{i}.bin").write_bytes(bytes([v % 256]) * PART_BYTES)
                 (tmp / "version.json").write_text(json.dumps({"version": v}))
     elif kind == "adapter":
-        from helpers_tiny import tiny_llama, tiny_tokenizer
+        from tiny_models import tiny_llama, tiny_tokenizer
         from peft import LoraConfig, get_peft_model
 
         from atmoe.train_expert import ExpertTrainConfig, TrainResult, save_expert
@@ -75,7 +75,7 @@ def writes(kind: str, dest: Path):
             v = yield
             export_adapter(m, m.route("Summarize this case.", {"groups": {"task": v / 1000}}), dest)
     elif kind == "cache":
-        from helpers_tiny import tiny_llama, tiny_tokenizer
+        from tiny_models import tiny_llama, tiny_tokenizer
         tok = tiny_tokenizer()
         model = tiny_llama(len(tok), hidden_size=256, layers=4)
         gguf = dest.parent / "source.gguf"
