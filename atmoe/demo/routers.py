@@ -18,7 +18,7 @@ from .suite import EXPERT_DESCRIPTIONS, GROUPS
 
 
 def write_manifest(cfg: Any, out: Path) -> Path:
-    """assets/experts.json: base, groups, experts (the router entry is kept if one is already set)."""
+    """assets/experts.json: base, groups, experts, and the shipped router once it exists."""
     path = out / "experts.json"
     model, _ = load_base(cfg.base, device="cpu")
     manifest = Manifest([GroupEntry(g, [ExpertEntry(n, f"experts/{n}", description=EXPERT_DESCRIPTIONS[n])
@@ -26,8 +26,10 @@ def write_manifest(cfg: Any, out: Path) -> Path:
                         base_model=cfg.base, base_signature=base_signature(model),
                         description="Clinical demo: 6 LoRA experts (task, knowledge, style) on "
                                     f"{cfg.base or 'SmolLM2-135M-Instruct'}", root=out)
-    if path.exists():
-        manifest.router = Manifest.load(path).router
+    from .build import ROUTERS
+
+    if (out / ROUTERS[0][2]).exists():
+        manifest.router = ROUTERS[0][2]
     return manifest.save(path)
 
 
