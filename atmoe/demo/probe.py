@@ -4,7 +4,7 @@ For every held-out row, the labelled experts run at weight 1 (sigmoid gates, one
 per group, everything else off; the answers are scored like the evaluation. The first row of the table is the
 layer-constant oracle (every labelled expert on every layer: what a global-weight merge can express).
 
-    python -m atmoe.demo.probe --manifest assets/experts.json --n 24
+    python -m atmoe.demo.probe --manifest assets/experts.json --n 8 --profiles 10:20,15:24,5:15,20:25
 
 This is a measurement of the experts, not a system: it shows whether a per-layer router has something to find.
 """
@@ -62,14 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--manifest", default="assets/experts.json")
     p.add_argument("--data", default="assets/data/eval.jsonl")
     p.add_argument("--n", type=int, default=24, help="rows needing all three groups")
+    p.add_argument("--profiles", default=None, help="K:S,... first layer of knowledge and of style (task: all layers); "
+                                                   "default: a grid over thirds")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     a = p.parse_args(argv)
     m = ATMoE.load(a.manifest, device="cpu")
     rows = [json.loads(x) for x in Path(a.data).read_text().splitlines() if x.strip()]
     rows = [r for r in rows if len({m.expert_groups[e] for e in r["experts"]}) == len(m.groups)][: a.n]
     L = m.num_layers
-    starts = [{}] + [{"knowledge": k, "style": s} for k, s in itertools.product(
-        [0, L // 3, L // 2, 2 * L // 3], [L // 3, L // 2, 2 * L // 3, 5 * L // 6])]
+    grid = ([tuple(int(x) for x in p.split(":")) for p in a.profiles.split(",")] if a.profiles else
+            list(itertools.product([0, L // 3, L // 2, 2 * L // 3], [L // 3, L // 2, 2 * L // 3, 5 * L // 6])))
+    starts = [{}] + [{"knowledge": k, "style": s} for k, s in grid]
     table = probe(m, rows, starts)
     if a.out:
         from atmoe.io import atomic_write_json
