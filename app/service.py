@@ -18,23 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from atmoe import ATMoE, Generation, GroupLayout, Overrides, RoutingTrace
+from atmoe import ATMoE, Generation, GenerationSettings, GroupLayout, Overrides, RoutingTrace
 
 DEFAULT_MANIFEST = "assets/experts.json"
 BATCH_CHUNK = 8
 MERGE_DEFAULT_MAX_BYTES = 1 << 30  # fast decode on by default when one merged copy costs at most this
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Generation settings of one request (validated by the engine)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    granularity: str = "sequence"
-    merge: bool = False  # decode with per-call merged weights (ATMoE.new_call): faster, `merge_bytes` more memory
 
 
 @dataclass
@@ -47,8 +35,8 @@ class Answer:
     new_tokens: int
     prompt_tokens: int
     finish_reason: str  # "eos" | "length" | "stopped"
-    overrides: dict[str, Any] | None = None
-    settings: Settings = field(default_factory=Settings)
+    overrides: Overrides | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # the very object the engine ran with
 
     @property
     def tokens_per_second(self) -> float:
@@ -57,7 +45,7 @@ class Answer:
     @property
     def merged(self) -> bool:
         """Whether the decode used merged weights (they apply to sequence routing only)."""
-        return self.settings.merge and self.settings.granularity == "sequence"
+        return self.settings.merge and self.trace.granularity == "sequence"
 
 
 def missing_manifest_message(path: str) -> str | None:
@@ -129,45 +117,39 @@ class Service:
         return {"card": dict(e.card), "config": {k: v for k, v in e.config.items() if not isinstance(v, dict)}}
 
     # ------------------------------------------------------------------ overrides
-    def check_overrides(self, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Validate a preset against this model (names, layers, budgets); ValueError names every fault."""
+    def check_overrides(self, overrides: Overrides | None) -> Overrides | None:
+        """Check `overrides` against this model (names, layers, budgets; ValueError names every fault). Returns the
+        same object, or None when it fixes nothing (the router alone)."""
         if overrides is None:
             return None
-        ov = Overrides.from_dict(overrides)
-        self.model.check_overrides(ov)
-        return None if ov.is_empty() else ov.to_dict()
+        self.model.check_overrides(overrides)
+        return None if overrides.is_empty() else overrides
 
     def prompt_tokens(self, prompt: str, input: str = "") -> int:
         return len(self.model.encode(prompt, input))
 
     # ------------------------------------------------------------------ calls
-    def route(self, prompt: str, input: str = "", overrides: dict[str, Any] | None = None,
+    def route(self, prompt: str, input: str = "", overrides: Overrides | None = None,
               granularity: str = "sequence") -> RoutingTrace:
         return self.model.route(prompt, overrides, input=input, granularity=granularity)
 
     def route_many(self, prompts: Sequence[str], inputs: Sequence[str],
-                   overrides: dict[str, Any] | None = None) -> list[RoutingTrace]:
+                   overrides: Overrides | None = None) -> list[RoutingTrace]:
         """Route one chunk (callers chunk by `BATCH_CHUNK` to show progress)."""
         return self.model.route_batch(list(prompts), overrides, inputs=list(inputs))
 
-    def stream(self, prompt: str, input: str, settings: Settings, overrides: dict[str, Any] | None,
+    def stream(self, prompt: str, input: str, settings: GenerationSettings, overrides: Overrides | None,
                stop: threading.Event) -> Iterator[str | Answer]:
         """Text pieces as they are generated, then the `Answer`. Setting `stop` ends it after the current token."""
-        for item in self.model.stream(prompt, input=input, stop=stop, overrides=overrides, **self._kwargs(settings)):
+        for item in self.model.stream(prompt, input=input, settings=settings, overrides=overrides, stop=stop):
             yield item if isinstance(item, str) else self._answer(item, overrides, settings)
 
-    def generate(self, prompt: str, input: str, settings: Settings,
-                 overrides: dict[str, Any] | None) -> Answer:
-        g = self.model.generate(prompt, input=input, overrides=overrides, **self._kwargs(settings))
+    def generate(self, prompt: str, input: str, settings: GenerationSettings, overrides: Overrides | None) -> Answer:
+        g = self.model.generate(prompt, input=input, settings=settings, overrides=overrides)
         return self._answer(g, overrides, settings)
 
     @staticmethod
-    def _kwargs(settings: Settings) -> dict[str, Any]:
-        return dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                    seed=settings.seed, granularity=settings.granularity, merge=settings.merge)
-
-    @staticmethod
-    def _answer(g: Generation, overrides: dict[str, Any] | None, settings: Settings) -> Answer:
+    def _answer(g: Generation, overrides: Overrides | None, settings: GenerationSettings) -> Answer:
         return Answer(g.text, g.trace, g.seconds, len(g.token_ids), g.prompt_tokens, g.finish_reason, overrides,
                       settings)
 

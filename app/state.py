@@ -10,7 +10,8 @@ from typing import Any
 import streamlit as st
 
 from app import presets
-from app.service import Answer, Service, Settings
+from app.service import Answer, Service
+from atmoe import GenerationSettings, Overrides
 
 STOP_WAIT_S = 30.0
 ERRORS = (ValueError, OSError)  # engine input errors (LoadError, BaseModelError are ValueErrors) and file errors
@@ -22,7 +23,7 @@ def init() -> None:
     if ss.get("_init"):
         return
     ss._init = True
-    ss.setdefault("ov", None)            # current overrides dict (None = router only)
+    ss.setdefault("ov", None)            # current Overrides, never empty (None = router only)
     ss.setdefault("answer", None)        # latest Answer
     ss.setdefault("trace", None)         # RoutingTrace shown in the views
     ss.setdefault("trace_of", None)      # (prompt, input, granularity) of that trace
@@ -35,7 +36,8 @@ def init() -> None:
         ss["note"] = qp["note"]
     if "preset" in qp:
         try:
-            ss.ov = presets.decode_url(qp["preset"]) or None
+            ov = presets.decode_url(qp["preset"])
+            ss.ov = None if ov.is_empty() else ov
         except ValueError as e:
             flash("error", f"The override preset in the link was ignored: {e}")
 
@@ -59,10 +61,13 @@ def show_flash() -> None:
     st.session_state.flash = []
 
 
-def settings() -> Settings:
+def settings() -> GenerationSettings:
+    """The generation settings form's values: the object the engine runs with."""
     ss = st.session_state
-    return Settings(int(ss.get("max_new_tokens", 64)), float(ss.get("temperature", 0.0)), float(ss.get("top_p", 1.0)),
-                    int(ss.get("seed", 0)), ss.get("granularity", "sequence"), bool(ss.get("merge", False)))
+    return GenerationSettings(max_new_tokens=int(ss.get("max_new_tokens", 64)),
+                              temperature=float(ss.get("temperature", 0.0)), top_p=float(ss.get("top_p", 1.0)),
+                              seed=int(ss.get("seed", 0)), granularity=ss.get("granularity", "sequence"),
+                              merge=bool(ss.get("merge", False)))
 
 
 def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:
@@ -73,7 +78,7 @@ def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:
 
 def set_answer(answer: Answer, prompt: str, input: str) -> None:
     st.session_state.answer = answer
-    set_trace(answer.trace, prompt, input, answer.settings.granularity)
+    set_trace(answer.trace, prompt, input, answer.trace.granularity)
     st.session_state.answer_of = (prompt, input)
 
 
@@ -106,7 +111,7 @@ def sync_url() -> None:
                 del qp[key]
 
 
-def set_overrides(svc: Service, overrides: dict | None) -> str | None:
+def set_overrides(svc: Service, overrides: Overrides | None) -> str | None:
     """Validate and adopt `overrides`; re-route the current prompt so the heatmaps show them. Returns the error."""
     ss = st.session_state
     try:

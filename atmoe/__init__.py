@@ -19,12 +19,14 @@ model.py (`ATMoE`) is the public API that runs this path: route, score, generate
     out.text, out.trace.to_frame()
 """
 
+from .explain import Explanation
 from .export import export_adapter
+from .generation import GenerationSettings
 from .layout import GroupLayout
 from .model import ATMoE, Generation, Score
 from .overrides import Overrides
 from .router import GroupedRouter, RouterConfig
 from .trace import RoutingTrace
 
-__all__ = ["ATMoE", "Generation", "export_adapter", "GroupedRouter", "GroupLayout", "Overrides", "RouterConfig",
-           "RoutingTrace", "Score"]
+__all__ = ["ATMoE", "Explanation", "Generation", "GenerationSettings", "export_adapter", "GroupedRouter",
+           "GroupLayout", "Overrides", "RouterConfig", "RoutingTrace", "Score"]

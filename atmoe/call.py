@@ -49,6 +49,7 @@ class RoutingCall:
     weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
     records: dict[int, LayerRecord] = field(default_factory=dict)
     prepared: dict[object, tuple[str, torch.Tensor]] = field(default_factory=dict)  # FusedLoRA → (kind, factor)
+    inputs: dict[int, torch.Tensor] | None = None  # layer → hidden state entering it [B, T, D], kept if a dict
 
     def stacked(self, name: str) -> torch.Tensor:
         """What every layer recorded under `name` (router_alpha, router_beta, alpha, beta or fallback), stacked over
@@ -100,6 +101,8 @@ def route_layer(layer: int, hidden: torch.Tensor) -> None:
     if call is None or (call.granularity == "sequence" and layer in call.weights):
         return  # not routed, or already fixed by the prompt (decode steps reuse it with the KV cache)
     router = call.router
+    if call.inputs is not None:
+        call.inputs[layer] = hidden.detach()   # what this layer's router reads (atmoe.explain), for this call only
     if call.granularity == "sequence":
         x = pool(hidden, call.prompt_mask, router.config.pooling)       # [B, D]
     else:

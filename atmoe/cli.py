@@ -1,8 +1,9 @@
-"""Command line: `atmoe route|generate|train-expert|train-router|eval|assets`.
+"""Command line: `atmoe route|generate|sweep|train-expert|train-router|eval|assets`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
+    atmoe sweep "List the vital signs." --input "..." --target group:style --steps 5 --csv sweep.csv
     atmoe eval      the demo's evaluation table (atmoe.demo.evaluate)
     atmoe assets    rebuild the shipped demo from scratch (atmoe.demo.build, as `make assets`)
 
@@ -93,19 +94,41 @@ def cmd_route(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    from .generation import GenerationSettings
     from .model import Generation
 
     ov = parse_overrides(a.override, a.layers, a.disable)
     m = _load(a)
     trace = None
-    for piece in m.stream(a.prompt, input=a.input, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                          top_p=a.top_p, seed=a.seed, overrides=ov, granularity=a.granularity, merge=a.merge):
+    settings = GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                  seed=a.seed, granularity=a.granularity, merge=a.merge)
+    for piece in m.stream(a.prompt, input=a.input, settings=settings, overrides=ov):
         if isinstance(piece, Generation):
             trace = piece.trace
         elif not a.json:
             print(piece, end="", flush=True)
     print()
     print(trace.to_json() if a.json else "\n" + _weights_table(trace))
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    """One generation per weight of `--target`; prints the frame (and writes `--csv`)."""
+    from .sweep import sweep
+
+    span = parse_overrides([], a.layers, []).layers if a.layers else None
+    scorer = None
+    if a.reference is not None:
+        from .demo.metrics import score   # the demo's metrics; the engine's sweep knows none
+
+        def scorer(text: str) -> dict[str, float]:
+            return score(text, {"output": a.reference})
+    m = _load(a)
+    frame = sweep(m, a.prompt, a.input, a.target, steps=a.steps, layers=span, scorer=scorer,
+                  max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                  merge=a.merge)
+    if a.csv:
+        frame.to_csv(a.csv, index=False)
+    print(frame.to_string(index=False, max_colwidth=80))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +148,24 @@ def main(argv: list[str] | None = None) -> int:
                         "weights while generating (default on: the CLI serves one request; --no-merge keeps "
                         "the fused low-rank path)")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("sweep", help="generate with one group or expert weight fixed at 0 … 1 (controllability curve)")
+    p.add_argument("prompt")
+    p.add_argument("--input", default="")
+    p.add_argument("--manifest", default=None, help=f"expert manifest (default {DEFAULT_MANIFEST})")
+    p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--target", required=True, metavar="group:NAME|expert:NAME", help="the weight to sweep")
+    p.add_argument("--steps", type=int, default=5, help="weights linspace(0, 1, steps), endpoints included")
+    p.add_argument("--layers", default=None, metavar="FIRST-LAST", help="fix it on these layers only (inclusive)")
+    p.add_argument("--reference", default=None, help="reference answer: adds the demo's f1 / exact per step")
+    p.add_argument("--csv", default=None, help="also write the frame to this CSV file")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed for every step")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with per-call merged weights (see `atmoe generate --help`)")
+    p.set_defaults(func=cmd_sweep)
     # Subcommands with their own parsers, imported only when called.
     delegated = {"train-expert": "atmoe.train_expert", "train-router": "atmoe.train_router",
                  "eval": "atmoe.demo.evaluate", "assets": "atmoe.demo.build"}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -19,12 +20,14 @@ MAX_NEW_TOKENS = 4096
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """`temperature=0` is greedy decoding; `top_p` in (0, 1]; `seed` a non-negative integer."""
+    """How one generation runs: the one settings object of the library, the CLI and the dashboard."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    temperature: float = 0.0       # 0 = greedy decoding
+    top_p: float = 1.0             # nucleus sampling, in (0, 1]; used when temperature > 0
+    seed: int = 0                  # a non-negative integer: the call's own torch.Generator
+    granularity: str | None = None  # "sequence" | "token"; None = the router's own
+    merge: bool = False            # decode with per-call merged weights (batch 1, sequence routing; ATMoE.new_call)
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -39,6 +42,24 @@ class GenerationSettings:
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {s!r}")
+        if self.granularity not in (None, "sequence", "token"):
+            raise ValueError(f"granularity must be 'sequence', 'token' or None, got {self.granularity!r}")
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"merge must be True or False, got {self.merge!r}")
+
+    @classmethod
+    def of(cls, settings: GenerationSettings | None = None, **changes: Any) -> GenerationSettings:
+        """`settings` (default: the defaults) with `changes` to some fields; the very object when nothing changes,
+        so one settings object passes through every layer unchanged."""
+        unknown = sorted(set(changes) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generation setting(s) {unknown}; the settings are "
+                            f"{[f.name for f in fields(cls)]}")
+        if settings is None:
+            return cls(**changes)
+        if not isinstance(settings, cls):
+            raise ValueError(f"settings must be a GenerationSettings or None, got {type(settings).__name__}")
+        return replace(settings, **changes) if changes else settings
 
 
 def decode(forward: Callable[..., object], input_ids: torch.Tensor, attention_mask: torch.Tensor,

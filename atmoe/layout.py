@@ -73,5 +73,14 @@ class GroupLayout:
     def group_of(self, expert: str) -> str:
         return self.expert_groups[self.experts.index(expert)]
 
+    def parse_target(self, target: str) -> tuple[str, str]:
+        """"group:<g>" or "expert:<e>" → (level, name); ValueError naming the choices otherwise."""
+        level, sep, name = target.partition(":")
+        names = {"group": self.groups, "expert": self.experts}.get(level)
+        if not sep or names is None or name not in names:
+            choices = [f"group:{g}" for g in self.groups] + [f"expert:{e}" for e in self.experts]
+            raise ValueError(f"target {target!r} is not one of {choices}")
+        return level, name
+
 
 __all__ = ["GroupLayout"]

@@ -22,6 +22,7 @@ from torch import nn
 from .base import check_signature, load_base
 from .call import RoutingCall, add_routing_hooks, checkpoint_context, use_call
 from .data import EncodedPrompt, check_text, encode_prompt
+from .explain import Explanation
 from .experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert
 from .generation import GenerationSettings, decode
 from .io import LoadError
@@ -267,44 +268,44 @@ class ATMoE:
                                             granularity=granularity, use_cache=False)
         return Score(out.logits[0].float(), self._trace(call, 0, ids[0].tolist()))
 
-    def stream(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
-               router: GroupedRouter | None = None, granularity: str | None = None,
-               stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | Generation]:
+    def stream(self, prompt: str, *, input: str = "", settings: GenerationSettings | None = None,
+               overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
+               stop: threading.Event | None = None, **changes: Any) -> Iterator[str | Generation]:
         """Yield text pieces as tokens are generated ("" while a character is incomplete), then the whole
         `Generation` (text, token ids, finish reason, trace), exactly what `generate` would return.
-        `merge=True` trades one weight copy per call for base-model decode speed (see `new_call`)."""
-        for item in self._generate_rows([prompt], [input], GenerationSettings(max_new_tokens, temperature, top_p, seed),
-                                        overrides, router, granularity, stop, merge):
+        `settings` is one `GenerationSettings`; keyword `changes` replace some of its fields (`max_new_tokens=64`,
+        `seed=1`, `granularity="token"`, `merge=True`, …). `merge=True` trades one weight copy per call for
+        base-model decode speed (see `new_call`). Setting `stop` ends it after the current token."""
+        settings = GenerationSettings.of(settings, **changes)
+        for item in self._generate_rows([prompt], [input], settings, overrides, router, stop):
             yield item if isinstance(item, str) else item[0]
 
-    def generate(self, prompt: str, *, input: str = "", max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, overrides: Overrides | dict | None = None,
-                 router: GroupedRouter | None = None, granularity: str | None = None,
-                 merge: bool = False) -> Generation:
-        return self.generate_batch([prompt], inputs=[input], max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed, overrides=overrides, router=router,
-                                   granularity=granularity, merge=merge)[0]
+    def generate(self, prompt: str, *, input: str = "", settings: GenerationSettings | None = None,
+                 overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
+                 **changes: Any) -> Generation:
+        """One answer and its routing; `settings` and `changes` as in `stream`."""
+        return self.generate_batch([prompt], inputs=[input], settings=settings, overrides=overrides, router=router,
+                                   **changes)[0]
 
     def generate_batch(self, prompts: Sequence[str], *, inputs: Sequence[str] | None = None,
-                       max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                       overrides: Overrides | dict | None = None, router: GroupedRouter | None = None,
-                       granularity: str | None = None, merge: bool = False) -> list[Generation]:
-        settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
-        *_, result = self._generate_rows(prompts, inputs or [""] * len(prompts), settings, overrides, router,
-                                         granularity, merge=merge)
+                       settings: GenerationSettings | None = None, overrides: Overrides | dict | None = None,
+                       router: GroupedRouter | None = None, **changes: Any) -> list[Generation]:
+        """One answer per prompt (left-padded, decoded together); `settings` and `changes` as in `stream`."""
+        settings = GenerationSettings.of(settings, **changes)
+        *_, result = self._generate_rows(prompts, inputs or [""] * len(prompts), settings, overrides, router)
         return result
 
     def _generate_rows(self, prompts: Sequence[str], inputs: Sequence[str], settings: GenerationSettings,
-                       overrides: Overrides | dict | None, router: GroupedRouter | None, granularity: str | None,
-                       stop: threading.Event | None = None, merge: bool = False) -> Iterator[str | list[Generation]]:
+                       overrides: Overrides | dict | None, router: GroupedRouter | None,
+                       stop: threading.Event | None = None) -> Iterator[str | list[Generation]]:
         """Yields text pieces of row 0 as they come, then the list of Generations."""
         start = time.perf_counter()
         rows = [self.encode_prompt(p, i) for p, i in zip(prompts, inputs, strict=True)]
         for r in rows:
             self._check_length(len(r.ids), settings.max_new_tokens)
         ids, mask, instruction = self._batch(rows)
-        call = self.new_call(mask, overrides, router, granularity, merge, instruction_mask=instruction)
+        call = self.new_call(mask, overrides, router, settings.granularity, settings.merge,
+                             instruction_mask=instruction)
         if call.granularity == "token" and len(rows) > 1:
             raise ValueError("token-level routing is for one prompt at a time")
         tok = self.tokenizer
@@ -346,3 +347,17 @@ class ATMoE:
 
     def _trace(self, call: RoutingCall, row: int, token_ids: list[int]) -> RoutingTrace:
         return RoutingTrace.from_call(call, row, token_ids, self.layer_names, self.tokenizer)
+
+    def explain(self, prompt: str, input: str = "", layers: Sequence[int] | None = None,
+                router: GroupedRouter | None = None) -> Explanation:
+        """Why the router chose its weights for this prompt: every group and expert logit at each layer split exactly
+        into one contribution per token it read, plus the bias (see `atmoe.explain`). One routed forward pass, no
+        overrides, sequence routing; `layers` limits the layers reported (default all)."""
+        row = self.encode_prompt(prompt, input)
+        self._check_length(len(row.ids))
+        ids, mask, instruction = self._batch([row])
+        call = self.new_call(mask, router=router, granularity="sequence", instruction_mask=instruction)
+        call.inputs = {}   # keep the hidden state entering each layer, for this call only
+        with torch.inference_mode(), use_call(call):
+            self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return Explanation.from_call(call, row.ids, self.tokenizer, self._trace(call, 0, row.ids), layers)

@@ -35,6 +35,7 @@ POOLINGS = ("mean", "last")
 READS = ("instruction", "prompt")
 GRANULARITIES = ("sequence", "token")
 _FORMAT = "atmoe-router-v1"
+EPS = 1e-6                          # the RMS norm's epsilon
 
 
 @dataclass
@@ -96,13 +97,20 @@ class GroupedRouter(nn.Module):
         self.register_buffer("group_index", torch.tensor(self.layout.group_index), persistent=False)
         self.trained = False  # set by training or by loading a checkpoint; reported in every trace
 
-    def forward(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden [..., D] (pooled) → α [..., G], β [..., E], fallback [...] (bool: non-finite input → uniform)."""
-        cfg, tau, slices = self.config, self.config.temperature, self.layout.slices
+    def logits(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [..., D] (pooled) → group logits [..., G], expert logits [..., E], before either normalisation
+        (`atmoe.explain` splits them into per-token contributions)."""
+        tau = self.config.temperature
         x = hidden.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight[layer]
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * self.norm_weight[layer]
         group_logits = F.linear(x, self.group_weight[layer], self.group_bias[layer]) / tau    # [..., G]
         expert_logits = F.linear(x, self.expert_weight[layer], self.expert_bias[layer]) / tau  # [..., E]
+        return group_logits, expert_logits
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [..., D] (pooled) → α [..., G], β [..., E], fallback [...] (bool: non-finite input → uniform)."""
+        cfg, slices = self.config, self.layout.slices
+        group_logits, expert_logits = self.logits(layer, hidden)
 
         if cfg.mode == "flat":
             w = expert_logits.softmax(-1)                                                      # one softmax over E

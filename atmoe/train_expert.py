@@ -1,8 +1,10 @@
 """Train one task-specific LoRA expert with PEFT and the Hugging Face Trainer.
 
 The Trainer brings ``accelerate launch`` / ``torchrun`` support, resumable checkpoints
-(``<out>.checkpoints``), tqdm progress and a loss log. The result is a standard PEFT adapter
-folder (``adapter_config.json`` + fp16 ``adapter_model.safetensors``) plus ``README.md``,
+(``<out>.checkpoints``), tqdm progress and a loss log. Data parallel (``torchrun --nproc_per_node N -m
+atmoe.train_expert ...``), each process trains on ``batch_size`` rows of its shard, the LM loss is averaged over
+the tokens of all N processes (the Trainer's ``average_tokens_across_devices``) and only the main process writes.
+The result is a standard PEFT adapter folder (``adapter_config.json`` + fp16 ``adapter_model.safetensors``) plus ``README.md``,
 ``atmoe_expert.json`` and ``train_log.jsonl``, written atomically.
 
 CLI::
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
@@ -31,6 +34,13 @@ from atmoe.io import atomic_directory
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def process_device() -> str:
+    """Where this process trains: under ``torchrun`` / ``accelerate launch`` its own device (``cuda:<local rank>``
+    or the CPU), else "auto" (CUDA if there is one)."""
+    state = PartialState()
+    return str(state.device) if state.num_processes > 1 else "auto"
 
 
 @dataclass
@@ -125,6 +135,7 @@ def train_lora(model: Any, tokenizer: Any, cfg: ExpertTrainConfig) -> TrainResul
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=1,
         report_to=[], remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False,
         bf16=cfg.bf16, use_cpu=next(model.parameters()).device.type == "cpu",
+        ddp_find_unused_parameters=False,  # every LoRA A and B is used in every forward
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=features,
                       data_collator=PadCollator(pad_id))
@@ -174,14 +185,18 @@ def train_expert(cfg: ExpertTrainConfig, model: Any = None, tokenizer: Any = Non
         raise ValueError("pass both model and tokenizer, or neither")
     if model is None:
         from atmoe.base import DEFAULT_BASE, load_base
-        model, tokenizer = load_base(cfg.base, device="cpu" if not torch.cuda.is_available() else "auto")
+        model, tokenizer = load_base(cfg.base, device=process_device())
         base = cfg.base or DEFAULT_BASE
     else:
         base = cfg.base or getattr(model.config, "_name_or_path", "") or "in-memory model"
     torch.manual_seed(cfg.seed)
     result = train_lora(model, tokenizer, cfg)
-    out = save_expert(result, cfg, base)
-    shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
+    out, state = Path(cfg.out), PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:  # data parallel, every process holds the same adapter: one writes, the others wait
+        save_expert(result, cfg, base)
+        shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
+    state.wait_for_everyone()
     return out
 
 
@@ -194,7 +209,8 @@ def parse_args(argv: list[str] | None = None) -> ExpertTrainConfig:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     out = train_expert(cfg)
-    print(f"saved expert {cfg.name!r} to {out}")
+    if PartialState().is_main_process:
+        print(f"saved expert {cfg.name!r} to {out}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ loss over the layer profile. Trained with the Hugging Face `Trainer` (resume, lo
 gradient checkpointing.
 
     python -m atmoe.train_router --manifest assets/experts.json --data runs/suite/router_train.jsonl
+    torchrun --nproc_per_node N -m atmoe.train_router ...      # data parallel: N processes, batch_size rows each
+
+Data parallel, the update is the one-process update on the global batch (N × batch_size rows): every loss is
+normalised by global counts (answer tokens, labelled rows) and the balance term reads the global batch-mean β, so
+each process's loss is N × its share and DDP's gradient average is the global gradient (`tests/test_distributed.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -30,6 +37,7 @@ from .data import PadCollator, encode_dataset, load_jsonl
 from .io import atomic_write_bytes
 from .model import ATMoE
 from .router import GroupedRouter, MODES, save_router
+from .train_expert import process_device
 
 
 @dataclass
@@ -71,9 +79,37 @@ class RouterTrainConfig:
             self.checkpoints = str(Path(self.out).with_suffix(".checkpoints"))
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) with a backward that sums the processes' gradients: a term computed from the sum, identical
+    on every process, then gets N × its gradient on each, and DDP's average of the N gradients is its own."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN401
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN401
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """Σ of `x` over the data-parallel processes (itself in one process), differentiable."""
+    return _SumOverProcesses.apply(x) if world_size() > 1 else x
+
+
 def routing_losses(router: GroupedRouter, call: RoutingCall, expert_labels: torch.Tensor, labelled: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(aux, balance). expert_labels [B, E] multi-hot; labelled [B] (False: the row has no labels at all).
+    Data parallel, both are taken over the global batch: aux is this process's rows' share of the mean over all
+    processes' scored rows, balance the KL of the β averaged over every process's rows (the same on each).
 
     The group labels judge each group's routing over all layers at once, never layer by layer: a per-layer target
     would pull every layer to the same weight and erase the layer profile that composition needs (style on the top
@@ -101,17 +137,20 @@ def routing_losses(router: GroupedRouter, call: RoutingCall, expert_labels: torc
         for gi, s in enumerate(slices):
             t = expert_labels[:, s] / expert_labels[:, s].sum(-1, keepdim=True).clamp(min=1)
             within = within + needed[:, gi] * -(t * beta[..., s].clamp(min=1e-9).log()).sum(-1).mean(0)
-    aux = ((group_loss + within) * rows).sum() / rows.sum().clamp(min=1)
+    aux = ((group_loss + within) * rows).sum() / sum_over_processes(rows.sum()).clamp(min=1)
+    n_rows = sum_over_processes(beta.new_tensor(beta.shape[1]))
     balance = []
     for s in slices:
         if s.stop - s.start > 1:
-            p = beta[..., s].mean(1)                                                           # [L, |g|]
+            p = sum_over_processes(beta[..., s].sum(1)) / n_rows                               # [L, |g|] global mean
             balance.append((p * (p.clamp(min=1e-9) * p.shape[-1]).log()).sum(-1).mean())
     return aux, (torch.stack(balance).sum() if balance else beta.new_zeros(()))
 
 
 class RouterTrainingModule(nn.Module):
     """What the Trainer sees: only the router is a submodule (so only it is optimised and checkpointed)."""
+
+    accepts_loss_kwargs = False  # the Trainer must not rescale the loss: `forward` normalises over processes itself
 
     def __init__(self, m: ATMoE, router: GroupedRouter, aux_weight: float, balance_weight: float) -> None:
         super().__init__()
@@ -130,11 +169,18 @@ class RouterTrainingModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 prompt_mask: torch.Tensor, instruction_mask: torch.Tensor, expert_labels: torch.Tensor,
                 labelled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Data parallel, each term is this process's share of the global batch's value (tokens and rows counted
+        over every process), times N: DDP averages the N gradients, so the step is the global batch's."""
         out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
-                                              router=self.router, labels=labels, use_cache=False)
+                                              router=self.router, use_cache=False)
+        targets = labels[:, 1:]                                   # position t predicts token t + 1
+        n_tokens = sum_over_processes((targets != -100).sum()).clamp(min=1)
+        lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                             reduction="sum") / n_tokens
         aux, balance = routing_losses(self.router, call, expert_labels.float(), labelled.bool())
-        loss = out.loss + self.aux_weight * aux + self.balance_weight * balance
-        return {"loss": loss, "lm_loss": out.loss.detach(), "aux_loss": aux.detach()}
+        n = world_size()
+        loss = n * (lm + self.aux_weight * aux) + self.balance_weight * balance
+        return {"loss": loss, "lm_loss": n * lm.detach(), "aux_loss": n * aux.detach()}
 
 
 class _RouterTrainer(Trainer):
@@ -150,9 +196,9 @@ class _RouterTrainer(Trainer):
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._parts and "loss" in logs:
-            lm, aux = zip(*self._parts)
-            logs["lm_loss"], logs["aux_loss"] = sum(lm) / len(lm), sum(aux) / len(aux)
+        if self._parts and "loss" in logs:  # every process logs at the same steps: average the parts over them
+            parts = torch.tensor(self._parts, device=self.args.device).mean(0)
+            logs["lm_loss"], logs["aux_loss"] = self.accelerator.reduce(parts, "mean").tolist()
             self._parts.clear()
         super().log(logs, *args, **kwargs)
 
@@ -175,7 +221,7 @@ class _Collator:
 
 def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, list[dict[str, float]]]:
     """Train a router for `cfg.manifest`'s experts; returns (router path, the Trainer's log history)."""
-    m = m or ATMoE.load(cfg.manifest, base=cfg.base)
+    m = m or ATMoE.load(cfg.manifest, base=cfg.base, device=process_device())
     examples = load_jsonl(cfg.data)
     unknown = sorted({e for ex in examples for e in ex.experts or []} - set(m.experts))
     if unknown:
@@ -196,6 +242,7 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=m.device.type == "cpu", bf16=cfg.bf16,
+        ddp_find_unused_parameters=cfg.mode == "flat",  # only a flat router leaves parameters (its group heads) unused
     )
     pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else m.tokenizer.eos_token_id
     trainer = _RouterTrainer(model=module, args=args, train_dataset=features,
@@ -203,13 +250,18 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
     resume = cfg.resume and any(Path(cfg.checkpoints).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     router.trained = True
-    path = save_router(router.requires_grad_(False), cfg.out)
-    log = "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history)
-    atomic_write_bytes(Path(path).with_suffix(".log.jsonl"), log.encode())  # the loss log, next to the router
-    if cfg.update_manifest and m.manifest is not None:
-        m.manifest.router = str(Path(path).resolve().relative_to(m.manifest.root.resolve()))
-        m.manifest.save(m.manifest.path or m.manifest.root / "experts.json")
-    shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
+    router.requires_grad_(False)
+    path, state = Path(cfg.out), PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:  # data parallel, every process holds the same router: one writes, the others wait
+        path = save_router(router, path)
+        log = "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history)
+        atomic_write_bytes(Path(path).with_suffix(".log.jsonl"), log.encode())  # the loss log, next to the router
+        if cfg.update_manifest and m.manifest is not None:
+            m.manifest.router = str(Path(path).resolve().relative_to(m.manifest.root.resolve()))
+            m.manifest.save(m.manifest.path or m.manifest.root / "experts.json")
+        shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
+    state.wait_for_everyone()
     return path, trainer.state.log_history
 
 
@@ -217,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = dataclass_parser(RouterTrainConfig, "Train an AT-MoE router (base and experts frozen).")
     cfg = RouterTrainConfig(**vars(parser.parse_args(argv)))
     path, _ = train_router(cfg)
-    print(f"router written to {path}")
+    if PartialState().is_main_process:
+        print(f"router written to {path}")
 
 
 if __name__ == "__main__":

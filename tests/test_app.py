@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
@@ -13,17 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from app_session import NOTE, PROMPT, new_page
+from app_session import ok as _ok
+from app_session import z_values as _z
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
 from app import batch, examples, figures, presets
-from app.service import Service, Settings
+from app.service import Service
 from app.text import md_escape, word_diff
-from atmoe import ATMoE, RoutingTrace
-
-SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
-PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
-NOTE = "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88.\nLabs: Na 128, K 4.1."
+from atmoe import ATMoE, GenerationSettings, Overrides, RoutingTrace
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +32,7 @@ def manifest(tmp_path_factory) -> Path:
 @pytest.fixture()
 def at(manifest, monkeypatch) -> AppTest:
     monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
-    app = AppTest.from_file(SCRIPT, default_timeout=60).run()
-    assert not app.exception, [e.value for e in app.exception]
-    return app
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
+    return new_page()
 
 
 def _generate(at: AppTest, prompt: str = PROMPT, note: str = NOTE, tokens: int = 6, granularity: str = "sequence"):
@@ -58,15 +49,6 @@ def _figure(at: AppTest, key_part: str) -> dict:
         if key_part in chart.proto.id:
             return json.loads(chart.proto.spec)
     raise AssertionError(f"no plotly chart {key_part!r}")
-
-
-def _z(trace_json: dict) -> np.ndarray:
-    """A plotly JSON array: a plain list, or plotly's typed-array form {dtype, bdata (base64), shape}."""
-    z = trace_json["z"]
-    if isinstance(z, dict):
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(n) for n in str(z.get("shape", len(arr))).split(",")]).astype(float)
-    return np.array(z, dtype=float)
 
 
 def _apply(at: AppTest) -> AppTest:
@@ -107,6 +89,39 @@ def test_fast_decode_toggle_reaches_the_engine(at):
     assert fused.text == merged.text and np.allclose(fused.trace.group_weights, merged.trace.group_weights)
 
 
+def test_one_settings_object_reaches_the_engine(at, monkeypatch):
+    """The dashboard builds one `GenerationSettings` per request and the engine decodes with that very object: the
+    form's granularity and fast-decode box reach `ATMoE`, and the answer records what ran (no second settings class
+    whose fields could drift from the engine's)."""
+    from app import service
+
+    seen: list[GenerationSettings] = []
+    real = ATMoE._generate_rows
+
+    def spy(self, prompts, inputs, settings, *args, **kwargs):
+        seen.append(settings)
+        return real(self, prompts, inputs, settings, *args, **kwargs)
+
+    monkeypatch.setattr(ATMoE, "_generate_rows", spy)
+    assert not hasattr(service, "Settings")
+    _generate(at, granularity="token")  # fast decode on (the tiny model's default), token routing
+    _ok(at)
+    token = at.session_state["answer"]
+    assert type(token.settings) is GenerationSettings and seen[-1] is token.settings
+    assert (token.settings.granularity, token.settings.merge) == ("token", True)
+    assert token.trace.granularity == "token" and not token.merged  # merging applies to sequence routing only
+    at.checkbox(key="merge").uncheck()
+    _generate(at, granularity="sequence")
+    _ok(at)
+    fused = at.session_state["answer"]
+    assert seen[-1] is fused.settings and (fused.settings.granularity, fused.settings.merge) == ("sequence", False)
+    assert fused.trace.granularity == "sequence" and not fused.merged
+    at.button(key="compare_run").click().run()  # Compare generates twice with the one settings object
+    _ok(at)
+    cmp = at.session_state["compare"]
+    assert cmp["plain"].settings is cmp["changed"].settings is seen[-1] is seen[-2]
+
+
 def test_moving_one_group_slider_fixes_only_that_group(at):
     _generate(at)
     before = at.session_state["trace"]
@@ -116,7 +131,8 @@ def test_moving_one_group_slider_fixes_only_that_group(at):
     _apply(at)
     _ok(at)
     ov = at.session_state["ov"]
-    assert ov["groups"] == {"style": 0.0} and not ov["experts"] and not ov["disabled"]  # only the moved slider
+    assert isinstance(ov, Overrides)  # the session keeps the object; dicts only at the JSON / URL edges
+    assert ov.groups == {"style": 0.0} and not ov.experts and not ov.disabled  # only the moved slider
     after = at.session_state["trace"]
     assert np.allclose(after.group_weights[:, style], 0) and after.group_overridden[:, style].all()
     assert np.allclose(after.group_weights.sum(1), 1, atol=1e-5)
@@ -140,7 +156,7 @@ def test_layer_range_and_disable(at):
     at.toggle(key="off_labs").set_value(True)
     _apply(at)
     _ok(at)
-    assert at.session_state["ov"] == {"groups": {}, "experts": {}, "layers": [2, 3], "disabled": ["labs"]}
+    assert at.session_state["ov"].to_dict() == {"groups": {}, "experts": {}, "layers": [2, 3], "disabled": ["labs"]}
     tr = at.session_state["trace"]
     t = tr.experts.index("labs")
     assert np.allclose(tr.expert_weights[2:, t], 0) and not np.allclose(tr.expert_weights[:2, t], 0)
@@ -169,14 +185,14 @@ def test_preset_file_and_link_round_trip(at, manifest, monkeypatch):
     preset = {"groups": {"style": 0.1}, "experts": {"labs": 1.0}, "layers": [1, 3], "disabled": []}
     at.file_uploader(key="preset_file").set_value(("p.json", json.dumps(preset).encode(), "application/json")).run()
     _ok(at)
-    assert at.session_state["ov"] == preset and at.slider(key="ov_g:style").value == 0.1
+    assert at.session_state["ov"].to_dict() == preset and at.slider(key="ov_g:style").value == 0.1
     assert at.session_state["trace"].group_overridden[1:, at.session_state["trace"].groups.index("style")].all()
     # A fresh session opened with that link starts from the same preset and prompt.
-    link = AppTest.from_file(SCRIPT, default_timeout=60)
-    link.query_params.update({"preset": presets.encode_url(preset), "q": PROMPT})
+    link = new_page(run=False)
+    link.query_params.update({"preset": presets.encode_url(Overrides.from_dict(preset)), "q": PROMPT})
     link.run()
-    assert link.session_state["ov"] == preset and link.text_area(key="prompt").value == PROMPT
-    bad = AppTest.from_file(SCRIPT, default_timeout=60)
+    assert link.session_state["ov"].to_dict() == preset and link.text_area(key="prompt").value == PROMPT
+    bad = new_page(run=False)
     bad.query_params["preset"] = "%%%"
     bad.run()
     assert not bad.exception and any("ignored" in e.value for e in bad.error)
@@ -216,7 +232,7 @@ def test_compare_view_shows_what_the_override_changed(sigmoid_manifest, monkeypa
     """Compare: the two answers differ, and the change heatmaps are non-zero exactly in the overridden group's
     columns (sigmoid gates: overriding one group leaves every other weight as the router's)."""
     monkeypatch.setenv("ATMOE_MANIFEST", str(sigmoid_manifest))
-    at = AppTest.from_file(SCRIPT, default_timeout=60).run()
+    at = new_page()
     _generate(at)
     at.slider(key="ov_g:style").set_value(0.0)
     _apply(at)
@@ -224,8 +240,8 @@ def test_compare_view_shows_what_the_override_changed(sigmoid_manifest, monkeypa
     _ok(at)
     cmp = at.session_state["compare"]
     plain, changed = cmp["plain"], cmp["changed"]
-    assert plain.overrides is None and changed.overrides == at.session_state["ov"] == \
-        {"groups": {"style": 0.0}, "experts": {}, "layers": None, "disabled": []}
+    assert plain.overrides is None and changed.overrides == at.session_state["ov"] == Overrides.from_dict(
+        {"groups": {"style": 0.0}, "experts": {}, "layers": None, "disabled": []})
     assert plain.text != changed.text
     assert plain.settings == changed.settings  # same prompt, settings and seed: only the overrides differ
     tr = changed.trace
@@ -335,7 +351,7 @@ def test_export_view_downloads_the_trace_and_the_routing_as_an_adapter(at, downl
     assert got.overrides == tr.overrides
     frame = pd.read_csv(io.BytesIO(_download(at, downloads, "Trace as CSV")))
     assert len(frame) == len(tr.to_frame())
-    assert json.loads(_download(at, downloads, "Save preset")) == at.session_state["ov"]
+    assert json.loads(_download(at, downloads, "Save preset")) == at.session_state["ov"].to_dict()
     assert np.abs(tr.effective_weights - tr.router_effective_weights).max() > 0.05
     for use, expected in (("used", tr.effective_weights), ("router", tr.router_effective_weights)):
         at.radio(key="export_use").set_value(use)
@@ -426,7 +442,7 @@ def test_presets_only_moved_sliders_become_overrides():
     base = {"g:task": 0.5, "g:style": 0.3, "e:x": 0.4}
     assert presets.overrides_from_sliders(dict(base), base, [], (0, 3), 4) is None
     ov = presets.overrides_from_sliders({**base, "g:style": 0.0, "e:x": 0.9}, base, ["x"], (1, 3), 4)
-    assert ov == {"groups": {"style": 0.0}, "experts": {}, "layers": [1, 3], "disabled": ["x"]}
+    assert ov.to_dict() == {"groups": {"style": 0.0}, "experts": {}, "layers": [1, 3], "disabled": ["x"]}
     assert presets.decode_url(presets.encode_url(ov)) == ov
     assert presets.from_json(presets.to_json(ov)) == ov
     for bad in (b"[1, 2]", b'{"groups": {"a": 2}}', b'{"weird": 1}', b"\xff\xfe"):
@@ -515,7 +531,7 @@ def test_streamed_answer_is_the_generated_answer_even_when_it_ends_on_the_last_s
         out[..., eos] = 1e4 if len(steps) == budget else -1e4
         return out
 
-    settings = Settings(max_new_tokens=budget)
+    settings = GenerationSettings(max_new_tokens=budget)
     hook = svc.model.model.lm_head.register_forward_hook(eos_on_step)
     try:
         *pieces, streamed = svc.stream(PROMPT, NOTE, settings, None, threading.Event())

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_session import NOTE, PROMPT, SCRIPT, new_page
+from app_session import ok as _ok
+from app_session import z_values as _z
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
@@ -17,10 +19,6 @@ from app import launch
 from app.launch import Launch, LaunchError
 from app.service import DEFAULT_MANIFEST, Service
 from app.views.overrides import slider_notes
-
-SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
-PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
-NOTE = "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88.\nLabs: Na 128, K 4.1."
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +36,7 @@ def _app(monkeypatch, *args: str, env: str | None = None) -> AppTest:
         monkeypatch.delenv("ATMOE_MANIFEST", raising=False)
     else:
         monkeypatch.setenv("ATMOE_MANIFEST", env)
-    at = AppTest.from_file(SCRIPT, default_timeout=60).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
+    return new_page()
 
 
 def _loads(monkeypatch) -> list[str]:
@@ -122,7 +113,7 @@ def test_visitors_pick_among_launch_names_only(models, monkeypatch):
     _ok(at)
     assert at.session_state["trace"].router_trained is False
     # Another session on alpha reuses the model loaded for the first: each listed manifest loads once.
-    other = AppTest.from_file(SCRIPT, default_timeout=60).run()
+    other = new_page()
     _ok(other)
     assert sorted(calls) == sorted([str(a), str(b)])
 
@@ -176,15 +167,6 @@ def _caption_under(at: AppTest, key: str) -> str:
     return next(n.value for n in nodes[i + 1:] if n.type == "caption")
 
 
-def _z(trace_json: dict) -> np.ndarray:
-    """A plotly JSON array: a plain list, or plotly's typed-array form {dtype, bdata (base64), shape}."""
-    z = trace_json["z"]
-    if isinstance(z, dict):
-        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-        return arr.reshape([int(n) for n in str(z.get("shape", len(arr))).split(",")]).astype(float)
-    return np.array(z, dtype=float)
-
-
 def test_slider_captions_tell_router_fixed_and_used_values(models, monkeypatch):
     a, _ = models
     at = _app(monkeypatch, "--manifest", str(a))
@@ -202,7 +184,7 @@ def test_slider_captions_tell_router_fixed_and_used_values(models, monkeypatch):
     at.button(key="FormSubmitter:overrides_form-Apply").click().run()
     _ok(at)
     tr = at.session_state["trace"]
-    assert tr.mode == "softmax" and at.session_state["ov"]["groups"] == {"style": 1.0}
+    assert tr.mode == "softmax" and at.session_state["ov"].groups == {"style": 1.0}
     assert np.allclose(tr.group_weights[:, task], 0)
     r_task = float(tr.router_group_weights[:, task].mean())
     assert r_task > 0.05

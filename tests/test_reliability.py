@@ -571,7 +571,8 @@ INVALID_SETTINGS = [
     dict(temperature=100.5), dict(temperature=True), dict(temperature="0.7"), dict(temperature=None),
     dict(top_p=0.0), dict(top_p=-0.5), dict(top_p=1.0000001), dict(top_p=math.nan), dict(top_p=math.inf),
     dict(top_p=False), dict(seed=-1), dict(seed=2**63), dict(seed=1.5), dict(seed=1.0), dict(seed="7"),
-    dict(seed=True), dict(seed=None),
+    dict(seed=True), dict(seed=None), dict(granularity="word"), dict(granularity=1), dict(merge="yes"),
+    dict(merge=1),
 ]
 
 
@@ -582,6 +583,16 @@ def test_invalid_settings_are_refused_with_a_message(bad, model):
         GenerationSettings(**bad)
     with pytest.raises(ValueError, match=field):
         model.generate(PROMPT, **bad)
+
+
+def test_settings_are_one_object_and_unknown_names_are_refused(model):
+    settings = GenerationSettings(max_new_tokens=2, granularity="sequence", merge=True)
+    assert GenerationSettings.of(settings) is settings  # passed through unchanged
+    assert GenerationSettings.of(settings, seed=3) == GenerationSettings(2, 0.0, 1.0, 3, "sequence", True)
+    with pytest.raises(TypeError, match="max_tokens"):
+        model.generate(PROMPT, max_tokens=2)  # a misspelt setting is named, not ignored
+    assert model.generate(PROMPT, settings=settings).token_ids == model.generate(PROMPT, max_new_tokens=2,
+                                                                                granularity="sequence").token_ids
 
 
 def test_exact_limits_are_accepted(model):

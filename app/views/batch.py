@@ -8,6 +8,7 @@ import streamlit as st
 from app import batch, figures, presets, state
 from app.examples import heldout_rows
 from app.service import BATCH_CHUNK, Service
+from atmoe import Overrides
 
 
 def _table() -> tuple[pd.DataFrame | None, str]:
@@ -31,7 +32,7 @@ def _table() -> tuple[pd.DataFrame | None, str]:
     return df, up.name
 
 
-def _route(svc: Service, df: pd.DataFrame, overrides: dict | None) -> tuple[list, pd.DataFrame, list[str]]:
+def _route(svc: Service, df: pd.DataFrame, overrides: Overrides | None) -> tuple[list, pd.DataFrame, list[str]]:
     """Route in chunks with a progress bar; a chunk that fails is retried row by row so one bad row is skipped."""
     bar = st.progress(0.0, text="Routing…")
     traces, kept, errors = [], [], []

@@ -19,7 +19,7 @@ def _load_preset(svc: Service) -> None:
         ss._preset_file = up.file_id
         try:
             ov = presets.from_json(up.getvalue())
-            error = state.set_overrides(svc, ov or None)
+            error = state.set_overrides(svc, ov)
             ss._preset_msg = ("error", f"Preset {up.name} does not fit this model. {error}") if error else \
                 ("success", f"Preset loaded: {presets.describe(ov)}")
         except ValueError as e:

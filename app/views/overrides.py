@@ -52,8 +52,8 @@ def _free(router: float, used: float) -> str:
 
 
 def _layers(svc: Service) -> tuple[int, int]:
-    ov = st.session_state.get("ov") or {}
-    return tuple(ov["layers"]) if ov.get("layers") else (0, svc.num_layers - 1)
+    ov = st.session_state.get("ov")
+    return ov.layers if ov is not None and ov.layers is not None else (0, svc.num_layers - 1)
 
 
 def _sync_widgets(svc: Service) -> None:
@@ -69,7 +69,7 @@ def _sync_widgets(svc: Service) -> None:
     values = presets.slider_values(base, ss.get("ov"))
     for k, v in values.items():
         ss[f"ov_{k}"] = v
-    disabled = (ss.get("ov") or {}).get("disabled") or []
+    disabled = ss.ov.disabled if ss.get("ov") is not None else ()
     for e in svc.experts:
         ss[f"off_{e}"] = e in disabled
     ss["ov_layers"] = layers

@@ -1,0 +1,76 @@
+"""View "Why": which words of the instruction pushed the router toward a group or expert (exact logit terms), and
+an optional sweep of that weight from 0 to 1."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import state, why
+from app.service import Service
+from app.text import md_escape
+
+
+def _explanation(svc: Service, prompt: str, note: str):  # -> Explanation | None
+    """This session's explanation of the routed prompt, computed once per prompt and model."""
+    ss = st.session_state
+    key = (svc.source, prompt, note)
+    cached = ss.get("_why")
+    if cached is None or cached[0] != key:
+        try:
+            with st.spinner("Explaining the routing…"):
+                cached = (key, why.explain(svc, prompt, note))
+        except state.ERRORS as e:
+            st.error(f"Cannot explain this prompt: {e}")
+            return None
+        ss._why = cached
+    return cached[1]
+
+
+def _sweep(svc: Service, prompt: str, note: str, target: str) -> None:
+    ss = st.session_state
+    with st.expander("Sweep this weight from 0 to 1 (generates once per step)"):
+        with st.form("why_sweep_form"):
+            steps = st.number_input("Steps", 2, 11, 3, key="why_steps")
+            run = st.form_submit_button("Run sweep")
+        if run:
+            try:
+                with st.spinner("Generating one answer per step…"):
+                    frame = why.run_sweep(svc, prompt, note, target, int(steps), state.settings())
+                ss._why_sweep = (target, prompt, note, frame)
+            except state.ERRORS as e:
+                st.error(f"Cannot sweep: {e}")
+        done = ss.get("_why_sweep")
+        if done and done[1:3] == (prompt, note):
+            st.caption(f"{why.target_label(done[0])} fixed at each weight on every layer; same prompt, settings and "
+                       "seed (the Generation settings of the Prompt tab).")
+            cols = st.columns(len(done[3]))
+            for col, row in zip(cols, done[3].itertuples()):
+                box = col.container(border=True)
+                box.markdown(f"**w = {row.weight:.2f}**")
+                box.markdown(md_escape(row.text) if row.text.strip() else "_(empty answer)_")
+
+
+def render(svc: Service) -> None:
+    ss = st.session_state
+    if not ss.get("trace_of"):
+        st.info("Route or generate a prompt in **Prompt & routing** to see which of its words drove the routing.")
+        return
+    prompt, note, _ = ss.trace_of
+    ex = _explanation(svc, prompt, note)
+    if ex is None:
+        return
+    L = svc.num_layers
+    c1, c2 = st.columns([2, 3], vertical_alignment="bottom")
+    target = c1.selectbox("Explain the weight of", ex.targets, key="why_target", format_func=why.target_label)
+    layers = c2.slider("Layers (one, a range, or all = the mean)", 0, L - 1, (0, L - 1), key="why_layers")
+    layers = (int(layers[0]), int(layers[1]))
+    st.plotly_chart(why.words_figure(ex, target, layers), key="why_words", width="stretch")
+    t = why.terms(ex, target, layers)
+    rel = " relative to the mean of the members normalised together (softmax: only differences matter)" \
+        if t["relative"] else " (a sigmoid gate: absolute)"
+    st.caption(f"Logit{rel}: {t['logit']:+.3f} = Σ words + bias {t['bias']:+.3f} (mean over the chosen layers). "
+               f"The router reads the {'instruction' if ex.reads == 'instruction' else 'whole prompt'}"
+               + (" — **last** pooling: only its last token counts." if ex.pooling == "last" else "."))
+    st.plotly_chart(why.heatmap_figure(ex, target), key="why_heatmap", width="stretch")
+    st.caption(why.CAPTION)
+    _sweep(svc, prompt, note, target)

@@ -1,0 +1,39 @@
+"""What the dashboard tests share: the page script, a sample request, a fresh page session, and the check that a
+run showed no traceback and no error (Streamlit AppTest), and reading a chart's values."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+from streamlit.testing.v1 import AppTest
+
+SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
+PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
+NOTE = "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88.\nLabs: Na 128, K 4.1."
+
+
+def new_page(run: bool = True) -> AppTest:
+    """A fresh browser session of `streamlit_app.py`, run once (unless `run=False`, e.g. to set query params first)
+    and checked for tracebacks."""
+    at = AppTest.from_file(SCRIPT, default_timeout=60)
+    if run:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def ok(at: AppTest) -> None:
+    """The last run raised nothing and showed no error."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def z_values(trace_json: dict) -> np.ndarray:
+    """A plotly JSON array: a plain list, or plotly's typed-array form {dtype, bdata (base64), shape}."""
+    z = trace_json["z"]
+    if isinstance(z, dict):
+        arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
+        return arr.reshape([int(n) for n in str(z.get("shape", len(arr))).split(",")]).astype(float)
+    return np.array(z, dtype=float)

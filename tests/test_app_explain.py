@@ -1,0 +1,101 @@
+"""The "Why" tab renders the word attribution of the routed prompt and reacts to its controls (AppTest)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+from tiny_models import tiny_demo
+
+from app import why
+from atmoe import ATMoE
+
+SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
+PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
+NOTE = "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88."
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return tiny_demo(tmp_path_factory.mktemp("app_explain"))
+
+
+@pytest.fixture()
+def at(manifest, monkeypatch) -> AppTest:
+    monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
+    app = AppTest.from_file(SCRIPT, default_timeout=90).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _z(at: AppTest, key_part: str) -> np.ndarray:
+    """The z of the plotly chart whose id contains `key_part` (a list, or plotly's typed array {dtype, bdata})."""
+    for chart in at.get("plotly_chart"):
+        if key_part in chart.proto.id:
+            z = json.loads(chart.proto.spec)["data"][0]["z"]
+            if isinstance(z, dict):
+                arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
+                return arr.reshape([int(n) for n in str(z.get("shape", len(arr))).split(",")]).astype(float)
+            return np.array(z, dtype=float)
+    raise AssertionError(f"no plotly chart {key_part!r}")
+
+
+def test_why_tab_explains_the_routed_prompt_and_reacts(at, manifest):
+    assert any("Route or generate a prompt" in i.value for i in at.info)   # nothing routed yet
+    at.text_area(key="prompt").input(PROMPT)
+    at.text_area(key="note").input(NOTE)
+    at.button(key="FormSubmitter:prompt_form-Route only").click().run()
+    _ok(at)
+    ex = at.session_state["_why"][1]
+    m = ATMoE.load(manifest, device="cpu")
+    assert ex.words == m.explain(PROMPT, NOTE).words == PROMPT.split()   # the instruction's words, not the note's
+    target = at.selectbox(key="why_target")
+    assert target.value == "group:task" and "bullets (expert)" in target.options
+    heat = _z(at, "why_heatmap")
+    assert np.allclose(heat, ex.word_matrix("group:task").to_numpy())
+    assert np.allclose(_z(at, "why_words")[0], ex.by_word("group:task").contribution)
+    assert any("not** the word's effect on the answer" in c.value for c in at.caption)
+
+    target.set_value("expert:bullets").run()
+    _ok(at)
+    after = _z(at, "why_heatmap")
+    assert np.allclose(after, ex.word_matrix("expert:bullets").to_numpy()) and not np.allclose(after, heat)
+
+    at.slider(key="why_layers").set_value((2, 2)).run()
+    _ok(at)
+    assert np.allclose(_z(at, "why_words")[0], ex.word_matrix("expert:bullets").loc[2])
+    assert at.session_state["_why"][1] is ex   # re-slicing, not re-explaining
+
+
+def test_sweep_in_the_why_tab(at):
+    at.text_area(key="prompt").input(PROMPT)
+    at.number_input(key="max_new_tokens").set_value(3)
+    at.button(key="FormSubmitter:prompt_form-Route only").click().run()
+    at.number_input(key="why_steps").set_value(2)
+    at.button(key="FormSubmitter:why_sweep_form-Run sweep").click().run()
+    _ok(at)
+    target, prompt, _, frame = at.session_state["_why_sweep"]
+    assert target == "group:task" and prompt == PROMPT and list(frame.weight) == [0.0, 1.0]
+    assert any(md.value == "**w = 1.00**" for md in at.markdown)
+
+
+def test_figures_are_literal_and_centred():
+    class Fake:  # the two Explanation methods the figures read
+        words = ["<b>bold</b>", "x"]
+        relative = {"group": True}
+
+        def by_word(self, target, layers):
+            import pandas as pd
+            return pd.DataFrame({"word": [0, 1], "text": self.words, "contribution": [0.5, -0.25]})
+
+    fig = why.words_figure(Fake(), "group:task", (0, 1))
+    assert fig.data[0].text[0][0] == "&lt;b&gt;bold&lt;/b&gt;" and (fig.data[0].zmin, fig.data[0].zmax) == (-0.5, 0.5)
