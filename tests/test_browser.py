@@ -94,7 +94,7 @@ def test_generate_override_and_apply_in_browser(server):
             page.get_by_role("button", name="Generate").click()
 
             expect(page.get_by_text(re.compile(r"\d+ tokens in [\d.]+ s"))).to_be_visible()
-            expect(page.locator(".js-plotly-plot")).to_have_count(2)
+            expect(page.locator(".js-plotly-plot").nth(1)).to_be_visible()  # the group and expert heatmaps (+ other tabs')
             before = _style_mean(page)
 
             slider = page.get_by_test_id("stSlider").filter(has_text="α style").get_by_role("slider")
@@ -109,10 +109,10 @@ def test_generate_override_and_apply_in_browser(server):
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
             # A long generation can be stopped; the partial answer and its routing are kept.
-            tokens.fill("400")
+            tokens.fill("380")  # the most the tiny model's 512-token context leaves after this 123-token prompt
             tokens.press("Tab")
             page.get_by_role("button", name="Generate").click()
-            time.sleep(1.5)
+            time.sleep(0.8)
             page.get_by_role("button", name="Stop generating").click()
             expect(page.get_by_text(re.compile(r"finished: stopped"))).to_be_visible()
         finally:
