@@ -5,7 +5,8 @@ among their names (no free text: a path box would let anyone probe the server's 
     streamlit run streamlit_app.py -- --models-dir DIR             # every DIR/*/experts.json and DIR/*.json manifest
     streamlit run streamlit_app.py -- --allow-any-manifest         # local use only: adds a free path box
 
-$ATMOE_MANIFEST names one more allowed manifest; with none of these, the shipped `assets/experts.json` is the one.
+$ATMOE_MANIFEST names one more allowed manifest. With none of these, the shipped demo's manifests that exist are
+offered: the co-adapted `assets/coadapted/experts.json` first, then the stage-1 `assets/experts.json`.
 No Streamlit here: the arguments parse into a `Launch` (or a `LaunchError` that the page shows).
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.service import DEFAULT_MANIFEST
+from app.service import DEFAULT_MANIFESTS
 from atmoe.io import LoadError
 from atmoe.manifest import Manifest
 
@@ -77,7 +78,7 @@ def parse(argv: Sequence[str], env_manifest: str | None = None) -> Launch:
     if env_manifest:
         paths.append(env_manifest)
     if not paths:
-        paths = [DEFAULT_MANIFEST]
+        paths = [p for p in DEFAULT_MANIFESTS if Path(p).is_file()] or [DEFAULT_MANIFESTS[0]]
     for p in paths:
         if not p.strip():
             raise LaunchError("--manifest needs a path, got an empty one")

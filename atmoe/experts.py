@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fused import FusedLoRA
-from .io import LoadError, read_json, read_safetensors
+from .io import LoadError, atomic_directory, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -193,3 +193,20 @@ def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str
         setattr(parent, child, layer)
         fused.append(layer)
     return fused
+
+
+def save_fused_expert(model: nn.Module, expert: Expert, index: int, out_dir: str | Path, card: dict[str, Any],
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Write expert `index` as the fused layers now hold it (e.g. after co-adaptation) as a standard PEFT adapter
+    folder, atomically: its own adapter config, its weights, and its card updated with `card`."""
+    tensors = {}
+    for name, module in model.named_modules():
+        pair = module.expert_pair(index) if isinstance(module, FusedLoRA) else None
+        if pair is not None:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = pair[0].to(dtype)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = pair[1].to(dtype)
+    with atomic_directory(out_dir) as tmp:
+        atomic_write_json(tmp / "adapter_config.json", expert.config)
+        atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
+        atomic_write_json(tmp / "atmoe_expert.json", {**expert.card, **card})
+    return Path(out_dir)

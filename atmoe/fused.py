@@ -31,6 +31,21 @@ class FusedLoRA(nn.Module):
         self.register_buffer("rank_expert", rank_expert, persistent=False)  # [R] expert index of each rank
         self.register_buffer("rank_scale", rank_scale, persistent=False)    # [R] s_e of each rank
 
+    def unfreeze_experts(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """Co-adaptation: the stacked pairs become trainable parameters of this layer, still split by `rank_expert`
+        (so `expert_pair` reads each expert back out)."""
+        for name in ("lora_A", "lora_B"):
+            if not isinstance(getattr(self, name), nn.Parameter):
+                setattr(self, name, nn.Parameter(self._buffers.pop(name).detach().clone()))
+        return self.lora_A, self.lora_B
+
+    def expert_pair(self, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Expert `expert`'s (A [r, I], B [O, r]) in this module, or None where it targets no rank here."""
+        rows = self.rank_expert == expert
+        if not bool(rows.any()):
+            return None
+        return self.lora_A.detach()[rows], self.lora_B.detach()[:, rows]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind, factor = self._factor(x.dtype)
         if kind == "base":

@@ -23,7 +23,7 @@ from .base import check_signature, load_base
 from .call import RoutingCall, add_routing_hooks, checkpoint_context, use_call
 from .data import EncodedPrompt, check_text, encode_prompt
 from .explain import Explanation
-from .experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert
+from .experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
 from .generation import GenerationSettings, decode
 from .io import LoadError
 from .layout import GroupLayout
@@ -148,6 +148,12 @@ class ATMoE:
 
     def save_router(self, path: str | Path, router: GroupedRouter | None = None) -> Path:
         return save_router(router or self.router, path)
+
+    def save_experts(self, out_dir: str | Path, card: dict[str, Any] | None = None,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+        """Write every expert as the fused layers hold it now, one PEFT adapter folder each: `out_dir/<name>`."""
+        return {e.name: save_fused_expert(self.model, e, i, Path(out_dir) / e.name, card or {}, dtype)
+                for i, e in enumerate(self._experts)}
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint decoder layers; the backward recompute re-enters the call's routing (non-reentrant)."""

@@ -33,7 +33,7 @@ from atmoe.data import PadCollator, encode_dataset, load_jsonl
 from atmoe.io import atomic_directory
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def process_device() -> str:
@@ -93,8 +93,8 @@ class ExpertTrainConfig:
             raise ValueError("dropout and warmup_ratio must be in [0, 1)")
         if not self.targets:
             raise ValueError("targets must name at least one module")
-        if self.dtype_out not in _OUT_DTYPES:
-            raise ValueError(f"dtype_out must be one of {sorted(_OUT_DTYPES)}, got {self.dtype_out!r}")
+        if self.dtype_out not in OUT_DTYPES:
+            raise ValueError(f"dtype_out must be one of {sorted(OUT_DTYPES)}, got {self.dtype_out!r}")
 
     @property
     def checkpoints(self) -> Path:
@@ -164,7 +164,7 @@ def save_expert(result: TrainResult, cfg: ExpertTrainConfig, base: str) -> Path:
     with atomic_directory(out) as tmp:
         result.model.save_pretrained(tmp, safe_serialization=True)
         weights = tmp / "adapter_model.safetensors"
-        tensors = {k: v.to(_OUT_DTYPES[cfg.dtype_out]).contiguous() for k, v in load_file(weights).items()}
+        tensors = {k: v.to(OUT_DTYPES[cfg.dtype_out]).contiguous() for k, v in load_file(weights).items()}
         save_file(tensors, weights, metadata={"format": "pt"})
         (tmp / "README.md").write_text(_model_card(cfg, result, base), encoding="utf-8")
         meta = {"name": cfg.name, "group": cfg.group, "description": cfg.description, "train_rows": result.train_rows,

@@ -1,4 +1,6 @@
 """Train the AT-MoE router: base model and experts frozen, only the per-layer routers learn.
+With `--train-experts` (co-adaptation, a second stage): the experts' LoRA pairs learn with it, on the same loss, and
+are written as standard PEFT adapters with their router and a manifest naming both.
 
     loss = LM loss on the answers                        (learns *where* in depth each expert acts)
          + aux_weight     · label loss on the experts a row needs, where rows are labelled (*which* experts)
@@ -35,9 +37,10 @@ from .call import RoutingCall
 from .cliargs import dataclass_parser
 from .data import PadCollator, encode_dataset, load_jsonl
 from .io import atomic_write_bytes
+from .manifest import ExpertEntry, GroupEntry, Manifest
 from .model import ATMoE
-from .router import GroupedRouter, MODES, save_router
-from .train_expert import process_device
+from .router import GroupedRouter, MODES, load_router, save_router
+from .train_expert import OUT_DTYPES, process_device
 
 
 @dataclass
@@ -56,6 +59,7 @@ class RouterTrainConfig:
     max_length: int = 256
     aux_weight: float = 1.0
     balance_weight: float = 0.01
+    pool_dropout: float = 0.0          # training only: drop this share of the tokens the router pools (≥ 1 kept)
     gradient_checkpointing: bool = False
     bf16: bool = False                 # bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs; router fp32)
     resume: bool = True
@@ -64,6 +68,11 @@ class RouterTrainConfig:
     save_steps: int = 25
     checkpoints: str | None = None     # default: <out>.checkpoints/
     update_manifest: bool = True
+    init_router: str | None = None     # start from this router's weights (e.g. stage 1's) instead of small random ones
+    train_experts: bool = False        # co-adaptation: the experts' LoRA pairs train too, at expert_lr
+    expert_lr: float = 5e-4
+    experts_out: str | None = None     # co-adaptation: folder for the experts, router and manifest (<manifest>/coadapted)
+    experts_dtype: str = "float16"     # co-adaptation: the stored experts' dtype (as `train_expert --dtype-out`)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,8 +82,16 @@ class RouterTrainConfig:
                 raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")
         if not self.lr > 0 or self.aux_weight < 0 or self.balance_weight < 0:
             raise ValueError("lr must be > 0 and the loss weights ≥ 0")
+        if not 0 <= self.pool_dropout < 1:
+            raise ValueError(f"pool_dropout must be in [0, 1), got {self.pool_dropout}")
+        if self.experts_dtype not in OUT_DTYPES:
+            raise ValueError(f"experts_dtype must be one of {sorted(OUT_DTYPES)}, got {self.experts_dtype!r}")
+        if self.train_experts:
+            self.experts_out = self.experts_out or str(Path(self.manifest).parent / "coadapted")
+            self.update_manifest = False   # the source manifest's experts are not the ones this router is trained for
         if self.out is None:
-            self.out = str(Path(self.manifest).parent / "router.safetensors")
+            self.out = str(Path(self.experts_out if self.train_experts else Path(self.manifest).parent)
+                           / "router.safetensors")
         if self.checkpoints is None:
             self.checkpoints = str(Path(self.out).with_suffix(".checkpoints"))
 
@@ -148,13 +165,17 @@ def routing_losses(router: GroupedRouter, call: RoutingCall, expert_labels: torc
 
 
 class RouterTrainingModule(nn.Module):
-    """What the Trainer sees: only the router is a submodule (so only it is optimised and checkpointed)."""
+    """What the Trainer sees: only the router (and, co-adapting, the experts' pairs) — so only they are optimised
+    and checkpointed."""
 
     accepts_loss_kwargs = False  # the Trainer must not rescale the loss: `forward` normalises over processes itself
 
-    def __init__(self, m: ATMoE, router: GroupedRouter, aux_weight: float, balance_weight: float) -> None:
+    def __init__(self, m: ATMoE, router: GroupedRouter, aux_weight: float, balance_weight: float,
+                 experts: list[nn.Parameter] | None = None, pool_dropout: float = 0.0) -> None:
         super().__init__()
-        self.router = router
+        self.router, self.pool_dropout = router, pool_dropout
+        if experts:  # co-adaptation: the fused layers' LoRA pairs (shared with them, trained in place)
+            self.experts = nn.ParameterList(experts)
         self.__dict__["atmoe"] = m  # plain attribute: the frozen base is not part of this module's state
         self.aux_weight, self.balance_weight = aux_weight, balance_weight
 
@@ -171,6 +192,9 @@ class RouterTrainingModule(nn.Module):
                 labelled: torch.Tensor) -> dict[str, torch.Tensor]:
         """Data parallel, each term is this process's share of the global batch's value (tokens and rows counted
         over every process), times N: DDP averages the N gradients, so the step is the global batch's."""
+        if self.training and self.pool_dropout > 0:
+            prompt_mask, instruction_mask = (drop_tokens(mask, self.pool_dropout) for mask in (prompt_mask,
+                                                                                               instruction_mask))
         out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
                                               router=self.router, use_cache=False)
         targets = labels[:, 1:]                                   # position t predicts token t + 1
@@ -183,12 +207,30 @@ class RouterTrainingModule(nn.Module):
         return {"loss": loss, "lm_loss": n * lm.detach(), "aux_loss": n * aux.detach()}
 
 
+def drop_tokens(mask: torch.Tensor, p: float) -> torch.Tensor:
+    """`mask` [B, T] with each set token dropped with probability p; a row that would lose them all keeps them.
+    Word dropout for the router's pool: no single cue word may carry a decision (wordings it never saw)."""
+    kept = mask.bool() & (torch.rand(mask.shape, device=mask.device) >= p)
+    kept = torch.where(kept.any(-1, keepdim=True), kept, mask.bool())
+    return kept.to(mask.dtype)
+
+
 class _RouterTrainer(Trainer):
     """The HF Trainer, also logging the LM and routing parts of the loss."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, expert_lr: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parts: list[tuple[float, float]] = []
+        self.expert_lr = expert_lr
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """AdamW, with the experts (when co-adapting) in their own group at their own learning rate."""
+        if self.optimizer is None:
+            groups = [{"params": list(self.model.router.parameters()), "lr": self.args.learning_rate}]
+            if hasattr(self.model, "experts"):
+                groups.append({"params": list(self.model.experts), "lr": self.expert_lr})
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=0.0)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         out = model(**inputs)
@@ -232,10 +274,19 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
     print(f"router training: {len(features)} rows ({n_truncated} answers truncated to {cfg.max_length} tokens)")
     torch.manual_seed(cfg.seed)
     router = m.new_router(mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads)
-    with torch.no_grad():  # small random heads: zero heads give identical gradients to every expert of a group
-        router.group_weight.normal_(0, 0.01)
-        router.expert_weight.normal_(0, 0.01)
-    module = RouterTrainingModule(m, router.requires_grad_(True), cfg.aux_weight, cfg.balance_weight)
+    if cfg.init_router:
+        start = load_router(cfg.init_router, expected=router.config)
+        if (start.config.mode, start.config.reads) != (cfg.mode, cfg.reads):
+            raise ValueError(f"--init-router {cfg.init_router} is a {start.config.mode} router reading the "
+                             f"{start.config.reads}; this run trains a {cfg.mode} router reading the {cfg.reads}")
+        router.load_state_dict(start.state_dict())
+    else:
+        with torch.no_grad():  # small random heads: zero heads give identical gradients to every expert of a group
+            router.group_weight.normal_(0, 0.01)
+            router.expert_weight.normal_(0, 0.01)
+    experts = [p for layer in m.fused for p in layer.unfreeze_experts()] if cfg.train_experts else None
+    module = RouterTrainingModule(m, router.requires_grad_(True), cfg.aux_weight, cfg.balance_weight, experts,
+                                  cfg.pool_dropout)
     args = TrainingArguments(
         output_dir=cfg.checkpoints, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(cfg.warmup_ratio * cfg.steps)), weight_decay=0.0,
@@ -245,24 +296,44 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
         ddp_find_unused_parameters=cfg.mode == "flat",  # only a flat router leaves parameters (its group heads) unused
     )
     pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else m.tokenizer.eos_token_id
-    trainer = _RouterTrainer(model=module, args=args, train_dataset=features,
-                      data_collator=_Collator(PadCollator(pad, with_prompt_mask=True), m.experts))
+    trainer = _RouterTrainer(model=module, args=args, train_dataset=features, expert_lr=cfg.expert_lr,
+                             data_collator=_Collator(PadCollator(pad, with_prompt_mask=True), m.experts))
     resume = cfg.resume and any(Path(cfg.checkpoints).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     router.trained = True
-    router.requires_grad_(False)
+    module.requires_grad_(False)
     path, state = Path(cfg.out), PartialState()
     state.wait_for_everyone()
     if state.is_main_process:  # data parallel, every process holds the same router: one writes, the others wait
+        if cfg.train_experts:  # the experts first: the manifest naming them and the router is written last
+            m.save_experts(Path(cfg.experts_out) / "experts", {"coadapted": {
+                "with_router": Path(path).name, "data": cfg.data, "steps": cfg.steps, "expert_lr": cfg.expert_lr}},
+                OUT_DTYPES[cfg.experts_dtype])
         path = save_router(router, path)
         log = "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history)
         atomic_write_bytes(Path(path).with_suffix(".log.jsonl"), log.encode())  # the loss log, next to the router
+        if cfg.train_experts:
+            coadapted_manifest(m, Path(cfg.experts_out), path).save(Path(cfg.experts_out) / "experts.json")
         if cfg.update_manifest and m.manifest is not None:
             m.manifest.router = str(Path(path).resolve().relative_to(m.manifest.root.resolve()))
             m.manifest.save(m.manifest.path or m.manifest.root / "experts.json")
         shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
     state.wait_for_everyone()
     return path, trainer.state.log_history
+
+
+def coadapted_manifest(m: ATMoE, root: Path, router: Path) -> Manifest:
+    """The manifest of co-adapted experts (`root/experts/<name>`) and their router: same groups, base and order."""
+    src = m.manifest
+    base = src.base_model if src else None
+    if base and not Path(base).is_absolute() and (src.root / base).is_dir():  # a base folder beside the source
+        base = str(src.resolve(base, "base model"))
+    return Manifest(
+        [GroupEntry(g, [ExpertEntry(e, f"experts/{e}", description=m.expert(e).description)
+                        for e in m.layout.experts_of(g)]) for g in m.groups],
+        base_model=base, base_signature=src.base_signature if src else None,
+        description=((src.description + " — " if src and src.description else "") + "co-adapted with its router"),
+        router=str(Path(router).resolve().relative_to(root.resolve())), root=root)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from app_session import NOTE, PROMPT, new_page
+from app_session import ok as _ok
+from app_session import z_values
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
 from app import why
 from atmoe import ATMoE
-
-SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
-PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
-NOTE = "72 yo M with shortness of breath.\nVitals: HR 135, SpO2 88."
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +25,14 @@ def manifest(tmp_path_factory) -> Path:
 @pytest.fixture()
 def at(manifest, monkeypatch) -> AppTest:
     monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
-    app = AppTest.from_file(SCRIPT, default_timeout=90).run()
-    assert not app.exception, [e.value for e in app.exception]
-    return app
-
-
-def _ok(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
+    return new_page()
 
 
 def _z(at: AppTest, key_part: str) -> np.ndarray:
-    """The z of the plotly chart whose id contains `key_part` (a list, or plotly's typed array {dtype, bdata})."""
+    """The z of the plotly chart whose id contains `key_part`."""
     for chart in at.get("plotly_chart"):
         if key_part in chart.proto.id:
-            z = json.loads(chart.proto.spec)["data"][0]["z"]
-            if isinstance(z, dict):
-                arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
-                return arr.reshape([int(n) for n in str(z.get("shape", len(arr))).split(",")]).astype(float)
-            return np.array(z, dtype=float)
+            return z_values(json.loads(chart.proto.spec)["data"][0])
     raise AssertionError(f"no plotly chart {key_part!r}")
 
 

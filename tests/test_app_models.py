@@ -17,7 +17,7 @@ from tiny_models import tiny_demo
 
 from app import launch
 from app.launch import Launch, LaunchError
-from app.service import DEFAULT_MANIFEST, Service
+from app.service import DEFAULT_MANIFESTS, Service, missing_manifest_message
 from app.views.overrides import slider_notes
 
 
@@ -58,9 +58,20 @@ def _loads(monkeypatch) -> list[str]:
 
 # ---------------------------------------------------------------- launch arguments (pure)
 
+def test_without_arguments_the_shipped_manifests_that_exist_are_offered(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert launch.parse([]).paths == [DEFAULT_MANIFESTS[0]]   # none built: the default, whose page says how to build
+    assert "make assets" in missing_manifest_message(DEFAULT_MANIFESTS[0])
+    Path(DEFAULT_MANIFESTS[1]).parent.mkdir(parents=True)
+    Path(DEFAULT_MANIFESTS[1]).write_text("{}")
+    assert launch.parse([]).manifests == {"assets": DEFAULT_MANIFESTS[1]}
+    Path(DEFAULT_MANIFESTS[0]).parent.mkdir(parents=True)
+    Path(DEFAULT_MANIFESTS[0]).write_text("{}")
+    assert launch.parse([]).manifests == {"coadapted": DEFAULT_MANIFESTS[0], "assets": DEFAULT_MANIFESTS[1]}
+
+
 def test_launch_arguments_name_the_allowed_manifests(models, tmp_path):
     a, b = models
-    assert launch.parse([]).manifests == {"assets": DEFAULT_MANIFEST}
     assert launch.parse([], str(a)).paths == [str(a)]  # $ATMOE_MANIFEST alone replaces the default
     opts = launch.parse(["--manifest", str(a), "--manifest", str(b.parent), "--manifest", str(a)], str(b))
     assert opts.manifests == {"alpha": str(a), "beta": str(b.parent), "beta (2)": str(b)}  # a twice: offered once
@@ -121,7 +132,7 @@ def test_visitors_pick_among_launch_names_only(models, monkeypatch):
 def test_missing_default_manifest_explains_how_to_build(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no assets/ here
     at = _app(monkeypatch)
-    assert at.selectbox(key="manifest").options == ["assets"]
+    assert at.selectbox(key="manifest").options == ["coadapted"]
     assert any("No expert manifest" in e.value and "make assets" in e.value for e in at.error)
     at = _app(monkeypatch, env=str(tmp_path / "nowhere.json"))
     assert any("No expert manifest" in e.value and "--manifest" in e.value for e in at.error)

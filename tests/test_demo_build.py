@@ -10,7 +10,7 @@ import pytest
 
 from atmoe import ATMoE
 from atmoe.demo import build as build_mod
-from atmoe.demo.build import ROUTERS, BuildConfig, build, build_experts
+from atmoe.demo.build import COADAPTED, ROUTERS, BuildConfig, build, build_experts
 from atmoe.demo.suite import GROUPS
 from tiny_models import tiny_demo
 
@@ -20,7 +20,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("build")
     tiny_demo(root / "tiny", trained=False)   # only for its base folder (a tiny Llama + tokenizer)
     cfg = BuildConfig(out=str(root / "assets"), work=str(root / "work"), base=str(root / "tiny" / "base"),
-                      expert_steps=0.02, router_steps=2, router_batch=4, quick=True)
+                      expert_steps=0.02, router_steps=2, router_batch=4, coadapt_steps=2, quick=True)
     build(cfg)
     return cfg
 
@@ -33,11 +33,17 @@ def test_quick_build_writes_every_stage(built):
         assert gate["expert"] == e and gate["n"] == 4 and 0 <= gate["f1"] <= 1
     m = ATMoE.load(f"{out}/experts.json", device="cpu")
     assert m.experts == experts and m.router.trained and m.router.config.mode == ROUTERS[0][1]
+    co = ATMoE.load(f"{out}/{COADAPTED[2]}/experts.json", device="cpu")   # stage 2: its own experts and router
+    assert co.experts == experts and co.router.trained and co.router.config.mode == COADAPTED[1]
+    assert any(not (a.lora_A.shape == b.lora_A.shape and (a.lora_A == b.lora_A).all())
+               for a, b in zip(m.fused, co.fused))
     results = json.loads(open(f"{out}/eval/results.json").read())
-    assert results["shipped"] == ROUTERS[0][0] and results["n"] == 8
-    assert {"base", "oracle_constant", "router_constant", *(r[0] for r in ROUTERS)} <= set(results["systems"])
+    assert results["shipped"] == COADAPTED[0] and results["n"] == 8
+    assert {"base", "oracle_constant", "router_constant", *(r[0] for r in ROUTERS), COADAPTED[0],
+            "coadapted:oracle_constant", "coadapted:router_constant"} == set(results["systems"]) - {
+        s for s in results["systems"] if s.startswith("expert:")} - {"uniform_merge"}
     assert all(len(a) == 8 for a in results["answers"].values())
-    assert not Path(out, "eval", "partial.json").exists()   # the resume file is gone once the table is written
+    assert not list(Path(out, "eval").glob("partial*.json"))   # the resume files are gone once the table is written
 
 
 def test_rerun_resumes_without_training_again(built, monkeypatch):
@@ -45,7 +51,7 @@ def test_rerun_resumes_without_training_again(built, monkeypatch):
         raise AssertionError("a finished stage was run again")
     monkeypatch.setattr("atmoe.train_expert.train_expert", no_training)
     monkeypatch.setattr("atmoe.train_router.train_router", no_training)
-    build(dataclasses.replace(built, stages=("suite", "experts", "routers")))
+    build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt")))
 
 
 def test_an_expert_below_the_gate_stops_the_build_naming_it(built, monkeypatch, capsys):

@@ -71,9 +71,13 @@ def _steps(log: list[dict]) -> list[int]:
     return [e["step"] for e in log if "loss" in e]
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str = "") -> float:
+    """Largest |a − b| over every tensor; printed with `what` (pytest -s shows the measured tolerances)."""
     assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    d = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    if what:
+        print(f"measured: {what} max |Δ| = {d:.2e}")
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,7 @@ def test_two_processes_take_the_one_process_steps(work: Path, router_runs: tuple
     for key in ("loss", "lm_loss", "aux_loss"):
         a, b = [e[key] for e in log1 if key in e], [e[key] for e in log2 if key in e]
         assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL * max(map(abs, a)), (key, a, b)
-    assert _max_diff(load_file(one), load_file(two)) < WEIGHT_TOL
+    assert _max_diff(load_file(one), load_file(two), "router, 2 processes vs 1") < WEIGHT_TOL
 
 
 def test_only_the_main_process_writes(work: Path, router_runs: tuple[Path, Path]) -> None:
@@ -156,7 +160,8 @@ def test_a_killed_two_process_run_resumes_at_its_checkpoint(work: Path, shard_ru
     for r in (0, 1):  # the relaunch trains steps 4-6 only, on the rows the uninterrupted run used there
         assert _rows(work / "rec5", r) == full[r][3:]
     assert _steps(_log(work / "resumed" / "router.safetensors")) == [1, 2, 3, 4, 5, 6]
-    assert _max_diff(load_file(work / "resumed" / "router.safetensors"), load_file(shard_run)) < WEIGHT_TOL
+    assert _max_diff(load_file(work / "resumed" / "router.safetensors"), load_file(shard_run),
+                     "router, killed and resumed vs uninterrupted") < WEIGHT_TOL
     assert not (work / "resumed" / "router.checkpoints").exists()
 
 
@@ -176,4 +181,26 @@ def test_expert_training_two_processes_match_one(work: Path) -> None:
     assert len(losses[0]) == len(losses[1]) == 4
     assert max(abs(a - b) for a, b in zip(*losses)) < LOSS_TOL * max(losses[0])
     w1, w2 = (load_file(work / e / "adapter_model.safetensors") for e in ("e1", "e2"))
-    assert _max_diff(w1, w2) < WEIGHT_TOL
+    assert _max_diff(w1, w2, "expert, 2 processes vs 1") < WEIGHT_TOL
+
+
+def test_coadaptation_two_processes_match_one(work: Path) -> None:
+    """Stage 2 under DDP: the experts' pairs are parameters of the wrapped module, so their gradients are averaged
+    like the router's; the main process alone writes experts, router and manifest."""
+    def args(out: str, batch_size: int) -> list[str]:
+        return [*_router_args(work, "router24.jsonl", f"{out}/router.safetensors", batch_size), "--mode", "sigmoid",
+                "--train-experts", "--expert-lr", "1e-2", "--experts-out", str(work / out), "--experts-dtype",
+                "float32"]
+
+    _ok(_launch("router", 1, args("co1", 4), work / "rec8"))
+    two = _ok(_launch("router", 2, args("co2", 2), work / "rec9"))
+    assert "find_unused_parameters=True" not in two.stderr
+    assert _writes(work / "rec9", 0) == ["router"] and _writes(work / "rec9", 1) == []
+    assert _steps(_log(work / "co1" / "router.safetensors")) == _steps(_log(work / "co2" / "router.safetensors"))
+    assert _max_diff(load_file(work / "co1" / "router.safetensors"), load_file(work / "co2" / "router.safetensors"),
+                     "co-adapted router, 2 processes vs 1") < WEIGHT_TOL
+    source = load_file(work / "demo" / "experts" / "labs" / "adapter_model.safetensors")
+    for name in ("labs", "flags", "plain"):
+        w1, w2 = (load_file(work / d / "experts" / name / "adapter_model.safetensors") for d in ("co1", "co2"))
+        assert _max_diff(w1, w2, f"co-adapted expert {name}, 2 processes vs 1") < WEIGHT_TOL, name
+    assert _max_diff(load_file(work / "co1" / "experts" / "labs" / "adapter_model.safetensors"), source) > 1e-3

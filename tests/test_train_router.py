@@ -59,3 +59,53 @@ def test_interrupted_router_training_resumes_from_the_saved_step(setup, monkeypa
     _, log = train_router(_cfg(manifest, data, steps=8))
     assert len(calls) == 8 - 3  # resumed after the checkpoint at step 3
     assert max(e["step"] for e in log) == 8
+
+
+def test_coadaptation_trains_the_experts_and_writes_peft_adapters_with_their_router(setup, tmp_path):
+    """Stage 2: the experts' LoRA pairs learn with the router; the result is a loadable manifest of standard PEFT
+    adapters (each changed, each readable by PEFT), while the source experts and manifest stay as they were."""
+    from peft import PeftModel
+
+    manifest, data = setup
+    source = json.loads(manifest.read_text())
+    out = tmp_path / "coadapted"
+    stage1, _ = train_router(_cfg(manifest, data, mode="sigmoid", steps=4, update_manifest=False,
+                                  out=str(tmp_path / "stage1.safetensors")))
+    path, log = train_router(_cfg(manifest, data, mode="sigmoid", steps=6, init_router=str(stage1), train_experts=True,
+                                  expert_lr=1e-2, experts_out=str(out)))
+    assert path == out / "router.safetensors" and json.loads(manifest.read_text()) == source
+    before, after = ATMoE.load(manifest, device="cpu"), ATMoE.load(out / "experts.json", device="cpu")
+    assert after.experts == before.experts and after.router.trained
+    for f0, f1 in zip(before.fused, after.fused):
+        assert torch.equal(f0.rank_expert, f1.rank_expert)
+    for i, name in enumerate(before.experts):   # every expert moved (each is routed on some rows)
+        moved = [not torch.equal(*f0.expert_pair(i)[1:], *f1.expert_pair(i)[1:])
+                 for f0, f1 in zip(before.fused, after.fused) if f0.expert_pair(i) is not None]
+        assert any(moved), name
+    # a co-adapted expert is a plain PEFT adapter: PEFT alone, on the base, gives what the expert alone gives here
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor(after.encode("List the lab results."))
+    for name in after.experts[::3]:
+        groups = {g: float(g == after.expert_groups[name]) for g in after.groups}
+        ours = after.score(input_ids=ids, overrides={"groups": groups, "experts": {name: 1.0}}).logits
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest.parent / "base"),
+                                        out / "experts" / name).eval()
+        with torch.no_grad():
+            assert (ours - ref(input_ids=ids[None]).logits[0]).abs().max().item() <= 1e-4, name
+
+
+def test_pool_dropout_drops_tokens_but_never_a_whole_row():
+    from atmoe.train_router import drop_tokens
+
+    torch.manual_seed(0)
+    mask = torch.zeros(200, 12, dtype=torch.long)
+    mask[:, 2:8] = 1                       # six instruction tokens per row
+    mask[0, 2:8], mask[0, 5] = 0, 1        # and a row with a single one
+    out = drop_tokens(mask, 0.5)
+    assert out.dtype == mask.dtype and not (out.bool() & ~mask.bool()).any()   # only set tokens can be dropped
+    assert (out.sum(-1) >= 1).all() and out[0].tolist() == mask[0].tolist()
+    share = 1 - out[1:].sum() / mask[1:].sum()
+    assert 0.4 < share < 0.6, share        # about p dropped (rows that would lose all keep theirs)
+    with pytest.raises(ValueError, match="pool_dropout"):
+        RouterTrainConfig(manifest="m", data="d", pool_dropout=1.0)

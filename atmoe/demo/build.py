@@ -1,6 +1,7 @@
 """Rebuild the shipped demo from scratch with fixed seeds (`make assets`), stage by stage, resumable.
 
-    suite → experts (PEFT LoRA, each gated on fresh rows of its own skill) → manifest → routers → evaluation
+    suite → experts (PEFT LoRA, each gated on fresh rows of its own skill) → manifest → routers
+          → co-adaptation (experts and router trained together on composed answers) → evaluation
 
 Each stage skips outputs that already exist (an expert only once its gate passed), and the Trainer resumes an
 interrupted expert or router from its last checkpoint, so rerunning the same command continues where it stopped.
@@ -46,18 +47,21 @@ class BuildConfig:
     router_lr: float = 5e-3
     eval_n: int = 64
     gate_n: int = 50
-    stages: tuple[str, ...] = ("suite", "experts", "routers", "eval")
+    coadapt_steps: int = 150
+    coadapt_lr: float = 2e-3                # the router's, starting from the shipped stage-1 router
+    coadapt_expert_lr: float = 1e-3
+    stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "eval")
     quick: bool = False
     force: bool = False
     suite_sizes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.stages) - {"suite", "experts", "routers", "eval"}
+        unknown = set(self.stages) - set(STAGES)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are suite, experts, routers, eval")
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
         if not self.expert_steps > 0:
             raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
-        for k in ("expert_batch", "router_steps", "router_batch", "eval_n", "gate_n"):
+        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.quick:
@@ -65,10 +69,16 @@ class BuildConfig:
             self.gate_n, self.eval_n = 4, 8
 
 
+STAGES = ("suite", "experts", "routers", "coadapt", "eval")
+
+
 # Routers the demo trains: (name in the table, mode, file). The manifest's default is the first.
 ROUTERS = (("grouped_sigmoid", "sigmoid", "router.safetensors"),
            ("grouped_softmax", "softmax", "routers/softmax.safetensors"),
            ("flat_router", "flat", "routers/flat.safetensors"))
+# The second stage (issue 10: layer-wise routing of the independently trained experts measured short of composing
+# them): experts and router trained together from the shipped stage-1 router. (name in the table, mode, folder)
+COADAPTED = ("coadapted_sigmoid", "sigmoid", "coadapted")
 
 
 def gate_expert(name: str, group: str, folder: Path, rows: list[dict[str, Any]], model: Any, tokenizer: Any
@@ -159,6 +169,9 @@ def build(cfg: BuildConfig) -> None:
     if "routers" in cfg.stages:
         from .routers import build_routers
         build_routers(cfg, suite, out)
+    if "coadapt" in cfg.stages:
+        from .routers import build_coadapted
+        build_coadapted(cfg, suite, out)
     if "eval" in cfg.stages:
         from .evaluate import evaluate_demo
         evaluate_demo(cfg, out)
@@ -171,11 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default=defaults.work)
     p.add_argument("--base", default=None)
     p.add_argument("--expert-steps", type=float, default=defaults.expert_steps, help="scale of EXPERT_STEPS")
-    for k in ("expert_batch", "router_steps", "router_batch", "eval_n", "gate_n"):
+    for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(defaults, k))
     p.add_argument("--expert-lr", type=float, default=defaults.expert_lr)
     p.add_argument("--router-lr", type=float, default=defaults.router_lr)
-    p.add_argument("--stages", default=",".join(defaults.stages), help="comma-separated: suite,experts,routers,eval")
+    p.add_argument("--coadapt-lr", type=float, default=defaults.coadapt_lr)
+    p.add_argument("--coadapt-expert-lr", type=float, default=defaults.coadapt_expert_lr)
+    p.add_argument("--stages", default=",".join(defaults.stages), help="comma-separated: " + ",".join(STAGES))
     p.add_argument("--quick", action="store_true", help="a miniature build (tests)")
     p.add_argument("--force", action="store_true", help="rebuild outputs that already exist")
     a = vars(p.parse_args(argv))

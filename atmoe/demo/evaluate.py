@@ -72,8 +72,11 @@ def layer_constant(trace: RoutingTrace) -> Overrides:
                      experts={e: clip(b) for e, b in zip(trace.experts, beta)})
 
 
-def systems(m: ATMoE, routers: dict[str, GroupedRouter]) -> list[System]:
-    """Every system, in table order. `routers`: trained routers by name; the first is the shipped one."""
+def systems(m: ATMoE, routers: dict[str, GroupedRouter], *, baselines: bool = True, prefix: str = ""
+            ) -> list[System]:
+    """Every system, in table order. `routers`: trained routers by name; the first is the one `router_constant`
+    averages. Without `baselines` (base, experts alone, uniform merge): only the layer-constant systems and the
+    routers; `prefix` names the layer-constant ones (e.g. "coadapted:" for a second set of experts)."""
     sigmoid = m.new_router(mode="sigmoid")  # untrained: only ever used with every weight it needs fixed
 
     def alone(e: str) -> Callable[[Row, RoutingTrace | None], Overrides]:
@@ -86,13 +89,15 @@ def systems(m: ATMoE, routers: dict[str, GroupedRouter]) -> list[System]:
         return Overrides(groups={g: float(g in per_group) for g in m.groups},
                          experts={e: 1.0 / per_group[m.expert_groups[e]] for e in needed})
 
-    out = [System("base", sigmoid, "no expert", lambda row, trace: Overrides(disabled=m.experts))]
-    out += [System(f"expert:{e}", sigmoid, f"{e} alone, weight 1 on every layer", alone(e)) for e in m.experts]
-    out.append(System("uniform_merge", m.new_router(mode="flat"), "every expert at 1/E on every layer"))
-    out.append(System("oracle_constant", sigmoid, "labelled experts at full weight on every layer", oracle))
+    out = []
+    if baselines:
+        out.append(System("base", sigmoid, "no expert", lambda row, trace: Overrides(disabled=m.experts)))
+        out += [System(f"expert:{e}", sigmoid, f"{e} alone, weight 1 on every layer", alone(e)) for e in m.experts]
+        out.append(System("uniform_merge", m.new_router(mode="flat"), "every expert at 1/E on every layer"))
+    out.append(System(f"{prefix}oracle_constant", sigmoid, "labelled experts at full weight on every layer", oracle))
     if routers:
-        shipped = next(iter(routers))
-        out.append(System("router_constant", routers[shipped], f"{shipped}'s layer-mean α, β on every layer",
+        first = next(iter(routers))
+        out.append(System(f"{prefix}router_constant", routers[first], f"{first}'s layer-mean α, β on every layer",
                           lambda row, trace: layer_constant(trace), needs_routing=True))
     out += [System(name, r, f"trained router ({r.config.mode})", scored_routing=True) for name, r in routers.items()]
     return out
@@ -183,29 +188,34 @@ def summarise(system: System, rows: list[Row], texts: list[str], traces: list[Ro
     return out
 
 
-def _fingerprint(rows: list[Row], max_new_tokens: int, routers: dict[str, GroupedRouter]) -> str:
-    """What a partial result depends on: the rows, the budget, the routers' weights (stale partials are ignored)."""
+def _fingerprint(rows: list[Row], max_new_tokens: int, routers: dict[str, GroupedRouter], m: ATMoE) -> str:
+    """What a partial result depends on: the rows, the budget, the routers' and experts' weights (stale partials
+    are ignored)."""
     h = hashlib.sha256(json.dumps([rows, max_new_tokens, list(routers)], sort_keys=True).encode())
-    for r in routers.values():
-        for t in r.state_dict().values():
-            h.update(t.detach().float().cpu().numpy().tobytes())
+    tensors = [t for r in routers.values() for t in r.state_dict().values()]
+    for t in tensors + [t for f in m.fused for t in (f.lora_A, f.lora_B)]:
+        h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
 def evaluate(m: ATMoE, rows: list[Row], routers: dict[str, GroupedRouter], *, max_new_tokens: int | None = None,
-             batch_size: int = 8, partial_path: str | Path | None = None) -> dict[str, Any]:
-    """Greedy answers of every system to every row, scored; see the module docstring. Default `max_new_tokens`:
-    the longest reference in tokens + 16."""
+             batch_size: int = 8, partial_path: str | Path | None = None, baselines: bool = True, prefix: str = "",
+             only: set[str] | None = None) -> dict[str, Any]:
+    """Greedy answers of every system (`systems(m, routers, baselines=, prefix=)`) to every row, scored; see the
+    module docstring (`only`: just these systems). Default `max_new_tokens`: the longest reference in tokens + 16."""
     if not rows:
         raise ValueError("no rows to evaluate")
     if max_new_tokens is None:
         max_new_tokens = max(len(m.tokenizer(r["output"])["input_ids"]) for r in rows) + 16
-    all_systems = systems(m, routers)
+    all_systems = [s for s in systems(m, routers, baselines=baselines, prefix=prefix) if only is None or s.name in only]
+    if only is not None and not all_systems:
+        raise ValueError(f"none of the systems {sorted(only)} exists here; systems: "
+                         f"{[s.name for s in systems(m, routers, baselines=baselines, prefix=prefix)]}")
     results: dict[str, Any] = {
         "n": len(rows), "decoding": "greedy", "max_new_tokens": max_new_tokens,
         "shipped": next(iter(routers), None), "skills": list(m.experts),
         "chance": {"selection": chance_selection(rows, m.expert_groups)},
-        "fingerprint": _fingerprint(rows, max_new_tokens, routers), "systems": {}, "answers": {}}
+        "fingerprint": _fingerprint(rows, max_new_tokens, routers, m), "systems": {}, "answers": {}}
     if partial_path is not None and Path(partial_path).exists():
         previous = read_json(partial_path, "partial evaluation")
         if previous.get("fingerprint") == results["fingerprint"]:
@@ -272,8 +282,10 @@ def _check_rows(rows: list[Row], m: ATMoE, path: Path) -> None:
 
 
 def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
-    """The build's last stage: the demo routers of `build.ROUTERS` on the first `cfg.eval_n` held-out rows."""
-    from .build import ROUTERS
+    """The build's last stage, on the first `cfg.eval_n` held-out rows: the paper's recipe (independent experts,
+    `assets/experts.json`) with every baseline and the routers of `build.ROUTERS`; then, once built, the co-adapted
+    experts (`assets/coadapted/`) with their router and their own layer-constant systems. One table."""
+    from .build import COADAPTED, ROUTERS
 
     out = Path(out)
     m = ATMoE.load(out / "experts.json", device="auto")
@@ -287,9 +299,21 @@ def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
     if not rows:
         raise ValueError(f"{data} has no rows")
     _check_rows(rows, m, data)
-    partial = out / "eval" / "partial.json"
-    print(write_results(evaluate(m, rows, routers, partial_path=partial), out / "eval"))
-    partial.unlink(missing_ok=True)
+    partials = [out / "eval" / "partial.json", out / "eval" / "partial-coadapted.json"]
+    results = evaluate(m, rows, routers, partial_path=partials[0])
+    name, _, folder = COADAPTED
+    if (out / folder / "experts.json").exists():
+        del m
+        co = ATMoE.load(out / folder / "experts.json", device="auto")
+        more = evaluate(co, rows, {name: co.router}, baselines=False, prefix="coadapted:", partial_path=partials[1],
+                        max_new_tokens=results["max_new_tokens"])
+        results["systems"].update(more["systems"])
+        results["answers"].update(more["answers"])
+        results["fingerprint"] = [results["fingerprint"], more["fingerprint"]]
+        results["shipped"] = name
+    print(write_results(results, out / "eval"))
+    for p in partials:
+        p.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=None, help="first N rows (default: all)")
     p.add_argument("--router", action="append", default=[], metavar="NAME=PATH",
                    help="trained routers to compare, the first shipped (default: the demo's, next to the manifest)")
+    p.add_argument("--systems", default=None, help="comma-separated: only these systems (default: all)")
+    p.add_argument("--no-baselines", action="store_true", help="skip base, experts alone and the uniform merge")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -328,8 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(a.out)
-    results = evaluate(m, rows, routers, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                       partial_path=out / "partial.json")
+    only = set(a.systems.split(",")) if a.systems else None
+    try:
+        results = evaluate(m, rows, routers, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                           partial_path=out / "partial.json", baselines=not a.no_baselines, only=only)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(write_results(results, out))
     (out / "partial.json").unlink(missing_ok=True)
 

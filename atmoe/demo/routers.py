@@ -1,4 +1,5 @@
-"""The demo's routers: the shipped grouped-sigmoid router and its two ablations, trained alike on one data file.
+"""The demo's routers: the grouped-sigmoid router and its two ablations, trained alike on one data file; then the
+co-adapted experts and their router (`build_coadapted`).
 
 Equal steps, batch, learning rate and data for every router, so the evaluation table compares normalisations only:
     grouped_sigmoid  independent gate per group (an expert can run at the weight it was trained at), softmax within
@@ -51,3 +52,24 @@ def build_routers(cfg: Any, suite: Path, out: Path) -> None:
             bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / f"router-{name}"),
             update_manifest=i == 0))
         print(f"router {name}: written to {out / rel}")
+
+
+def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
+    """Stage 2: from the stage-1 experts and shipped router, train experts and router together on the router's data
+    (LM loss on composed answers + the same label loss); writes `out/coadapted/` (experts, router, manifest)."""
+    import torch
+
+    from atmoe.train_router import RouterTrainConfig, train_router
+
+    from .build import COADAPTED, ROUTERS
+
+    name, mode, folder = COADAPTED
+    if (out / folder / "experts.json").exists() and not cfg.force:
+        print(f"{name}: exists, skipped")
+        return
+    train_router(RouterTrainConfig(
+        manifest=str(out / "experts.json"), data=str(suite / "router_train.jsonl"), base=cfg.base, mode=mode,
+        init_router=str(out / ROUTERS[0][2]), train_experts=True, experts_out=str(out / folder),
+        steps=cfg.coadapt_steps, batch_size=cfg.router_batch, lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr,
+        max_length=320, bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / name)))
+    print(f"{name}: written to {out / folder}")

@@ -289,6 +289,20 @@ def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float 
     return rows
 
 
+def coadapt_rows(suite: str | Path, solo_per_expert: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+    """Co-adaptation data: the router's rows plus the first `solo_per_expert` training rows of each expert's own
+    skill (so each co-adapted expert keeps doing its part alone), shuffled with a fixed seed."""
+    import json
+    suite = Path(suite)
+    read = lambda p: [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]  # noqa: E731
+    rows = read(suite / "router_train.jsonl")
+    for names in GROUPS.values():
+        for name in names:
+            rows += read(suite / "experts" / f"{name}.jsonl")[:solo_per_expert]
+    random.Random(f"atmoe-demo:{seed}:coadapt").shuffle(rows)
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     import json
     return atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
