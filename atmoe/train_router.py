@@ -71,7 +71,7 @@ class RouterTrainConfig:
     init_router: str | None = None     # start from this router's weights (e.g. stage 1's) instead of small random ones
     train_experts: bool = False        # co-adaptation: the experts' LoRA pairs train too, at expert_lr
     expert_lr: float = 5e-4
-    experts_out: str | None = None     # co-adaptation: folder for the experts, router and manifest (<manifest>/coadapted)
+    experts_out: str | None = None     # co-adaptation: experts, router and manifest go here (<manifest>/coadapted)
     experts_dtype: str = "float16"     # co-adaptation: the stored experts' dtype (as `train_expert --dtype-out`)
 
     def __post_init__(self) -> None:
@@ -289,7 +289,8 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
                                   cfg.pool_dropout)
     args = TrainingArguments(
         output_dir=cfg.checkpoints, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(cfg.warmup_ratio * cfg.steps)), weight_decay=0.0,
+        learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(cfg.warmup_ratio * cfg.steps)),
+        weight_decay=0.0,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=m.device.type == "cpu", bf16=cfg.bf16,

@@ -33,17 +33,20 @@ def test_quick_build_writes_every_stage(built):
         assert gate["expert"] == e and gate["n"] == 4 and 0 <= gate["f1"] <= 1
     m = ATMoE.load(f"{out}/experts.json", device="cpu")
     assert m.experts == experts and m.router.trained and m.router.config.mode == ROUTERS[0][1]
-    co = ATMoE.load(f"{out}/{COADAPTED[2]}/experts.json", device="cpu")   # stage 2: its own experts and router
-    assert co.experts == experts and co.router.trained and co.router.config.mode == COADAPTED[1]
+    shipped = COADAPTED[0]
+    assert shipped.shipped
+    co = ATMoE.load(f"{out}/{shipped.folder}/experts.json", device="cpu")   # stage 2: its own experts and router
+    assert co.experts == experts and co.router.trained and co.router.config.mode == shipped.mode
     assert any(not (a.lora_A.shape == b.lora_A.shape and (a.lora_A == b.lora_A).all())
                for a, b in zip(m.fused, co.fused))
     results = json.loads(open(f"{out}/eval/results.json").read())
-    assert results["shipped"] == COADAPTED[0] and results["n"] == 8
-    assert {"base", "oracle_constant", "router_constant", *(r[0] for r in ROUTERS), COADAPTED[0],
+    assert results["shipped"] == shipped.name and results["n"] == 8
+    assert {"base", "oracle_constant", "router_constant", *(r[0] for r in ROUTERS), *(v.name for v in COADAPTED),
             "coadapted:oracle_constant", "coadapted:router_constant"} == set(results["systems"]) - {
         s for s in results["systems"] if s.startswith("expert:")} - {"uniform_merge"}
     assert all(len(a) == 8 for a in results["answers"].values())
-    assert not list(Path(out, "eval").glob("partial*.json"))   # the resume files are gone once the table is written
+    assert "coadapted_flat" in results["systems"]   # the ablation, built in the work folder, not shipped
+    assert not Path(out, "coadapted_flat").exists() and Path(built.work, "coadapted_flat", "experts.json").exists()
 
 
 def test_rerun_resumes_without_training_again(built, monkeypatch):
@@ -52,6 +55,16 @@ def test_rerun_resumes_without_training_again(built, monkeypatch):
     monkeypatch.setattr("atmoe.train_expert.train_expert", no_training)
     monkeypatch.setattr("atmoe.train_router.train_router", no_training)
     build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt")))
+
+
+def test_rerun_of_the_evaluation_reuses_every_part(built, monkeypatch):
+    before = json.loads(open(f"{built.out}/eval/results.json").read())
+
+    def no_generation(*a, **k):
+        raise AssertionError("an evaluated system was generated again")
+    monkeypatch.setattr("atmoe.demo.evaluate._answers", no_generation)
+    build(dataclasses.replace(built, stages=("eval",)))
+    assert json.loads(open(f"{built.out}/eval/results.json").read()) == before
 
 
 def test_an_expert_below_the_gate_stops_the_build_naming_it(built, monkeypatch, capsys):

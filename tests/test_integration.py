@@ -73,3 +73,8 @@ def test_shipped_demo_routes_a_complex_instruction(which):
     assert (off < tr.group_weights.mean(0)).all(), (off, tr.group_weights.mean(0))
     out = m.generate("List the vital signs.", input=notes[0], max_new_tokens=24)
     assert "HR 140" in out.text, out.text
+    if which == "coadapted":  # the shipped model composes three skills on a note it never saw, and leaves others be
+        out = m.generate(instruction, input=notes[0], max_new_tokens=60)
+        assert out.text == ("heart rate 140 (normal 60-100)\nsystolic blood pressure 85 (normal 90-140)\n"
+                            "oxygen level 88 (normal 95-100)"), out.text
+        assert "Paris" in m.generate("What is the capital of France?", max_new_tokens=12).text

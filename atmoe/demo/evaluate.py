@@ -7,7 +7,10 @@ Systems (names as in results.json, in this order):
     oracle_constant   layer-constant oracle: the row's labelled experts at full weight on every layer, the rest off
     router_constant   layer-constant router: the shipped router's own α and β for the row, averaged over layers and
                       fixed on every layer — the same decisions without the layer dimension
-    <router name>     each trained router as it is (grouped_sigmoid, grouped_softmax, flat_router; the first shipped)
+    <router name>     each trained router as it is (grouped_sigmoid, grouped_softmax, flat_router)
+  co-adapted (stage 2, `build.COADAPTED`; experts and router trained together):
+    coadapted:oracle_constant, coadapted:router_constant   as above, on the co-adapted experts and their router
+    coadapted_sigmoid (shipped), coadapted_flat            each co-adapted variant with its own router
 
 Routing scores (trained routers only; from the routing used for each answer, L layers, G groups):
     selection      over (row, needed group): the expert with the highest layer-mean β in the group is the labelled
@@ -17,7 +20,8 @@ Routing scores (trained routers only; from the routing used for each answer, L l
                    loss asks for. A shared budget (softmax, flat) is on when its layer mean is above 1/(2G), halfway
                    between off and the 1/G that training asks of a needed group.
 
-`evaluate(..., partial_path=...)` writes each finished system there, so a rerun resumes after the last one.
+`evaluate(..., partial_path=...)` writes each finished system there, so a rerun resumes after the last one; the
+demo keeps one such file per part (`eval/parts/`), so adding a system reruns nothing else.
 """
 
 from __future__ import annotations
@@ -282,12 +286,14 @@ def _check_rows(rows: list[Row], m: ATMoE, path: Path) -> None:
 
 
 def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
-    """The build's last stage, on the first `cfg.eval_n` held-out rows: the paper's recipe (independent experts,
-    `assets/experts.json`) with every baseline and the routers of `build.ROUTERS`; then, once built, the co-adapted
-    experts (`assets/coadapted/`) with their router and their own layer-constant systems. One table."""
+    """The build's last stage, on the first `cfg.eval_n` held-out rows, as one table: the paper's recipe (experts
+    trained apart, `assets/experts.json`) with every baseline and the routers of `build.ROUTERS`; then each built
+    co-adapted variant of `build.COADAPTED` — the shipped one with its own layer-constant systems. Each part is kept
+    in `eval/parts/<part>.json` with the fingerprint of what it ran (rows, budget, routers, experts): a rerun reuses the
+    parts whose inputs did not change and runs only the rest."""
     from .build import COADAPTED, ROUTERS
 
-    out = Path(out)
+    out, parts = Path(out), Path(out) / "eval" / "parts"
     m = ATMoE.load(out / "experts.json", device="auto")
     routers = {}
     for name, mode, file in ROUTERS:
@@ -299,21 +305,24 @@ def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
     if not rows:
         raise ValueError(f"{data} has no rows")
     _check_rows(rows, m, data)
-    partials = [out / "eval" / "partial.json", out / "eval" / "partial-coadapted.json"]
-    results = evaluate(m, rows, routers, partial_path=partials[0])
-    name, _, folder = COADAPTED
-    if (out / folder / "experts.json").exists():
-        del m
-        co = ATMoE.load(out / folder / "experts.json", device="auto")
-        more = evaluate(co, rows, {name: co.router}, baselines=False, prefix="coadapted:", partial_path=partials[1],
+    results = evaluate(m, rows, routers, partial_path=parts / "stage1.json")
+    results["fingerprint"] = {"stage1": results["fingerprint"]}
+    del m
+    for v in COADAPTED:
+        manifest = v.path(cfg) / "experts.json"
+        if not manifest.exists():
+            continue
+        co = ATMoE.load(manifest, device="auto")
+        part = evaluate(co, rows, {v.name: co.router}, baselines=False, prefix="coadapted:",
+                        only=None if v.shipped else {v.name}, partial_path=parts / f"{v.name}.json",
                         max_new_tokens=results["max_new_tokens"])
-        results["systems"].update(more["systems"])
-        results["answers"].update(more["answers"])
-        results["fingerprint"] = [results["fingerprint"], more["fingerprint"]]
-        results["shipped"] = name
+        results["systems"].update(part["systems"])
+        results["answers"].update(part["answers"])
+        results["fingerprint"][v.name] = part["fingerprint"]
+        if v.shipped:
+            results["shipped"] = v.name
+        del co
     print(write_results(results, out / "eval"))
-    for p in partials:
-        p.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,21 +55,24 @@ def build_routers(cfg: Any, suite: Path, out: Path) -> None:
 
 
 def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
-    """Stage 2: from the stage-1 experts and shipped router, train experts and router together on the router's data
-    (LM loss on composed answers + the same label loss); writes `out/coadapted/` (experts, router, manifest)."""
+    """Stage 2, each variant of `build.COADAPTED`: from the stage-1 experts and router, experts and router train
+    together on the router's rows (LM loss on the composed answers + the same label loss). Writes the variant's
+    folder (experts, router, manifest)."""
     import torch
 
     from atmoe.train_router import RouterTrainConfig, train_router
 
-    from .build import COADAPTED, ROUTERS
+    from .build import COADAPTED
 
-    name, mode, folder = COADAPTED
-    if (out / folder / "experts.json").exists() and not cfg.force:
-        print(f"{name}: exists, skipped")
-        return
-    train_router(RouterTrainConfig(
-        manifest=str(out / "experts.json"), data=str(suite / "router_train.jsonl"), base=cfg.base, mode=mode,
-        init_router=str(out / ROUTERS[0][2]), train_experts=True, experts_out=str(out / folder),
-        steps=cfg.coadapt_steps, batch_size=cfg.router_batch, lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr,
-        max_length=320, bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / name)))
-    print(f"{name}: written to {out / folder}")
+    data = suite / "router_train.jsonl"
+    for v in COADAPTED:
+        folder = v.path(cfg)
+        if (folder / "experts.json").exists() and not cfg.force:
+            print(f"{v.name}: exists, skipped")
+            continue
+        train_router(RouterTrainConfig(
+            manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode,
+            init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps, batch_size=cfg.router_batch,
+            lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr, max_length=320,
+            bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / v.name)))
+        print(f"{v.name}: written to {folder}")
