@@ -14,7 +14,7 @@ The path of one request, file by file:
 model.py (`ATMoE`) is the public API that runs this path: route, score, generate, stream.
 
     from atmoe import ATMoE, Overrides
-    m = ATMoE.load("assets/experts.json")
+    m = ATMoE.load("assets/coadapted/experts.json")
     out = m.generate("List the lab results in plain words", input=note, overrides=Overrides(groups={"style": 0.0}))
     out.text, out.trace.to_frame()
 """
