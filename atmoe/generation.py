@@ -96,4 +96,10 @@ def decode(forward: Callable[..., object], input_ids: torch.Tensor, attention_ma
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = forward(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                      cache=out.cache, use_cache=True)
+                      use_cache=True, **_cache_of(out))
+
+
+def _cache_of(out: Any) -> dict[str, Any]:
+    """The KV cache to pass on: transformers ≥ 5.2x names it `cache` (output and argument), earlier 5.x releases
+    `past_key_values` (as found on GPU machines with their own transformers)."""
+    return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
