@@ -289,7 +289,7 @@ def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float 
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     import json
     return atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
@@ -304,11 +304,11 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
     written = {}
     for names in GROUPS.values():
         for name in names:
-            written[f"expert:{name}"] = write_jsonl(out / "experts" / f"{name}.jsonl",
+            written[f"expert:{name}"] = _write_jsonl(out / "experts" / f"{name}.jsonl",
                                                      expert_rows(name, n_expert, seed))
-            written[f"gate:{name}"] = write_jsonl(out / "gate" / f"{name}.jsonl",
+            written[f"gate:{name}"] = _write_jsonl(out / "gate" / f"{name}.jsonl",
                                                    expert_rows(name, n_gate, seed, split="gate"))
-    written["router_train"] = write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
-    written["eval"] = write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
-    written["off_topic"] = write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
+    written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
+    written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
+    written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
     return written
