@@ -6,7 +6,8 @@ among their names (no free text: a path box would let anyone probe the server's 
     streamlit run streamlit_app.py -- --allow-any-manifest         # local use only: adds a free path box
 
 $ATMOE_MANIFEST names one more allowed manifest. With none of these, the shipped demo's manifests that exist are
-offered: the co-adapted `assets/coadapted/experts.json` first, then the stage-1 `assets/experts.json`.
+offered under their own names: the co-adapted `assets/coadapted/experts.json` first, then the stage-1
+`assets/experts.json`.
 No Streamlit here: the arguments parse into a `Launch` (or a `LaunchError` that the page shows).
 """
 
@@ -77,8 +78,9 @@ def parse(argv: Sequence[str], env_manifest: str | None = None) -> Launch:
         paths += _scan(folder)
     if env_manifest:
         paths.append(env_manifest)
-    if not paths:
-        paths = [p for p in DEFAULT_MANIFESTS if Path(p).is_file()] or [DEFAULT_MANIFESTS[0]]
+    if not paths:  # the shipped demo: those built, under their own names (the first one when none is)
+        built = {name: p for name, p in DEFAULT_MANIFESTS.items() if Path(p).is_file()}
+        return Launch(built or dict([next(iter(DEFAULT_MANIFESTS.items()))]), allow_any=args.allow_any_manifest)
     for p in paths:
         if not p.strip():
             raise LaunchError("--manifest needs a path, got an empty one")

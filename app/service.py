@@ -22,7 +22,8 @@ from atmoe import ATMoE, Generation, GenerationSettings, GroupLayout, Overrides,
 
 # The shipped demo (`make assets`): the co-adapted experts with their router (the default), then the stage-1 experts
 # trained apart with their router (the paper's recipe), for comparison.
-DEFAULT_MANIFESTS = ("assets/coadapted/experts.json", "assets/experts.json")
+DEFAULT_MANIFESTS = {"co-adapted (default)": "assets/coadapted/experts.json",
+                     "stage 1 (experts trained apart)": "assets/experts.json"}   # name shown → path
 BATCH_CHUNK = 8
 MERGE_DEFAULT_MAX_BYTES = 1 << 30  # fast decode on by default when one merged copy costs at most this
 
@@ -55,7 +56,8 @@ def missing_manifest_message(path: str) -> str | None:
     p = Path(path)
     if (p / "experts.json").is_file() or p.is_file():
         return None
-    how = ("Build the shipped demo model with `make assets`, or start" if path in DEFAULT_MANIFESTS else "Start")
+    shipped = path in DEFAULT_MANIFESTS.values()
+    how = "Build the shipped demo model with `make assets`, or start" if shipped else "Start"
     return (f"No expert manifest at `{path}`. {how} the app with `streamlit run streamlit_app.py -- "
             "--manifest path/to/experts.json` (repeatable) or `-- --models-dir DIR`.")
 

@@ -60,14 +60,16 @@ def _loads(monkeypatch) -> list[str]:
 
 def test_without_arguments_the_shipped_manifests_that_exist_are_offered(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert launch.parse([]).paths == [DEFAULT_MANIFESTS[0]]   # none built: the default, whose page says how to build
-    assert "make assets" in missing_manifest_message(DEFAULT_MANIFESTS[0])
-    Path(DEFAULT_MANIFESTS[1]).parent.mkdir(parents=True)
-    Path(DEFAULT_MANIFESTS[1]).write_text("{}")
-    assert launch.parse([]).manifests == {"assets": DEFAULT_MANIFESTS[1]}
-    Path(DEFAULT_MANIFESTS[0]).parent.mkdir(parents=True)
-    Path(DEFAULT_MANIFESTS[0]).write_text("{}")
-    assert launch.parse([]).manifests == {"coadapted": DEFAULT_MANIFESTS[0], "assets": DEFAULT_MANIFESTS[1]}
+    (co_name, co), (stage1_name, stage1) = DEFAULT_MANIFESTS.items()
+    assert launch.parse([]).manifests == {co_name: co}   # none built: the default, whose page says how to build
+    assert "make assets" in missing_manifest_message(co)
+    Path(stage1).parent.mkdir(parents=True)
+    Path(stage1).write_text("{}")
+    assert launch.parse([]).manifests == {stage1_name: stage1}
+    Path(co).parent.mkdir(parents=True)
+    Path(co).write_text("{}")
+    assert launch.parse([]).manifests == {co_name: co, stage1_name: stage1}
+    assert launch.parse(["--allow-any-manifest"]).allow_any
 
 
 def test_launch_arguments_name_the_allowed_manifests(models, tmp_path):
@@ -132,7 +134,7 @@ def test_visitors_pick_among_launch_names_only(models, monkeypatch):
 def test_missing_default_manifest_explains_how_to_build(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no assets/ here
     at = _app(monkeypatch)
-    assert at.selectbox(key="manifest").options == ["coadapted"]
+    assert at.selectbox(key="manifest").options == [next(iter(DEFAULT_MANIFESTS))]
     assert any("No expert manifest" in e.value and "make assets" in e.value for e in at.error)
     at = _app(monkeypatch, env=str(tmp_path / "nowhere.json"))
     assert any("No expert manifest" in e.value and "--manifest" in e.value for e in at.error)
