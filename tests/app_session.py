@@ -7,7 +7,9 @@ import base64
 from pathlib import Path
 
 import numpy as np
+import pytest
 from streamlit.testing.v1 import AppTest
+from tiny_models import tiny_demo
 
 SCRIPT = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
 PROMPT = "List the vital signs. Flag each as low, normal or high. Use bullet points."
@@ -37,3 +39,17 @@ def z_values(trace_json: dict) -> np.ndarray:
         arr = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"]))
         return arr.reshape([int(n) for n in str(z.get("shape", len(arr))).split(",")]).astype(float)
     return np.array(z, dtype=float)
+
+
+# Fixtures for a dashboard test module (import both: `from app_session import at, manifest`).
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo model on disk, once per test module."""
+    return tiny_demo(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture()
+def at(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    """A fresh page session serving `manifest`."""
+    monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
+    return new_page()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_session import NOTE, PROMPT, new_page
+from app_session import NOTE, PROMPT, at, manifest, new_page  # noqa: F401 (at, manifest: fixtures)
 from app_session import ok as _ok
 from app_session import z_values as _z
 from streamlit.testing.v1 import AppTest
@@ -22,17 +22,6 @@ from app import batch, examples, figures, presets
 from app.service import Service
 from app.text import md_escape, word_diff
 from atmoe import ATMoE, GenerationSettings, Overrides, RoutingTrace
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return tiny_demo(tmp_path_factory.mktemp("app"))
-
-
-@pytest.fixture()
-def at(manifest, monkeypatch) -> AppTest:
-    monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
-    return new_page()
 
 
 def _generate(at: AppTest, prompt: str = PROMPT, note: str = NOTE, tokens: int = 6, granularity: str = "sequence"):

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
-from app_session import NOTE, PROMPT, new_page
+from app_session import NOTE, PROMPT, at, manifest  # noqa: F401 (at, manifest: fixtures)
 from app_session import ok as _ok
 from app_session import z_values
 from streamlit.testing.v1 import AppTest
-from tiny_models import tiny_demo
 
 from app import why
 from atmoe import ATMoE
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return tiny_demo(tmp_path_factory.mktemp("app_explain"))
-
-
-@pytest.fixture()
-def at(manifest, monkeypatch) -> AppTest:
-    monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
-    return new_page()
 
 
 def _z(at: AppTest, key_part: str) -> np.ndarray:
