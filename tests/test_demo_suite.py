@@ -6,11 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 
 import pytest
 
-from atmoe.demo.suite import (ALL_COMBOS, EVAL_COMBOS, GROUPS, HELDOUT_COMBOS, MEASURES, PHRASES, TRAIN_COMBOS, Case,
-                              answer, complex_rows, expert_rows, note, sample_case, write_suite)
+from atmoe.demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, GROUPS, HELDOUT_COMBOS, MEASURES, PHRASES,
+                              ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note, sample_case,
+                              write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
 N_EXPERT, N_ROUTER = 1600, 1200   # write_suite's defaults: the sizes the build trains on
@@ -20,6 +22,7 @@ N_EXPERT, N_ROUTER = 1600, 1200   # write_suite's defaults: the sizes the build 
 def training_rows() -> dict[str, list[dict]]:
     rows = {f"expert:{e}": expert_rows(e, N_EXPERT) for e in EXPERTS}
     rows["router_train"] = complex_rows(N_ROUTER, off_topic=0.1)
+    rows["coadapt"] = complex_rows(N_ROUTER, off_topic=0.1, wide=True)
     return rows
 
 
@@ -97,11 +100,12 @@ def test_heldout_phrasings_never_appear_in_training_rows(training_rows) -> None:
             assert not any(p in row["instruction"] for p in PHRASES[e][0]), row["instruction"]
 
 
-def test_heldout_combinations_are_unseen_but_every_pair_inside_them_is_trained(training_rows) -> None:
-    trained = {tuple(r["meta"]["combo"]) for r in training_rows["router_train"] if r["experts"]}
+@pytest.mark.parametrize("split", ["router_train", "coadapt"])
+def test_heldout_combinations_are_unseen_but_every_pair_inside_them_is_trained(training_rows, split) -> None:
+    trained = {tuple(r["meta"]["combo"]) for r in training_rows[split] if r["experts"]}
     assert trained == set(TRAIN_COMBOS)
     assert not trained & set(HELDOUT_COMBOS)
-    trained_sets = [set(r["experts"]) for r in training_rows["router_train"]]
+    trained_sets = [set(r["experts"]) for r in training_rows[split]]
     for combo in HELDOUT_COMBOS:
         for pair in itertools.combinations([e for e in combo if e], 2):
             assert any(set(pair) <= s for s in trained_sets), (combo, pair)
@@ -116,6 +120,26 @@ def test_at_least_ten_training_phrasings_per_skill_and_all_used(training_rows) -
         assert len(set(train)) >= 10, e
         used = {p for p in train if any(p in i for i in router)}
         assert len(used) >= 10, (e, len(used))
+
+
+def _words(texts) -> set[str]:
+    return {w for t in texts for w in re.findall(r"[a-z0-9']+", t.lower())}
+
+
+def test_router_only_wordings_keep_the_heldout_wordings_unseen(training_rows) -> None:
+    """Stage 2's extra wordings add no word of a held-out phrasing that the training phrasings do not already
+    use, so the held-out split still tests wordings the router never saw; and the wide split does use them."""
+    training = _words([p for e in EXPERTS for p in PHRASES[e][0]] + list(ALL_PHRASES))
+    heldout = _words([p for e in EXPERTS for p in PHRASES[e][1]])
+    extra = _words([p for e in EXPERTS for p in ROUTER_PHRASES[e]])
+    assert (extra & heldout) - training == set()
+    coadapt = [r["instruction"] for r in training_rows["coadapt"]]
+    for e in EXPERTS:
+        assert len(set(ROUTER_PHRASES[e])) >= 20 and not set(ROUTER_PHRASES[e]) & set(PHRASES[e][0] + PHRASES[e][1])
+        used = {p for p in ROUTER_PHRASES[e] + PHRASES[e][0] if any(p in i for i in coadapt)}
+        assert len(used) >= 28, (e, len(used))
+    with pytest.raises(ValueError, match="held-out"):
+        complex_rows(4, heldout=True, wide=True)
 
 
 def test_flags_are_correct_with_a_clear_gap() -> None:
@@ -145,9 +169,10 @@ def test_write_suite_writes_every_split(tmp_path) -> None:
     written = write_suite(tmp_path / "s", seed=0, **sizes)
     expected = {**{f"expert:{e}": f"experts/{e}.jsonl" for e in EXPERTS},
                 **{f"gate:{e}": f"gate/{e}.jsonl" for e in EXPERTS},
-                "router_train": "router_train.jsonl", "eval": "eval.jsonl", "off_topic": "off_topic.jsonl"}
+                "router_train": "router_train.jsonl", "coadapt": "coadapt.jsonl", "eval": "eval.jsonl",
+                "off_topic": "off_topic.jsonl"}
     assert {k: p.relative_to(tmp_path / "s").as_posix() for k, p in written.items()} == expected
-    counts = {"expert": 5, "gate": 3, "router_train": 10, "eval": 6, "off_topic": 16}
+    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 10, "eval": 6, "off_topic": 16}
     for key, path in written.items():
         rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == counts[key.split(":")[0]], key

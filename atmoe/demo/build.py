@@ -177,7 +177,7 @@ def build_experts(cfg: BuildConfig, suite: Path, out: Path) -> None:
 def build(cfg: BuildConfig) -> None:
     out, work = Path(cfg.out), Path(cfg.work)
     suite = work / "suite"
-    if "suite" in cfg.stages and (cfg.force or not (suite / "eval.jsonl").exists()):
+    if "suite" in cfg.stages and (cfg.force or not all((suite / f).exists() for f in ("eval.jsonl", "coadapt.jsonl"))):
         write_suite(suite, seed=0, **cfg.suite_sizes)
     (out / "data").mkdir(parents=True, exist_ok=True)
     for name in ("eval.jsonl", "off_topic.jsonl"):   # the held-out sets ship (dashboard examples, evaluation)

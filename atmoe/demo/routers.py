@@ -56,15 +56,15 @@ def build_routers(cfg: Any, suite: Path, out: Path) -> None:
 
 def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
     """Stage 2, each variant of `build.COADAPTED`: from the stage-1 experts and router, experts and router train
-    together on the router's rows (LM loss on the composed answers + the same label loss). Writes the variant's
-    folder (experts, router, manifest)."""
+    together on the training combinations in wider wordings (`coadapt.jsonl`; LM loss on the composed answers + the
+    same label loss). Writes the variant's folder (experts, router, manifest)."""
     import torch
 
     from atmoe.train_router import RouterTrainConfig, train_router
 
     from .build import COADAPTED
 
-    data = suite / "router_train.jsonl"
+    data = suite / "coadapt.jsonl"
     for v in COADAPTED:
         folder = v.path(cfg)
         if (folder / "experts.json").exists() and not cfg.force:

@@ -19,6 +19,7 @@ range and normal ones well inside it, so the flags are a learnable rule.
 Splits (every row {"instruction", "input", "output", "experts", "meta"}; same seed, same bytes):
     experts/<name>.jsonl  single-skill rows for each expert (training phrasings)
     router_train.jsonl    training combinations with training phrasings, plus off-topic questions (experts: [])
+    coadapt.jsonl         the same, in wider wordings (training phrasings + ROUTER_PHRASES): stage 2's data
     eval.jsonl            held-out phrasings for every complex combination, incl. the held-out combinations
     gate/<name>.jsonl     fresh single-skill rows: an expert is trained when it passes these alone
 """
@@ -195,6 +196,62 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
               ("My grandmother will read this, so skip the jargon.", "Don't use clinical acronyms.",
                "Say it the way you'd tell a family member.", "Avoid medical abbreviations entirely.")),
 }
+# Stage 2 (co-adaptation) trains the router on wider wordings than the experts' own: these 20 per skill on top of the
+# training phrasings. They share no word with the held-out phrasings that the training phrasings do not already use
+# (`tests/test_demo_suite.py`), so the held-out wordings stay unseen. Stage 1 keeps the experts' phrasings only,
+# so its experts, routers and results stay as built.
+ROUTER_PHRASES: dict[str, tuple[str, ...]] = {
+    "labs": ("Print the lab results, one per line.", "Which lab tests came back, and with what values?",
+             "Go through the lab section.", "Give the blood test values only.", "What did the lab panel show?",
+             "Type out each lab value.", "Show me the labs from the case.", "Just the lab results, please.",
+             "Can you list the labs?", "Break out the laboratory values.", "Give the lab figures.",
+             "Lab values, please.", "Write down the results that came from the lab.", "Enumerate the lab findings.",
+             "Tell me what the blood tests showed.", "Pull out the lab numbers.", "Lab results only.",
+             "Output the lab values.", "Focus on the labs.", "Only the lab results, nothing else."),
+    "vitals": ("Print the vital signs, one per line.", "Which vital signs were checked, and what were they?",
+               "Go through the vitals section.", "Give the vital sign values only.", "What did the vitals show?",
+               "Type out each vital sign.", "Show me the vitals from the case.", "Just the vitals, please.",
+               "Can you list the vital signs?", "Break out the vital sign values.", "Give the vitals figures.",
+               "Vitals, please.", "Write down the bedside measurements.", "Enumerate the vital signs.",
+               "Tell me what the vital signs showed.", "Pull out the vitals numbers.", "Vital signs only.",
+               "Output the vital sign values.", "Focus on the vitals.",
+               "Show the heart rate, temperature and the rest of the vitals."),
+    "flags": ("Say for each if it is low, normal or high.", "Classify each value as low, normal or high.",
+              "Give each a status: low, normal or high.", "Rate each result low, normal or high.",
+              "Call out the abnormal values as low or high; the rest are normal.",
+              "Mark the highs and lows, and the normal values.", "Add whether each one is high, low or normal.",
+              "Compare each to its range: low, normal or high.", "Grade every value: low, normal or high.",
+              "Put low, normal or high after each.", "Show which values are high or low, and which are normal.",
+              "Flag each result.", "Tell me if each value is normal, low or high.",
+              "Give a low/normal/high verdict for each.", "Which are high, which are low, which are normal?",
+              "Assess each value as low, normal or high.", "Next to each, write low, normal or high.",
+              "Note which results are abnormal (low or high).", "Interpret them: low, normal or high.",
+              "Add a verdict to each: low, normal or high."),
+    "ranges": ("Give the reference range for each value.", "Show each value's normal range.",
+               "Add the normal interval after each.", "Write the range in brackets after each value.",
+               "Include the normal limits.", "List the normal range as well.",
+               "Put the reference range beside each value.",
+               "Say what the normal range is for each one.", "With the normal range for each, please.",
+               "Tack on the reference interval.", "Also give each normal range.", "Show the expected range for each.",
+               "Each value needs its normal range.", "Include the reference range in brackets.",
+               "Give the normal bounds for each.", "Cite the normal range of every value.",
+               "Add the standard range to each.", "Follow each value with its normal range.",
+               "Write the normal range beside every result.", "Quote the reference limits for each."),
+    "bullets": ("Make each line a bullet.", "Bullet points, please.", "Format as bullets.", "Give a bullet list.",
+                "Prefix every line with a dash.", "Show them as a bulleted list.", "Answer as a list of dash bullets.",
+                "Put each item on a bullet.", "Bullet it.", "Present it as bullets.", "Use dashes as bullets.",
+                "Write each line as a bullet.", "Format with bullet points.", "Dash bullets, please.",
+                "Use a bullet for every line.", "Make a bulleted list of them.", "Bullets, one per line.",
+                "Put it in bullet form.", "A bullet list is best.", "Write it as a dash list."),
+    "plain": ("Use simple words.", "Write it for a patient to follow.", "Use lay names instead of abbreviations.",
+              "Replace abbreviations with full words.", "Write each name out in full.", "No abbreviations, please.",
+              "Use everyday language.", "Make it patient-friendly.", "Keep the wording simple.",
+              "Explain the names in plain English.", "Avoid technical terms.",
+              "Write for someone without medical training.", "Use non-technical names.",
+              "Spell each name out in full.", "Plain words, please.",
+              "Translate the abbreviations into everyday names.", "Write it for a layperson.",
+              "Use the full, everyday names.", "Keep it free of shorthand.", "Anyone must understand it."),
+}
 # How a knowledge or style expert is asked alone: every measurement of the note.
 ALL_PHRASES = ("List every lab and vital sign.", "Write out all the measurements.", "Go through all the numbers in "
                "the note.", "Give me every value in the note.", "Show all labs and vitals, one per line.",
@@ -214,8 +271,10 @@ def combo_experts(combo: Combo) -> list[str]:
     return [e for e in combo if e]
 
 
-def instruction(combo: Combo, rng: random.Random, heldout: bool) -> str:
-    sentences = [rng.choice(PHRASES[e][int(heldout)]) for e in combo_experts(combo)]
+def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False) -> str:
+    """Each expert's sentence, in random order: held-out phrasings, or training ones (`wide`: plus ROUTER_PHRASES)."""
+    sentences = [rng.choice(PHRASES[e][1] if heldout else PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ()))
+                 for e in combo_experts(combo)]
     rng.shuffle(sentences)
     return " ".join(sentences)
 
@@ -272,17 +331,20 @@ def off_topic_rows(n: int, rng: random.Random, heldout: bool) -> list[dict[str, 
     return rows
 
 
-def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0) -> list[dict[str, Any]]:
-    """`n` router rows (training combinations and phrasings) or held-out eval rows (held-out phrasings, every
-    complex combination; each combination equally often)."""
-    rng = random.Random(f"atmoe-demo:{seed}:{'eval' if heldout else 'router'}")
+def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0, wide: bool = False
+                 ) -> list[dict[str, Any]]:
+    """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases) or held-out
+    eval rows (held-out phrasings, every complex combination; each combination equally often)."""
+    if heldout and wide:
+        raise ValueError("wide wordings are training wordings; held-out rows use the held-out phrasings only")
+    rng = random.Random(f"atmoe-demo:{seed}:{'eval' if heldout else 'coadapt' if wide else 'router'}")
     combos = EVAL_COMBOS if heldout else TRAIN_COMBOS
     n_off = round(n * off_topic)
     rows = []
     for i in range(n - n_off):
         combo = combos[i % len(combos)]
         case = sample_case(rng)
-        rows.append(_row(instruction(combo, rng, heldout), case, answer(case, *combo), combo_experts(combo),
+        rows.append(_row(instruction(combo, rng, heldout, wide), case, answer(case, *combo), combo_experts(combo),
                          list(combo)))
     rows += off_topic_rows(n_off, rng, heldout)
     rng.shuffle(rows)
@@ -309,6 +371,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
             written[f"gate:{name}"] = _write_jsonl(out / "gate" / f"{name}.jsonl",
                                                    expert_rows(name, n_gate, seed, split="gate"))
     written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
+    written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", complex_rows(n_router, seed, off_topic=0.1, wide=True))
     written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
     written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
     return written
