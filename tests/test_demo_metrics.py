@@ -139,6 +139,24 @@ def test_markdown_table_has_every_system_and_column() -> None:
     assert lines[2].endswith("| 0.050 | – | – |") and "| – |" in lines[2]   # plain: no rows → "–"
 
 
+def test_paired_differences_are_shipped_minus_each_system_with_the_combination_split() -> None:
+    from atmoe.demo.suite import HELDOUT_COMBOS
+    rows = ROWS[:40]
+    perfect = [r["output"] for r in rows]
+    unseen = [tuple(r["meta"]["combo"]) in HELDOUT_COMBOS for r in rows]
+    half = [r["output"] if i % 2 else "" for i, r in enumerate(rows)]
+    results = {**_results(), "answers": {"base": [""] * 40, "grouped_sigmoid": perfect, "oracle_constant": half}}
+    paired = ev.paired_differences(results, rows)
+    assert paired["minus"]["base"] == {"diff": 1.0, "ci95": [1.0, 1.0]}
+    half_diff = paired["minus"]["oracle_constant"]
+    assert half_diff["diff"] == pytest.approx(0.5) and half_diff["ci95"][0] < 0.5 < half_diff["ci95"][1]
+    split = paired["by_combination"]
+    assert split["never_trained_combinations"] == {"n": sum(unseen), "f1": 1.0} and 0 < sum(unseen) < 40
+    assert split["trained_combinations"]["n"] == 40 - sum(unseen)
+    table = ev.markdown_table({**results, "paired": paired})
+    assert "| `base` | +1.000 [+1.000, +1.000] |" in table and "never-trained combinations 1.000" in table
+
+
 # ---------------------------------------------------------------- the whole evaluation on a tiny random model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, one_torch_thread):

@@ -45,6 +45,7 @@ from atmoe.router import GroupedRouter, load_router
 from atmoe.trace import RoutingTrace
 
 from .metrics import score
+from .suite import HELDOUT_COMBOS
 
 if TYPE_CHECKING:
     from .build import BuildConfig
@@ -152,6 +153,22 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tu
     return float(lo), float(hi)
 
 
+def paired_differences(results: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
+    """The shipped system against every other one on the same rows: mean F1 difference (shipped − other) with its
+    paired bootstrap 95 % interval; and the shipped system's mean on the never-trained combinations vs the rest."""
+    shipped = results["shipped"]
+    f1 = {name: np.array([score(t, r)["f1"] for t, r in zip(texts, rows, strict=True)])
+          for name, texts in results["answers"].items()}
+    if shipped not in f1:
+        return {}
+    diffs = {name: {"diff": float((f1[shipped] - v).mean()), "ci95": list(bootstrap_ci(f1[shipped] - v))}
+             for name, v in f1.items() if name != shipped}
+    unseen = np.array([tuple(r.get("meta", {}).get("combo", ())) in HELDOUT_COMBOS for r in rows])
+    split = {label: {"n": int(mask.sum()), "f1": float(f1[shipped][mask].mean()) if mask.any() else None}
+             for label, mask in (("trained_combinations", ~unseen), ("never_trained_combinations", unseen))}
+    return {"shipped": shipped, "minus": diffs, "by_combination": split}
+
+
 # ---------------------------------------------------------------- generation and scoring
 def _answers(m: ATMoE, rows: list[Row], system: System, max_new_tokens: int, batch_size: int
              ) -> tuple[list[str], list[RoutingTrace]]:
@@ -249,9 +266,21 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([label, *(fmt(s["per_skill"][k]) for k in skills),
                                          f"**{s['f1']:.3f}** [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]",
                                          fmt(s["exact"]), sel, fmt(s["gate_accuracy"])]) + " |")
-    return (f"n = {results['n']} held-out complex instructions, {results['decoding']} decoding, max_new_tokens = "
-            f"{results['max_new_tokens']}. Line F1; a skill's column averages the rows that need it.\n\n"
-            + "\n".join(lines) + "\n")
+    table = (f"n = {results['n']} held-out complex instructions, {results['decoding']} decoding, max_new_tokens = "
+             f"{results['max_new_tokens']}. Line F1; a skill's column averages the rows that need it.\n\n"
+             + "\n".join(lines) + "\n")
+    paired = results.get("paired")
+    if paired:
+        table += (f"\n`{paired['shipped']}` minus each system, paired over the same rows (mean F1 difference, "
+                  "bootstrap 95 % interval):\n\n| system | shipped − system |\n|---|---|\n"
+                  + "".join(f"| `{name}` | {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |\n"
+                            for name, d in paired["minus"].items()))
+        split = paired["by_combination"]
+        table += ("\n`{}` by combination: trained combinations (in held-out wordings) {} on {} rows; never-trained "
+                  "combinations {} on {} rows.\n").format(
+            paired["shipped"], fmt(split["trained_combinations"]["f1"]), split["trained_combinations"]["n"],
+            fmt(split["never_trained_combinations"]["f1"]), split["never_trained_combinations"]["n"])
+    return table
 
 
 # ---------------------------------------------------------------- entry points
@@ -272,7 +301,8 @@ def read_rows(path: str | Path) -> list[Row]:
     return rows
 
 
-def write_results(results: dict[str, Any], out: Path) -> str:
+def write_results(results: dict[str, Any], out: Path, rows: list[Row]) -> str:
+    results["paired"] = paired_differences(results, rows)
     table = markdown_table(results)
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "results.md", table.encode())
@@ -322,7 +352,7 @@ def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
         if v.shipped:
             results["shipped"] = v.name
         del co
-    print(write_results(results, out / "eval"))
+    print(write_results(results, out / "eval", rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -369,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                            partial_path=out / "partial.json", baselines=not a.no_baselines, only=only)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(write_results(results, out))
+    print(write_results(results, out, rows))
     (out / "partial.json").unlink(missing_ok=True)
 
 
