@@ -15,14 +15,14 @@ from atmoe.demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, GROUPS, HELD
                               write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
-N_EXPERT, N_ROUTER = 1600, 1200   # write_suite's defaults: the sizes the build trains on
+N_EXPERT, N_ROUTER, N_COADAPT = 1600, 1200, 2400   # write_suite's defaults: the sizes the build trains on
 
 
 @pytest.fixture(scope="module")
 def training_rows() -> dict[str, list[dict]]:
     rows = {f"expert:{e}": expert_rows(e, N_EXPERT) for e in EXPERTS}
     rows["router_train"] = complex_rows(N_ROUTER, off_topic=0.1)
-    rows["coadapt"] = complex_rows(N_ROUTER, off_topic=0.1, wide=True)
+    rows["coadapt"] = complex_rows(N_COADAPT, off_topic=0.1, wide=True)
     return rows
 
 
@@ -165,14 +165,14 @@ def test_flags_are_correct_with_a_clear_gap() -> None:
 
 
 def test_write_suite_writes_every_split(tmp_path) -> None:
-    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_eval=6)
+    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_coadapt=12, n_eval=6)
     written = write_suite(tmp_path / "s", seed=0, **sizes)
     expected = {**{f"expert:{e}": f"experts/{e}.jsonl" for e in EXPERTS},
                 **{f"gate:{e}": f"gate/{e}.jsonl" for e in EXPERTS},
                 "router_train": "router_train.jsonl", "coadapt": "coadapt.jsonl", "eval": "eval.jsonl",
                 "off_topic": "off_topic.jsonl"}
     assert {k: p.relative_to(tmp_path / "s").as_posix() for k, p in written.items()} == expected
-    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 10, "eval": 6, "off_topic": 16}
+    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 12, "eval": 6, "off_topic": 16}
     for key, path in written.items():
         rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == counts[key.split(":")[0]], key

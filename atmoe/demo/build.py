@@ -47,7 +47,7 @@ class BuildConfig:
     router_lr: float = 5e-3
     eval_n: int = 64
     gate_n: int = 50
-    coadapt_steps: int = 150
+    coadapt_steps: int = 300                # over coadapt.jsonl's 2,400 rows: one pass at batch 8
     coadapt_lr: float = 2e-3                # the router's, starting from the shipped stage-1 router
     coadapt_expert_lr: float = 1e-3
     stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "eval")
@@ -65,7 +65,7 @@ class BuildConfig:
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.quick:
-            self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_eval": 8}
+            self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8}
             self.gate_n, self.eval_n = 4, 8
 
 

@@ -20,6 +20,10 @@ Routing scores (trained routers only; from the routing used for each answer, L l
                    loss asks for. A shared budget (softmax, flat) is on when its layer mean is above 1/(2G), halfway
                    between off and the 1/G that training asks of a needed group.
 
+`write_results` adds `paired`: the shipped system minus every other one on the same rows, with paired bootstrap
+intervals (the targets are differences, so their intervals are paired too), and the shipped system's mean on the
+never-trained combinations apart from the rest.
+
 `evaluate(..., partial_path=...)` writes each finished system there, so a rerun resumes after the last one; the
 demo keeps one such file per part (`eval/parts/`), so adding a system reruns nothing else.
 """

@@ -357,9 +357,10 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate: int = 50, n_router: int = 1200,
-                n_eval: int = 64) -> dict[str, Path]:
+                n_coadapt: int = 2400, n_eval: int = 64) -> dict[str, Path]:
     """Write every split under `out_dir` (each file atomically); returns {split: path}."""
-    for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_eval", n_eval)):
+    for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_coadapt", n_coadapt),
+                     ("n_eval", n_eval)):
         if n < 1:
             raise ValueError(f"{label} must be >= 1, got {n}")
     out = Path(out_dir)
@@ -371,7 +372,8 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
             written[f"gate:{name}"] = _write_jsonl(out / "gate" / f"{name}.jsonl",
                                                    expert_rows(name, n_gate, seed, split="gate"))
     written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
-    written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", complex_rows(n_router, seed, off_topic=0.1, wide=True))
+    wide = complex_rows(n_coadapt, seed, off_topic=0.1, wide=True)
+    written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", wide)
     written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
     written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
     return written
