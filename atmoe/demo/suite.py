@@ -372,8 +372,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
             written[f"gate:{name}"] = _write_jsonl(out / "gate" / f"{name}.jsonl",
                                                    expert_rows(name, n_gate, seed, split="gate"))
     written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
-    wide = complex_rows(n_coadapt, seed, off_topic=0.1, wide=True)
-    written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", wide)
+    written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", complex_rows(n_coadapt, seed, off_topic=0.1, wide=True))
     written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
     written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
     return written
