@@ -4,7 +4,7 @@ Nothing about a request is stored on the (shared) model: a `RoutingCall` lives i
 one forward call, so threads serving different users with different overrides never see each other's weights.
 
 Flow of one forward pass (no second pass, KV cache kept):
-    decoder layer l pre-hook → pool hidden state entering l over the prompt → router(l) → overrides → w[l]
+    decoder layer l pre-hook → pool hidden state entering l over the tokens read → router(l) → overrides → w[l]
     → the layer's FusedLoRA modules read w[l] from the call.
 In sequence mode w[l] is computed once, on the prompt, and reused for every generated token.
 """
@@ -83,17 +83,6 @@ def checkpoint_context() -> tuple[object, object]:
     return nullcontext(), (use_call(replace(call, prepared={})) if call is not None else nullcontext())
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """hidden [B, T, D], mask [B, T] → [B, D]: masked mean over the prompt, or its last token."""
-    mask = mask.to(hidden.device, torch.float32)
-    if how == "last":
-        positions = torch.arange(mask.shape[1], device=hidden.device)
-        last = (mask * positions).argmax(-1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-    # mask-weighted sum as one batched GEMV ([B, 1, T] @ [B, T, D]): no [B, T, D] temporary
-    return torch.bmm(mask[:, None, :], hidden.float()).squeeze(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-
-
 @torch.compiler.disable
 def route_layer(layer: int, hidden: torch.Tensor) -> None:
     """Decoder-layer pre-hook body: compute w[layer] for the current call (no-op outside a call)."""
@@ -104,9 +93,9 @@ def route_layer(layer: int, hidden: torch.Tensor) -> None:
     if call.inputs is not None:
         call.inputs[layer] = hidden.detach()   # what this layer's router reads (atmoe.explain), for this call only
     if call.granularity == "sequence":
-        x = pool(hidden, call.prompt_mask, router.config.pooling)       # [B, D]
+        x = router.pool(layer, hidden, call.prompt_mask)                # [B, D] or [B, G, D] (attention)
     else:
-        x = hidden                                                       # [B, T, D]
+        x = router.per_token(hidden)                                     # [B, T, D] ([B, T, G, D] attention)
     alpha, beta, fallback = router(layer, x)   # an untrained router (zero heads) gives exactly uniform weights
     rec = call.records.setdefault(layer, LayerRecord())
     rec.router_alpha.append(alpha.detach())

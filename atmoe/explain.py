@@ -16,7 +16,9 @@ Everything between h_t and z is linear once r is fixed, so the logit is a sum ov
 This is exact, not an approximation (no gradients, no baseline): `contributions` summed over tokens plus `bias`
 give the router's own logits (`GroupedRouter.logits`) to float rounding. r is shared by every token, so a token's term
 is its direct share given the others (r itself depends on all of them). With "last" pooling the router reads only
-the last token of I: c_last = r·W·(g ⊙ h_last)/τ and every other token's contribution is 0.
+the last token of I: c_last = r·W·(g ⊙ h_last)/τ and every other token's contribution is 0. With "attention"
+pooling each group g pools with its own weights a_gt (fixed by the hidden states, like r), so for g's gate and its
+experts p_g = Σ_t a_gt h_t, r_g its RMS scale, and c_t = r_g · a_gt · W·(g ⊙ h_t)/τ: still exact.
 
 Shift invariance. Softmax weights do not change when one constant is added to all the logits they normalise, so an
 absolute contribution to one softmax logit means nothing alone. For softmax-normalised levels — groups in mode
@@ -44,9 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .call import pool
 from .data import token_labels
-from .router import EPS
+from .router import EPS, attention_weights
 
 if TYPE_CHECKING:
     from .call import RoutingCall
@@ -151,20 +152,25 @@ def _layer_terms(router: GroupedRouter, layer: int, hidden: torch.Tensor, mask: 
     """level → (per-token contributions [N, K], bias [K], the router's logits [K]) at one layer (batch row 0)."""
     cfg = router.config
     h = hidden[0, positions].double()                                    # [N, D] the tokens read
-    share = torch.zeros_like(h)
-    if cfg.pooling == "last":
-        share[-1] = h[-1]                                                # only the last token is read
+    if cfg.pooling == "attention":                                       # one reader per group: its own weights
+        a = attention_weights(hidden[:1], mask[:1], router.query[layer])[0][:, positions]   # [G, N]
+        share = a.double()[..., None] * h                                # [G, N, D]
+    elif cfg.pooling == "last":
+        share = torch.zeros_like(h)[None]
+        share[0, -1] = h[-1]                                             # only the last token is read
     else:
-        share = h / len(positions)                                       # each token's part of the mean
-    p = share.sum(0)                                                     # [D] the pooled vector
-    r = torch.rsqrt(p.pow(2).mean() + EPS)                               # the one RMS scale
-    x = r * share * router.norm_weight[layer].double()                   # [N, D]: Σ_t x_t = RMSNorm(p)
+        share = (h / len(positions))[None]                               # [1, N, D] each token's part of the mean
+    p = share.sum(1, keepdim=True)                                       # [R, 1, D] the pooled vector(s)
+    r = torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + EPS)               # one RMS scale per pooled vector
+    x = r * share * router.norm_weight[layer].double()                   # [R, N, D]: Σ_t x_t = RMSNorm(p)
     tau = cfg.temperature
-    group_logits, expert_logits = router.logits(layer, pool(hidden, mask, cfg.pooling))  # the router's own, [1, ·]
+    group_logits, expert_logits = router.logits(layer, router.pool(layer, hidden, mask))  # the router's own
+    readers = {"group": torch.arange(len(cfg.groups), device=x.device), "expert": router.group_index.to(x.device)}
     out = {}
     for level, weight, bias, logits in (("group", router.group_weight, router.group_bias, group_logits),
                                         ("expert", router.expert_weight, router.expert_bias, expert_logits)):
-        c = x @ weight[layer].double().T / tau                           # [N, K]
+        xs = x[readers[level]] if x.shape[0] > 1 else x.expand(len(readers[level]), -1, -1)   # [K, N, D]
+        c = torch.einsum("knd,kd->nk", xs, weight[layer].double()) / tau  # [N, K]
         out[level] = (c.cpu().numpy(), (bias[layer].double() / tau).cpu().numpy(),
                       logits[0].double().cpu().numpy())
     return out

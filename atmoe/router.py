@@ -9,7 +9,12 @@ Shape legend:  L layers · G groups · E experts (ordered by group, so each grou
     w[l, e] = α[l, g(e)] · β[l, e]                      (the weight of expert e's LoRA update at layer l)
 
 where x = RMSNorm(pooled hidden state entering layer l), pooled over the instruction's tokens (`reads="instruction"`,
-the default) or over the whole prompt (`reads="prompt"`: system text, instruction and input). Reading the instruction
+the default) or over the whole prompt (`reads="prompt"`: system text, instruction and input). Pooling "mean" and
+"last" give one x shared by every head; pooling "attention" gives each group its own x_g, a softmax-weighted mean
+whose weights come from a learnt query per layer and group (a_t = softmax_t(q[l,g]·RMSNorm(h_t))), read by the group's
+gate and by its experts' heads. A zero query weighs every token equally, so an attention router starts as exactly
+the mean-pooling router it is initialised from, and learns where to look: the task gate on the sentence that names
+the task, rather than on the average of a three-sentence instruction. Reading the instruction
 is what makes routing a function of the request: the instruction precedes the input, so under causal attention its
 hidden states, and hence every routing weight, are the same whatever note follows it. Mode "flat" is the ablation without groups: one softmax over
 all experts, reported as α[g] = Σ_{e∈g} w and β = w / α so that the trace keeps the same shape.
@@ -31,7 +36,7 @@ from .io import LoadError, atomic_save_safetensors, read_safetensors
 from .layout import GroupLayout
 
 MODES = ("softmax", "sigmoid", "flat")
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "attention")
 READS = ("instruction", "prompt")
 GRANULARITIES = ("sequence", "token")
 _FORMAT = "atmoe-router-v1"
@@ -49,7 +54,7 @@ class RouterConfig:
     hidden_size: int
     mode: str = "softmax"              # "softmax" | "sigmoid" | "flat"
     temperature: float = 1.0
-    pooling: str = "mean"              # masked mean, or the last token read
+    pooling: str = "mean"              # masked mean, the last token read, or a learnt attention per group
     reads: str = "instruction"         # which tokens are pooled: the user's instruction, or the whole prompt
     granularity: str = "sequence"      # "sequence": fixed after the prompt; "token": per token (analysis)
 
@@ -93,22 +98,45 @@ class GroupedRouter(nn.Module):
         self.group_bias = nn.Parameter(torch.zeros(L, G))
         self.expert_weight = nn.Parameter(torch.zeros(L, E, D))
         self.expert_bias = nn.Parameter(torch.zeros(L, E))
+        if config.pooling == "attention":
+            self.query = nn.Parameter(torch.zeros(L, G, D))   # zero: every token weighs the same (mean pooling)
         self.layout = config.layout                  # built once: forward reads its slices at every layer
         self.register_buffer("group_index", torch.tensor(self.layout.group_index), persistent=False)
         self.trained = False  # set by training or by loading a checkpoint; reported in every trace
 
+    def pool(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D], mask [B, T] (1 on the tokens read) → [B, D] (mean, last) or [B, G, D] (attention)."""
+        how = self.config.pooling
+        if how != "attention":
+            return pool(hidden, mask, how)
+        return attention_pool(hidden, mask, self.query[layer])
+
+    def per_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Token granularity: each token read on its own, [B, T, D] → what `logits` takes ([B, T, G, D] for an
+        attention router: every group reads the token itself)."""
+        if self.config.pooling != "attention":
+            return hidden
+        return hidden.unsqueeze(-2).expand(*hidden.shape[:-1], len(self.config.groups), hidden.shape[-1])
+
     def logits(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [..., D] (pooled) → group logits [..., G], expert logits [..., E], before either normalisation
+        """hidden [..., D] (pooled: `pool`, or one token: `per_token`), or [..., G, D] with attention pooling (one
+        vector per group) → group logits [..., G], expert logits [..., E], before either normalisation
         (`atmoe.explain` splits them into per-token contributions)."""
         tau = self.config.temperature
         x = hidden.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * self.norm_weight[layer]
+        if self.config.pooling == "attention":
+            group_logits = (x * self.group_weight[layer]).sum(-1) + self.group_bias[layer]            # [..., G]
+            x_e = x[..., self.group_index, :]                                                       # [..., E, D]
+            expert_logits = (x_e * self.expert_weight[layer]).sum(-1) + self.expert_bias[layer]    # [..., E]
+            return group_logits / tau, expert_logits / tau
         group_logits = F.linear(x, self.group_weight[layer], self.group_bias[layer]) / tau    # [..., G]
         expert_logits = F.linear(x, self.expert_weight[layer], self.expert_bias[layer]) / tau  # [..., E]
         return group_logits, expert_logits
 
     def forward(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden [..., D] (pooled) → α [..., G], β [..., E], fallback [...] (bool: non-finite input → uniform)."""
+        """hidden [..., D] or [..., G, D] (pooled; see `logits`) → α [..., G], β [..., E], fallback [...] (bool:
+        non-finite input → uniform)."""
         cfg, slices = self.config, self.layout.slices
         group_logits, expert_logits = self.logits(layer, hidden)
 
@@ -142,6 +170,33 @@ class GroupedRouter(nn.Module):
             alpha = sizes / sizes.sum()
         beta = 1.0 / sizes[self.group_index.to(device)]                              # [E]
         return alpha.expand(*batch_shape, G), beta.expand(*batch_shape, len(cfg.experts))
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden [B, T, D], mask [B, T] → [B, D]: masked mean over the tokens read, or the last of them."""
+    mask = mask.to(hidden.device, torch.float32)
+    if how == "last":
+        positions = torch.arange(mask.shape[1], device=hidden.device)
+        last = (mask * positions).argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    # mask-weighted sum as one batched GEMV ([B, 1, T] @ [B, T, D]): no [B, T, D] temporary
+    return torch.bmm(mask[:, None, :], hidden.float()).squeeze(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def attention_weights(hidden: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, D], mask [B, T], query [G, D] → a [B, G, T]: softmax over the tokens read of q_g·RMSNorm(h_t)
+    (a zero query: equal weights, the masked mean). A row that reads no token weighs nothing."""
+    h = hidden.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    scores = torch.einsum("btd,gd->bgt", h, query.float())
+    read = mask.to(hidden.device).bool()[:, None, :]
+    a = scores.masked_fill(~read, float("-inf")).softmax(-1)
+    return torch.where(read.any(-1, keepdim=True), a, torch.zeros_like(a))
+
+
+def attention_pool(hidden: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] → [B, G, D]: each group's attention-weighted mean of the hidden states read."""
+    return torch.bmm(attention_weights(hidden, mask, query), hidden.float())
 
 
 def effective_weights(router: GroupedRouter, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -178,4 +233,5 @@ def load_router(path: str | Path, expected: RouterConfig | None = None) -> Group
     return router.requires_grad_(False)
 
 
-__all__ = ["GroupedRouter", "RouterConfig", "effective_weights", "load_router", "save_router"]
+__all__ = ["GroupedRouter", "RouterConfig", "attention_pool", "attention_weights", "effective_weights", "load_router",
+           "pool", "save_router"]

@@ -39,7 +39,7 @@ from .data import PadCollator, encode_dataset, load_jsonl
 from .io import atomic_write_bytes
 from .manifest import ExpertEntry, GroupEntry, Manifest
 from .model import ATMoE
-from .router import GroupedRouter, MODES, load_router, save_router
+from .router import GroupedRouter, MODES, POOLINGS, load_router, save_router
 from .train_expert import OUT_DTYPES, process_device
 
 
@@ -52,6 +52,7 @@ class RouterTrainConfig:
     mode: str = "softmax"
     temperature: float = 1.0
     reads: str = "instruction"         # the router pools the instruction's tokens, or the whole "prompt"
+    pooling: str = "mean"              # "mean" | "last" | "attention" (a learnt query per layer and group)
     steps: int = 100
     batch_size: int = 8
     lr: float = 5e-3
@@ -77,6 +78,8 @@ class RouterTrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         for k in ("steps", "batch_size", "max_length", "logging_steps", "save_steps"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")
@@ -273,13 +276,16 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
         f["experts"] = ex.experts
     print(f"router training: {len(features)} rows ({n_truncated} answers truncated to {cfg.max_length} tokens)")
     torch.manual_seed(cfg.seed)
-    router = m.new_router(mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads)
+    router = m.new_router(mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads, pooling=cfg.pooling)
     if cfg.init_router:
         start = load_router(cfg.init_router, expected=router.config)
-        if (start.config.mode, start.config.reads) != (cfg.mode, cfg.reads):
-            raise ValueError(f"--init-router {cfg.init_router} is a {start.config.mode} router reading the "
-                             f"{start.config.reads}; this run trains a {cfg.mode} router reading the {cfg.reads}")
-        router.load_state_dict(start.state_dict())
+        was, now = start.config, router.config
+        if (was.mode, was.reads) != (now.mode, now.reads) or was.pooling not in (now.pooling, "mean"):
+            raise ValueError(f"--init-router {cfg.init_router} is a {was.mode} router reading the {was.reads} "
+                             f"({was.pooling} pooling); this run trains a {now.mode} router reading the {now.reads} "
+                             f"({now.pooling} pooling)")
+        # a mean-pooling start for an attention router: its queries stay zero, i.e. the same router to begin with
+        router.load_state_dict(start.state_dict(), strict=was.pooling == now.pooling)
     else:
         with torch.no_grad():  # small random heads: zero heads give identical gradients to every expert of a group
             router.group_weight.normal_(0, 0.01)

@@ -51,7 +51,7 @@ def _table(ex, level: str, column: str, names: list[str]) -> np.ndarray:
     return rows.pivot(index="layer", columns="name", values=column)[names].to_numpy()
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "attention"])
 @pytest.mark.parametrize("reads", ["instruction", "prompt"])
 @pytest.mark.parametrize("mode", ["softmax", "sigmoid", "flat"])
 def test_contributions_add_up_to_the_routers_logits_and_weights(m, mode, reads, pooling):

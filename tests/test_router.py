@@ -76,3 +76,41 @@ def test_modes_differ_on_the_same_heads():
     assert (alphas["softmax"] - alphas["sigmoid"]).abs().max() > 0.05
     assert (alphas["softmax"] - alphas["flat"]).abs().max() > 0.05
     assert (alphas["sigmoid"] - alphas["flat"]).abs().max() > 0.05
+
+
+def test_attention_pooling_gives_each_group_its_own_weighted_mean(tmp_path):
+    """Pooling "attention": per layer and group, softmax over the tokens read of q·RMSNorm(h_t); tokens not read
+    weigh nothing; a zero query is the masked mean; the group's gate and its experts read the group's vector; the
+    queries are saved with the router."""
+    from atmoe.router import attention_pool, attention_weights, load_router, pool, save_router
+
+    T = 6
+    hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(B, T)
+    mask[:, :2] = 0                                       # the first two tokens are not read
+    query = torch.randn(len(GROUPS), D, generator=torch.Generator().manual_seed(4))
+    a = attention_weights(hidden, mask, query)            # [B, G, T]
+    assert a.shape == (B, len(GROUPS), T) and torch.all(a[..., :2] == 0)
+    assert torch.allclose(a.sum(-1), torch.ones(B, len(GROUPS)))
+    h = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = torch.softmax(torch.einsum("btd,gd->bgt", h[:, 2:], query), -1)
+    assert torch.allclose(a[..., 2:], expected, atol=1e-6)
+    zero = attention_pool(hidden, mask, torch.zeros_like(query))
+    assert torch.allclose(zero, pool(hidden, mask, "mean")[:, None].expand_as(zero), atol=1e-6)
+
+    config = RouterConfig(GROUPS, EXPERTS, EXPERT_GROUPS, L, D, mode="sigmoid", pooling="attention")
+    router = GroupedRouter(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, 1.0)
+    x = router.pool(1, hidden, mask)                      # [B, G, D]
+    assert torch.allclose(x, attention_pool(hidden, mask, router.query[1]))
+    zg, ze = router.logits(1, x)
+    for g in range(len(GROUPS)):                          # group g's heads read x[:, g] only
+        ref_g, ref_e = _logits(router, 1, x[:, g])
+        assert torch.allclose(zg[:, g], ref_g[:, g], atol=1e-5)
+        for e in _slices()[g]:
+            assert torch.allclose(ze[:, e], ref_e[:, e], atol=1e-5)
+    loaded = load_router(save_router(router, tmp_path / "attention.safetensors"))
+    assert loaded.config.pooling == "attention" and torch.equal(loaded.query, router.query)

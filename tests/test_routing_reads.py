@@ -46,7 +46,7 @@ def max_difference(a, b) -> float:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("mode,pooling", [("softmax", "mean"), ("sigmoid", "mean"), ("flat", "mean"),
-                                          ("softmax", "last")])
+                                          ("softmax", "last"), ("sigmoid", "attention")])
 def test_reading_the_instruction_the_note_never_changes_the_routing(model, mode, pooling):
     router = random_router(model, mode=mode, pooling=pooling)
     assert router.config.reads == "instruction"  # the default

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from atmoe import ATMoE
 from atmoe.demo.suite import complex_rows
+from atmoe.router import load_router
 from atmoe.train_router import RouterTrainConfig, RouterTrainingModule, train_router
 from tiny_models import tiny_demo
 
@@ -93,6 +95,32 @@ def test_coadaptation_trains_the_experts_and_writes_peft_adapters_with_their_rou
                                         out / "experts" / name).eval()
         with torch.no_grad():
             assert (ours - ref(input_ids=ids[None]).logits[0]).abs().max().item() <= 1e-4, name
+
+
+def test_an_attention_router_starts_from_a_mean_router_and_learns_where_to_look(setup, tmp_path):
+    """--pooling attention --init-router <mean router>: before training it is that router exactly (zero queries);
+    training moves the queries; a router of another pooling is refused as a start."""
+    manifest, data = setup
+    stage1, _ = train_router(_cfg(manifest, data, mode="sigmoid", steps=3, update_manifest=False,
+                                  out=str(tmp_path / "mean.safetensors")))
+    m = ATMoE.load(manifest, device="cpu")
+    mean = load_router(stage1)
+    start = m.new_router(mode="sigmoid", pooling="attention")
+    start.load_state_dict(mean.state_dict(), strict=False)
+    start.trained = True
+    prompt = "Use bullet points. List the lab results. Flag each as low, normal or high."
+    a, b = m.route(prompt, input="Labs: Na 128.", router=mean), m.route(prompt, input="Labs: Na 128.", router=start)
+    assert np.allclose(a.router_group_weights, b.router_group_weights, atol=1e-6)
+    assert np.allclose(a.router_expert_weights, b.router_expert_weights, atol=1e-6)
+
+    path, _ = train_router(_cfg(manifest, data, mode="sigmoid", pooling="attention", steps=4, init_router=str(stage1),
+                                update_manifest=False, out=str(tmp_path / "attention.safetensors")))
+    trained = load_router(path)
+    assert trained.config.pooling == "attention" and trained.query.abs().max() > 0
+    assert not torch.equal(trained.group_weight, mean.group_weight)
+    with pytest.raises(ValueError, match="attention pooling"):   # an attention router is no start for a mean one
+        train_router(_cfg(manifest, data, mode="sigmoid", steps=2, init_router=str(path), update_manifest=False,
+                          out=str(tmp_path / "again.safetensors")))
 
 
 def test_pool_dropout_drops_tokens_but_never_a_whole_row():

@@ -70,7 +70,9 @@ def render(svc: Service) -> None:
         if t["relative"] else " (a sigmoid gate: absolute)"
     st.caption(f"Logit{rel}: {t['logit']:+.3f} = Σ words + bias {t['bias']:+.3f} (mean over the chosen layers). "
                f"The router reads the {'instruction' if ex.reads == 'instruction' else 'whole prompt'}"
-               + (" — **last** pooling: only its last token counts." if ex.pooling == "last" else "."))
+               + {"last": " — **last** pooling: only its last token counts.",
+                  "attention": " — **attention** pooling: each group weighs the tokens with its own learnt query."
+                  }.get(ex.pooling, "."))
     st.plotly_chart(why.heatmap_figure(ex, target), key="why_heatmap", width="stretch")
     st.caption(why.CAPTION)
     _sweep(svc, prompt, note, target)
