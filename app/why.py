@@ -78,6 +78,19 @@ def heatmap_figure(ex: Explanation, target: str) -> go.Figure:
     return fig
 
 
+def attention_figure(ex: Explanation, layers: tuple[int, int]) -> go.Figure:
+    """Group × word: the share of each group's attention on each word (attention pooling), mean over layers a..b."""
+    matrix = ex.attention_by_word(layers)
+    a, b = layers
+    where = f"layer {a}" if a == b else f"mean over layers {a}–{b}"
+    fig = go.Figure(go.Heatmap(z=matrix.to_numpy(), x=_words(ex), y=list(matrix.index), zmin=0,
+                               colorscale="Blues", colorbar=dict(title="share"),
+                               hovertemplate="%{y}<br>%{x}<br>attention %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"Where each group looks ({where})", height=120 + 40 * len(matrix),
+                      margin=dict(l=10, r=10, t=40, b=10), xaxis=dict(type="category", tickangle=-45))
+    return fig
+
+
 def terms(ex: Explanation, target: str, layers: tuple[int, int]) -> dict[str, float]:
     """Mean over layers a..b of `target`'s bias and logit (relative where softmax-normalised, like the words)."""
     level, _, name = target.partition(":")

@@ -77,6 +77,19 @@ class Explanation:
     pooling: str
     reads: str
     trace: RoutingTrace            # the routing of this same forward pass
+    attention: pd.DataFrame | None = None   # attention pooling only: layer, group, token, word, weight (Σ_token = 1)
+
+    def attention_by_word(self, layers: tuple[int, int] | None = None) -> pd.DataFrame:
+        """[group × word id] how much of each group's attention falls on each word (its tokens summed), averaged over
+        layers a..b (inclusive). Attention pooling only: each row sums to 1."""
+        if self.attention is None:
+            raise ValueError(f"this router pools by {self.pooling!r}: there are no attention weights")
+        rows = self.attention if layers is None else self.attention[self.attention.layer.between(*layers)]
+        if rows.empty:
+            raise ValueError(f"no explained layer in {layers}")
+        per_layer = rows.pivot_table(index=["group", "layer"], columns="word", values="weight", aggfunc="sum")
+        matrix = per_layer.groupby(level="group").mean().reindex(columns=range(len(self.words)), fill_value=0.0)
+        return matrix.reindex([g for g in dict.fromkeys(self.attention.group)])
 
     @property
     def targets(self) -> list[str]:
@@ -128,9 +141,16 @@ class Explanation:
             levels = {"group": (list(layout.groups), list(layout.groups),
                                 [list(range(len(layout.groups)))] if cfg.mode == "softmax" else []), **levels}
         relative = {level: bool(members) for level, (_, _, members) in levels.items()}
-        contrib_parts, logit_parts = [], []
+        contrib_parts, logit_parts, attention_parts = [], [], []
         for l in layers:
-            terms = _layer_terms(router, l, call.inputs[l], call.prompt_mask, positions)
+            a = (attention_weights(call.inputs[l][:1], call.prompt_mask[:1], router.query[l])[0][:, positions]
+                 if cfg.pooling == "attention" else None)                  # [G, N] each group's token weights
+            if a is not None:
+                G, N = a.shape
+                attention_parts.append(pd.DataFrame({
+                    "layer": l, "group": np.repeat(list(layout.groups), N), "token": np.tile(positions, G),
+                    "word": np.tile(word_of, G), "weight": a.double().cpu().numpy().ravel()}))
+            terms = _layer_terms(router, l, call.inputs[l], call.prompt_mask, positions, a)
             for level, (names, groups, members) in levels.items():
                 raw_c, raw_b, raw_z = terms[level]                             # [N, K], [K], [K]
                 c, b, z = (_centre(x, members) for x in (raw_c, raw_b, raw_z))
@@ -144,17 +164,18 @@ class Explanation:
                                                  "bias": b, "logit": z, "raw_bias": raw_b, "raw_logit": raw_z}))
         return cls(pd.concat(contrib_parts, ignore_index=True), pd.concat(logit_parts, ignore_index=True),
                    positions, [labels[i] for i in positions], words, relative, cfg.mode, cfg.pooling, cfg.reads,
-                   trace)
+                   trace, pd.concat(attention_parts, ignore_index=True) if attention_parts else None)
 
 
 def _layer_terms(router: GroupedRouter, layer: int, hidden: torch.Tensor, mask: torch.Tensor,
-                 positions: list[int]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """level → (per-token contributions [N, K], bias [K], the router's logits [K]) at one layer (batch row 0)."""
+                 positions: list[int], attention: torch.Tensor | None
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """level → (per-token contributions [N, K], bias [K], the router's logits [K]) at one layer (batch row 0);
+    `attention` [G, N]: each group's weights over the tokens read (attention pooling), else None."""
     cfg = router.config
     h = hidden[0, positions].double()                                    # [N, D] the tokens read
-    if cfg.pooling == "attention":                                       # one reader per group: its own weights
-        a = attention_weights(hidden[:1], mask[:1], router.query[layer])[0][:, positions]   # [G, N]
-        share = a.double()[..., None] * h                                # [G, N, D]
+    if attention is not None:                                            # one reader per group: its own weights
+        share = attention.double()[..., None] * h                        # [G, N, D]
     elif cfg.pooling == "last":
         share = torch.zeros_like(h)[None]
         share[0, -1] = h[-1]                                             # only the last token is read

@@ -7,11 +7,12 @@ import json
 import numpy as np
 from app_session import NOTE, PROMPT, at, manifest  # noqa: F401 (at, manifest: fixtures)
 from app_session import ok as _ok
-from app_session import z_values
+from app_session import new_page, z_values
 from streamlit.testing.v1 import AppTest
 
 from app import why
 from atmoe import ATMoE
+from tiny_models import tiny_demo
 
 
 def _z(at: AppTest, key_part: str) -> np.ndarray:
@@ -33,6 +34,7 @@ def test_why_tab_explains_the_routed_prompt_and_reacts(at, manifest):
     assert ex.words == m.explain(PROMPT, NOTE).words == PROMPT.split()   # the instruction's words, not the note's
     target = at.selectbox(key="why_target")
     assert target.value == "group:task" and "bullets (expert)" in target.options
+    assert not any("why_attention" in c.proto.id for c in at.get("plotly_chart"))   # mean pooling: nothing to show
     heat = _z(at, "why_heatmap")
     assert np.allclose(heat, ex.word_matrix("group:task").to_numpy())
     assert np.allclose(_z(at, "why_words")[0], ex.by_word("group:task").contribution)
@@ -72,3 +74,22 @@ def test_figures_are_literal_and_centred():
 
     fig = why.words_figure(Fake(), "group:task", (0, 1))
     assert fig.data[0].text[0][0] == "&lt;b&gt;bold&lt;/b&gt;" and (fig.data[0].zmin, fig.data[0].zmax) == (-0.5, 0.5)
+
+
+def test_why_tab_shows_where_each_group_looks_with_attention_pooling(tmp_path, monkeypatch):
+    manifest = tiny_demo(tmp_path / "attention", mode="sigmoid", pooling="attention")
+    monkeypatch.setenv("ATMOE_MANIFEST", str(manifest))
+    at = new_page()
+    at.text_area(key="prompt").input(PROMPT)
+    at.text_area(key="note").input(NOTE)
+    at.button(key="FormSubmitter:prompt_form-Route only").click().run()
+    _ok(at)
+    ex = at.session_state["_why"][1]
+    L = ATMoE.load(manifest, device="cpu").num_layers
+    shown = _z(at, "why_attention")
+    assert np.allclose(shown, ex.attention_by_word((0, L - 1)).to_numpy())
+    assert shown.shape == (3, len(PROMPT.split())) and np.allclose(shown.sum(1), 1)   # groups × words, rows sum to 1
+    assert not np.allclose(shown, shown[:, :1])         # random queries: not the flat row of mean pooling
+    at.slider(key="why_layers").set_value((1, 1)).run()
+    _ok(at)
+    assert np.allclose(_z(at, "why_attention"), ex.attention_by_word((1, 1)).to_numpy())

@@ -94,6 +94,14 @@ def test_contributions_add_up_to_the_routers_logits_and_weights(m, mode, reads, 
     assert ex.token_positions == list(span)
     if reads == "instruction":
         assert " ".join(ex.words) == PROMPT   # word pieces merged back into the instruction's words
+    if pooling == "attention":   # each group's weights over the tokens read, summing to 1 at every layer
+        att = ex.attention
+        assert set(att.token) == set(span) and np.allclose(att.groupby(["layer", "group"]).weight.sum(), 1)
+        assert np.allclose(ex.attention_by_word().sum(1), 1) and list(ex.attention_by_word().index) == m.groups
+    else:
+        assert ex.attention is None
+        with pytest.raises(ValueError, match="no attention weights"):
+            ex.attention_by_word()
     per_token = c.groupby("token").raw.apply(lambda s: s.abs().sum())
     if pooling == "last":
         assert (per_token.drop(span[-1]) == 0).all() and per_token[span[-1]] > 0

@@ -101,7 +101,7 @@ def save_adapter(model: torch.nn.Module, path: Path, targets: list[str], r: int 
     return path
 
 
-def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: int = 0) -> Path:
+def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: int = 0, pooling: str = "mean") -> Path:
     """A complete tiny AT-MoE on disk: base (with tokenizer), the 6 demo experts, a router, the manifest.
     Returns the manifest path. Used by app, CLI and reliability tests."""
     from atmoe.manifest import ExpertEntry, GroupEntry, Manifest
@@ -127,7 +127,7 @@ def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: i
     path = manifest.save(folder / "experts.json")
     if trained:
         m = ATMoE.load(path, device="cpu")
-        router = m.new_router(mode=mode)
+        router = m.new_router(mode=mode, pooling=pooling)
         torch.manual_seed(seed)
         with torch.no_grad():
             for p in router.parameters():

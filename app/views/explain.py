@@ -73,6 +73,11 @@ def render(svc: Service) -> None:
                + {"last": " — **last** pooling: only its last token counts.",
                   "attention": " — **attention** pooling: each group weighs the tokens with its own learnt query."
                   }.get(ex.pooling, "."))
+    if ex.attention is not None:
+        st.plotly_chart(why.attention_figure(ex, layers), key="why_attention", width="stretch")
+        st.caption("Attention pooling: each group's router reads the instruction through its own learnt weights over "
+                   "the tokens (each row sums to 1; a flat row would be mean pooling). These weights are part of the "
+                   "terms above.")
     st.plotly_chart(why.heatmap_figure(ex, target), key="why_heatmap", width="stretch")
     st.caption(why.CAPTION)
     _sweep(svc, prompt, note, target)
