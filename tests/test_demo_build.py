@@ -37,6 +37,7 @@ def test_quick_build_writes_every_stage(built):
     assert shipped.shipped
     co = ATMoE.load(f"{out}/{shipped.folder}/experts.json", device="cpu")   # stage 2: its own experts and router
     assert co.experts == experts and co.router.trained and co.router.config.mode == shipped.mode
+    assert co.router.config.pooling == shipped.pooling == "attention" and co.router.query.abs().max() > 0
     assert any(not (a.lora_A.shape == b.lora_A.shape and (a.lora_A == b.lora_A).all())
                for a, b in zip(m.fused, co.fused))
     results = json.loads(open(f"{out}/eval/results.json").read())
@@ -45,8 +46,9 @@ def test_quick_build_writes_every_stage(built):
             "coadapted:oracle_constant", "coadapted:router_constant"} == set(results["systems"]) - {
         s for s in results["systems"] if s.startswith("expert:")} - {"uniform_merge"}
     assert all(len(a) == 8 for a in results["answers"].values())
-    assert "coadapted_flat" in results["systems"]   # the ablation, built in the work folder, not shipped
-    assert not Path(out, "coadapted_flat").exists() and Path(built.work, "coadapted_flat", "experts.json").exists()
+    ablation = COADAPTED[1]                       # built in the work folder, not shipped
+    assert ablation.name in results["systems"] and not ablation.shipped
+    assert not Path(out, ablation.folder).exists() and Path(built.work, ablation.folder, "experts.json").exists()
 
 
 def test_rerun_resumes_without_training_again(built, monkeypatch):

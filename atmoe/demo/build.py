@@ -88,6 +88,7 @@ class Coadapted:
     init: str
     folder: str
     shipped: bool = False
+    pooling: str = "mean"
 
     def path(self, cfg: BuildConfig) -> Path:
         return Path(cfg.out if self.shipped else cfg.work) / self.folder
@@ -95,8 +96,12 @@ class Coadapted:
 
 # Layer-wise routing of the experts trained apart was measured short of composing them (issue 10), so the demo
 # co-adapts: the grouped-sigmoid variant ships (the dashboard's default); the flat one is its ablation (no groups).
-COADAPTED = (Coadapted("coadapted_sigmoid", "sigmoid", "router.safetensors", "coadapted", shipped=True),
-             Coadapted("coadapted_flat", "flat", "routers/flat.safetensors", "coadapted_flat"))
+# Both pool the instruction with a learnt attention per group, starting from their stage-1 (mean-pooling) router;
+# the mean-pooling variants are kept, with every answer, in assets/eval/ablations/.
+COADAPTED = (Coadapted("coadapted_attention", "sigmoid", "router.safetensors", "coadapted", shipped=True,
+                       pooling="attention"),
+             Coadapted("coadapted_flat_attention", "flat", "routers/flat.safetensors", "coadapted_flat_attention",
+                       pooling="attention"))
 
 
 def gate_expert(name: str, group: str, folder: Path, rows: list[dict[str, Any]], model: Any, tokenizer: Any

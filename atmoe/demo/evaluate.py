@@ -10,7 +10,7 @@ Systems (names as in results.json, in this order):
     <router name>     each trained router as it is (grouped_sigmoid, grouped_softmax, flat_router)
   co-adapted (stage 2, `build.COADAPTED`; experts and router trained together):
     coadapted:oracle_constant, coadapted:router_constant   as above, on the co-adapted experts and their router
-    coadapted_sigmoid (shipped), coadapted_flat            each co-adapted variant with its own router
+    coadapted_attention (shipped), coadapted_flat_attention   each co-adapted variant with its own router
 
 Routing scores (trained routers only; from the routing used for each answer, L layers, G groups):
     selection      over (row, needed group): the expert with the highest layer-mean β in the group is the labelled

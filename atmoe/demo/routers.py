@@ -71,7 +71,7 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
             print(f"{v.name}: exists, skipped")
             continue
         train_router(RouterTrainConfig(
-            manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode,
+            manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode, pooling=v.pooling,
             init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps,
             batch_size=cfg.router_batch, lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr, max_length=320,
             bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / v.name)))
