@@ -190,7 +190,7 @@ def _layer_terms(router: GroupedRouter, layer: int, hidden: torch.Tensor, mask: 
     out = {}
     for level, weight, bias, logits in (("group", router.group_weight, router.group_bias, group_logits),
                                         ("expert", router.expert_weight, router.expert_bias, expert_logits)):
-        xs = x[readers[level]] if x.shape[0] > 1 else x.expand(len(readers[level]), -1, -1)   # [K, N, D]
+        xs = x[readers[level]] if attention is not None else x.expand(len(readers[level]), -1, -1)  # [K, N, D]
         c = torch.einsum("knd,kd->nk", xs, weight[layer].double()) / tau  # [N, K]
         out[level] = (c.cpu().numpy(), (bias[layer].double() / tau).cpu().numpy(),
                       logits[0].double().cpu().numpy())

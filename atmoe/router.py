@@ -14,10 +14,12 @@ the default) or over the whole prompt (`reads="prompt"`: system text, instructio
 whose weights come from a learnt query per layer and group (a_t = softmax_t(q[l,g]·RMSNorm(h_t))), read by the group's
 gate and by its experts' heads. A zero query weighs every token equally, so an attention router starts as exactly
 the mean-pooling router it is initialised from, and learns where to look: the task gate on the sentence that names
-the task, rather than on the average of a three-sentence instruction. Reading the instruction
-is what makes routing a function of the request: the instruction precedes the input, so under causal attention its
-hidden states, and hence every routing weight, are the same whatever note follows it. Mode "flat" is the ablation without groups: one softmax over
-all experts, reported as α[g] = Σ_{e∈g} w and β = w / α so that the trace keeps the same shape.
+the task, rather than on the average of a three-sentence instruction.
+
+Reading the instruction is what makes routing a function of the request: the instruction precedes the input, so
+under causal attention its hidden states, and hence every routing weight, are the same whatever note follows it.
+Mode "flat" is the ablation without groups: one softmax over all experts, reported as α[g] = Σ_{e∈g} w and β = w / α
+so that the trace keeps the same shape.
 
 Heads start at zero, so an untrained router gives exactly uniform weights (α = 1/G or 0.5, β = 1/|g|).
 """
