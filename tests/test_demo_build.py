@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,23 @@ def test_rerun_of_the_evaluation_reuses_every_part(built, monkeypatch):
     monkeypatch.setattr("atmoe.demo.evaluate._answers", no_generation)
     build(dataclasses.replace(built, stages=("eval",)))
     assert json.loads(open(f"{built.out}/eval/results.json").read()) == before
+
+
+def test_a_fresh_checkout_reproduces_the_table_from_the_shipped_assets_alone(built, tmp_path, monkeypatch, capsys):
+    """No work folder (no suite, no ablation models): the shipped parts are reused by fingerprint and the ablation's
+    stored answers are kept, so the table comes out the same; a training stage names the missing suite."""
+    out = shutil.copytree(built.out, tmp_path / "assets")
+    before = json.loads((out / "eval" / "results.json").read_text())
+
+    def no_generation(*a, **k):
+        raise AssertionError("an evaluated system was generated again")
+    monkeypatch.setattr("atmoe.demo.evaluate._answers", no_generation)
+    fresh = dataclasses.replace(built, out=str(out), work=str(tmp_path / "work"))
+    build(dataclasses.replace(fresh, stages=("eval",)))
+    assert json.loads((out / "eval" / "results.json").read_text()) == before
+    assert f"{COADAPTED[1].name}: its model is not in" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="stage\\(s\\) routers train on the generated suite.*add the 'suite' stage"):
+        build(dataclasses.replace(fresh, stages=("routers", "eval")))
 
 
 def test_an_expert_below_the_gate_stops_the_build_naming_it(built, monkeypatch, capsys):

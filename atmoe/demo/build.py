@@ -184,9 +184,14 @@ def build(cfg: BuildConfig) -> None:
     suite = work / "suite"
     if "suite" in cfg.stages and (cfg.force or not all((suite / f).exists() for f in ("eval.jsonl", "coadapt.jsonl"))):
         write_suite(suite, seed=0, **cfg.suite_sizes)
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    for name in ("eval.jsonl", "off_topic.jsonl"):   # the held-out sets ship (dashboard examples, evaluation)
-        shutil.copyfile(suite / name, out / "data" / name)
+    training = [s for s in ("experts", "routers", "coadapt") if s in cfg.stages]
+    if (suite / "eval.jsonl").exists():
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        for name in ("eval.jsonl", "off_topic.jsonl"):   # the held-out sets ship (dashboard examples, evaluation)
+            shutil.copyfile(suite / name, out / "data" / name)
+    elif training:   # the evaluation alone reads the shipped held-out rows (out/data)
+        raise ValueError(f"stage(s) {', '.join(training)} train on the generated suite, which is not in {suite}: "
+                         "add the 'suite' stage (seconds, fixed seed)")
     if "experts" in cfg.stages:
         build_experts(cfg, suite, out)
     if "routers" in cfg.stages:

@@ -343,19 +343,27 @@ def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
     results["fingerprint"] = {"stage1": results["fingerprint"]}
     del m
     for v in COADAPTED:
-        manifest = v.path(cfg) / "experts.json"
-        if not manifest.exists():
+        manifest, stored = v.path(cfg) / "experts.json", parts / f"{v.name}.json"
+        if manifest.exists():
+            co = ATMoE.load(manifest, device="auto")
+            part = evaluate(co, rows, {v.name: co.router}, baselines=False, prefix="coadapted:",
+                            only=None if v.shipped else {v.name}, partial_path=stored,
+                            max_new_tokens=results["max_new_tokens"])
+            del co
+        elif not v.shipped and stored.exists():   # an ablation built in another work folder: its answers ship
+            part = read_json(stored, "stored evaluation")
+            if (part.get("n"), part.get("max_new_tokens")) != (len(rows), results["max_new_tokens"]):
+                print(f"{v.name}: {stored} ran other rows or another budget, and its model is not in {manifest.parent}:"
+                      " left out of the table")
+                continue
+            print(f"{v.name}: its model is not in {manifest.parent}; the table keeps its stored answers ({stored})")
+        else:
             continue
-        co = ATMoE.load(manifest, device="auto")
-        part = evaluate(co, rows, {v.name: co.router}, baselines=False, prefix="coadapted:",
-                        only=None if v.shipped else {v.name}, partial_path=parts / f"{v.name}.json",
-                        max_new_tokens=results["max_new_tokens"])
         results["systems"].update(part["systems"])
         results["answers"].update(part["answers"])
         results["fingerprint"][v.name] = part["fingerprint"]
         if v.shipped:
             results["shipped"] = v.name
-        del co
     print(write_results(results, out / "eval", rows))
 
 
