@@ -24,6 +24,10 @@ from atmoe import ATMoE, Generation, GenerationSettings, GroupLayout, Overrides,
 # trained apart with their router (the paper's recipe), for comparison.
 DEFAULT_MANIFESTS = {"co-adapted (default)": "assets/coadapted/experts.json",
                      "stage 1 (experts trained apart)": "assets/experts.json"}   # name shown → path
+# Shown above the form whenever one of those is loaded: what the shipped experts learnt, and what they are not.
+DEMO_SCOPE = ("**Demo experts, not a clinical tool.** They learnt synthetic notes in one format (a `Vitals:` line and "
+              "a `Labs:` line over the suite's 12 measurements) to show how routing composes skills. Even there a "
+              "flag or a range can be wrong (README, *Where it fails*); outside that format values can be misread.")
 BATCH_CHUNK = 8
 MERGE_DEFAULT_MAX_BYTES = 1 << 30  # fast decode on by default when one merged copy costs at most this
 
@@ -73,6 +77,11 @@ class Service:
         return cls(ATMoE.load(manifest, device=device), str(manifest))
 
     # ------------------------------------------------------------------ description
+    @property
+    def shipped_demo(self) -> bool:
+        """Whether this model is one of the shipped demo manifests (`DEFAULT_MANIFESTS`), wherever it was named from."""
+        return any(Path(self.source).resolve() == Path(p).resolve() for p in DEFAULT_MANIFESTS.values())
+
     @property
     def merge_mb(self) -> float:
         return self.model.merge_bytes / 2**20

@@ -17,7 +17,7 @@ from tiny_models import tiny_demo
 
 from app import launch
 from app.launch import Launch, LaunchError
-from app.service import DEFAULT_MANIFESTS, Service, missing_manifest_message
+from app.service import DEFAULT_MANIFESTS, DEMO_SCOPE, Service, missing_manifest_message
 from app.views.overrides import slider_notes
 
 
@@ -138,6 +138,18 @@ def test_missing_default_manifest_explains_how_to_build(monkeypatch, tmp_path):
     assert any("No expert manifest" in e.value and "make assets" in e.value for e in at.error)
     at = _app(monkeypatch, env=str(tmp_path / "nowhere.json"))
     assert any("No expert manifest" in e.value and "--manifest" in e.value for e in at.error)
+
+
+def test_the_shipped_demo_says_its_experts_are_not_a_clinical_tool(models, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    tiny_demo(Path(next(iter(DEFAULT_MANIFESTS.values()))).parent)   # stands in for the shipped default
+    _loads(monkeypatch)                                                # no model cached from another folder
+    at = _app(monkeypatch)
+    _ok(at)
+    assert DEMO_SCOPE in [i.value for i in at.info]
+    at = _app(monkeypatch, env=str(models[0]))                         # a user's own model: no such notice
+    _ok(at)
+    assert DEMO_SCOPE not in [i.value for i in at.info]
 
 
 def test_bad_launch_arguments_give_a_message_not_a_traceback(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import figures, presets, state
 from app.examples import examples
-from app.service import Answer, Service
+from app.service import DEMO_SCOPE, Answer, Service
 from app.text import md_escape
 
 
@@ -129,6 +129,8 @@ def heatmaps() -> None:
 
 
 def render(svc: Service) -> None:
+    if svc.shipped_demo:
+        st.info(DEMO_SCOPE)
     _example_buttons()
     action = _form(svc)
     st.button("Stop generating", key="stop", on_click=state.request_stop,
