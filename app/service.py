@@ -56,13 +56,17 @@ class Answer:
         return self.settings.merge and self.trace.granularity == "sequence"
 
 
+def is_shipped(path: str) -> bool:
+    """Whether `path` names one of the shipped demo manifests (`DEFAULT_MANIFESTS`), however it is written."""
+    return any(Path(path).resolve() == Path(p).resolve() for p in DEFAULT_MANIFESTS.values())
+
+
 def missing_manifest_message(path: str) -> str | None:
     """A how-to message when the manifest does not exist (the shipped default is built by `make assets`)."""
     p = Path(path)
     if (p / "experts.json").is_file() or p.is_file():
         return None
-    shipped = path in DEFAULT_MANIFESTS.values()
-    how = "Build the shipped demo model with `make assets`, or start" if shipped else "Start"
+    how = "Build the shipped demo model with `make assets`, or start" if is_shipped(path) else "Start"
     return (f"No expert manifest at `{path}`. {how} the app with `streamlit run streamlit_app.py -- "
             "--manifest path/to/experts.json` (repeatable) or `-- --models-dir DIR`.")
 
@@ -80,8 +84,8 @@ class Service:
     # ------------------------------------------------------------------ description
     @property
     def shipped_demo(self) -> bool:
-        """Whether this model is one of the shipped demo manifests (`DEFAULT_MANIFESTS`), wherever it was named from."""
-        return any(Path(self.source).resolve() == Path(p).resolve() for p in DEFAULT_MANIFESTS.values())
+        """Whether this model was loaded from one of the shipped demo manifests."""
+        return is_shipped(self.source)
 
     @property
     def merge_mb(self) -> float:
