@@ -27,7 +27,7 @@ test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 assets: $(STAMP)
-	$(BIN)/python -m atmoe.demo.build
+	$(BIN)/python -m demo.build
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -1,5 +1,5 @@
 """Example prompts: complex instructions with clinical notes, from the held-out split when it is shipped
-(`assets/data/eval.jsonl`), else from the seeded generator `atmoe.demo.suite` (same seed, same examples); plus one
+(`assets/data/eval.jsonl`), else from the seeded generator `demo.suite` (same seed, same examples); plus one
 off-topic question (no expert needed) when `assets/data/off_topic.jsonl` is shipped."""
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def heldout_rows(n: int = 180) -> tuple[pd.DataFrame, str]:
         rows = _read_jsonl(EVAL_PATH)
         source = str(EVAL_PATH)
     else:
-        from atmoe.demo.suite import complex_rows
+        from demo.suite import complex_rows
 
         rows = complex_rows(64, seed=0, heldout=True)
-        source = "atmoe.demo.suite held-out generator (seed 0)"
+        source = "demo.suite held-out generator (seed 0)"
     df = pd.DataFrame([{"instruction": r.get("instruction", ""), "input": r.get("input", ""),
                         "category": "+".join(r.get("experts") or []) or "—"} for r in rows[:n]],
                       columns=["instruction", "input", "category"])
@@ -48,7 +48,7 @@ def off_topic_example() -> dict[str, str] | None:
 
 
 def _never_trained() -> set[frozenset[str]]:
-    from atmoe.demo.suite import HELDOUT_COMBOS, combo_experts
+    from demo.suite import HELDOUT_COMBOS, combo_experts
 
     return {frozenset(combo_experts(c)) for c in HELDOUT_COMBOS}
 

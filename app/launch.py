@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.service import DEFAULT_MANIFESTS
-from atmoe.io import LoadError
-from atmoe.manifest import Manifest
+from atmoe.load.files import LoadError
+from atmoe.load.manifest import Manifest
 
 USAGE = ("streamlit run streamlit_app.py -- [--manifest PATH ...] [--models-dir DIR ...] "
          "[--allow-any-manifest]")

@@ -19,11 +19,12 @@ from typing import Any
 import pandas as pd
 
 from atmoe import ATMoE, Generation, GenerationSettings, GroupLayout, Overrides, RoutingTrace
+from demo.config import SHIPPED_MANIFEST, STAGE1_MANIFEST
 
 # The shipped demo (`make assets`): the co-adapted experts with their router (the default), then the stage-1 experts
 # trained apart with their router (the paper's recipe), for comparison.
-DEFAULT_MANIFESTS = {"co-adapted (default)": "assets/coadapted/experts.json",
-                     "stage 1 (experts trained apart)": "assets/experts.json"}   # name shown → path
+DEFAULT_MANIFESTS = {"co-adapted (default)": SHIPPED_MANIFEST,
+                     "stage 1 (experts trained apart)": STAGE1_MANIFEST}   # name shown → path (demo/config.py)
 # Shown above the form whenever one of those is loaded: what the shipped experts learnt, and what they are not.
 DEMO_SCOPE = ("**Demo experts, not a clinical tool.** They learnt synthetic notes in one format (a `Vitals:` line and "
               "a `Labs:` line over the suite's 13 measurements) to show how routing composes skills. Even there a "
@@ -172,8 +173,8 @@ class Service:
                       settings)
 
     def export_adapter_zip(self, trace: RoutingTrace, use: str = "used") -> bytes:
-        """The routing frozen into one PEFT LoRA adapter (see `atmoe.export`), zipped in memory."""
-        from atmoe.export import export_adapter
+        """The routing frozen into one PEFT LoRA adapter (see `atmoe.analysis.export`), zipped in memory."""
+        from atmoe.analysis.export import export_adapter
 
         with tempfile.TemporaryDirectory(prefix="atmoe-export-") as tmp:
             out = export_adapter(self.model, trace, Path(tmp) / "adapter", use=use)

@@ -1,5 +1,5 @@
 """The "Why" tab's plain data and figures: word attributions of routing decisions (`ATMoE.explain`) and the
-controllability sweep (`atmoe.sweep`). No Streamlit here; the view only lays these out.
+controllability sweep (`atmoe.analysis.sweep`). No Streamlit here; the view only lays these out.
 
 Figures are diverging (RdBu) and centred at 0: a word pushing the chosen logit up is blue, down is red; the colour
 range is symmetric per figure, so colours compare within a figure, not across prompts.
@@ -16,8 +16,8 @@ import plotly.graph_objects as go
 
 from app.service import Service
 from atmoe import GenerationSettings
+from atmoe.analysis.sweep import sweep
 from atmoe.explain import Explanation
-from atmoe.sweep import sweep
 
 DIVERGING = "RdBu"
 CAPTION = ("Each word's term in the router's logit for the chosen group or expert, at that layer: the logit is exactly "

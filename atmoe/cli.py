@@ -1,11 +1,13 @@
-"""Command line: `atmoe route|generate|sweep|train-expert|train-router|eval|assets`.
+"""Command line: `atmoe route|generate|sweep|train-expert|train-router`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
     atmoe sweep "List the vital signs." --input "..." --target group:style --steps 5 --csv sweep.csv
-    atmoe eval      the demo's evaluation table (atmoe.demo.evaluate)
-    atmoe assets    rebuild the shipped demo from scratch (atmoe.demo.build, as `make assets`)
+
+The model is `--manifest PATH`, else `$ATMOE_MANIFEST`; the engine knows no default model. The demo's own command
+line (`python -m demo route|generate|sweep ...`) runs these commands on the shipped demo model, with the demo's
+line-F1 scorer for `sweep --reference`, and adds the demo's build and evaluation.
 
 Errors are one line on stderr (exit status 2), never a traceback.
 """
@@ -15,13 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "assets" / "experts.json"
+ReferenceScorer = Callable[[str, str], dict[str, float]]   # (answer, reference) → {metric: value}
 
 
-def default_manifest() -> str:
-    return os.environ.get("ATMOE_MANIFEST") or str(DEFAULT_MANIFEST)
+def exact_match(text: str, reference: str) -> dict[str, float]:
+    """The engine's only metric: 1.0 when the answer equals the reference up to surrounding whitespace."""
+    return {"exact": float(text.strip() == reference.strip())}
 
 
 def parse_overrides(specs: list[str], layers: str | None, disabled: list[str]):  # -> Overrides | None
@@ -67,7 +71,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--input", default="",
                    help="input text after the instruction (e.g. a clinical note); the router reads the instruction")
-    p.add_argument("--manifest", default=None, help=f"expert manifest (default {DEFAULT_MANIFEST})")
+    p.add_argument("--manifest", default=None, help="expert manifest (default $ATMOE_MANIFEST)")
     p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
     p.add_argument("--device", default="auto")
     p.add_argument("--override", action="append", default=[], metavar="[group:|expert:]NAME=VALUE")
@@ -80,7 +84,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _load(a: argparse.Namespace):  # noqa: ANN202
     from .model import ATMoE
 
-    manifest = a.manifest or default_manifest()
+    manifest = a.manifest or os.environ.get("ATMOE_MANIFEST") or a.default_manifest
+    if not manifest:
+        raise ValueError("no model: pass --manifest PATH or set ATMOE_MANIFEST "
+                         "(the shipped demo model: `python -m demo route|generate|sweep ...`)")
     if not Path(manifest).exists():
         raise ValueError(f"manifest not found: {manifest} (build the demo with `make assets`, or pass --manifest)")
     return ATMoE.load(manifest, base=a.base, device=a.device)
@@ -113,15 +120,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def cmd_sweep(a: argparse.Namespace) -> None:
     """One generation per weight of `--target`; prints the frame (and writes `--csv`)."""
-    from .sweep import sweep
+    from .analysis.sweep import sweep
 
     span = parse_overrides([], a.layers, []).layers if a.layers else None
     scorer = None
     if a.reference is not None:
-        from .demo.metrics import score   # the demo's metrics; the engine's sweep knows none
-
         def scorer(text: str) -> dict[str, float]:
-            return score(text, {"output": a.reference})
+            return a.reference_scorer(text, a.reference)
     m = _load(a)
     frame = sweep(m, a.prompt, a.input, a.target, steps=a.steps, layers=span, scorer=scorer,
                   max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
@@ -131,8 +136,12 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     print(frame.to_string(index=False, max_colwidth=80))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="atmoe", description="AT-MoE: grouped LoRA experts routed per layer")
+def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest: str | None = None,
+         reference_scorer: ReferenceScorer = exact_match) -> int:
+    """Run one command. A client (the demo) passes the model to load when neither `--manifest` nor
+    `$ATMOE_MANIFEST` names one, and the metrics `sweep --reference` adds per step."""
+    parser = argparse.ArgumentParser(prog=prog, description="AT-MoE: grouped LoRA experts routed per layer")
+    parser.set_defaults(default_manifest=default_manifest, reference_scorer=reference_scorer)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("route", help="print the group/expert weight table for a prompt")
     _model_args(p)
@@ -151,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="generate with one group or expert weight fixed at 0 … 1 (controllability curve)")
     p.add_argument("prompt")
     p.add_argument("--input", default="")
-    p.add_argument("--manifest", default=None, help=f"expert manifest (default {DEFAULT_MANIFEST})")
+    p.add_argument("--manifest", default=None, help="expert manifest (default $ATMOE_MANIFEST)")
     p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
     p.add_argument("--device", default="auto")
     p.add_argument("--target", required=True, metavar="group:NAME|expert:NAME", help="the weight to sweep")
     p.add_argument("--steps", type=int, default=5, help="weights linspace(0, 1, steps), endpoints included")
     p.add_argument("--layers", default=None, metavar="FIRST-LAST", help="fix it on these layers only (inclusive)")
-    p.add_argument("--reference", default=None, help="reference answer: adds the demo's f1 / exact per step")
+    p.add_argument("--reference", default=None, help="reference answer: adds a score per step (the engine's: "
+                                                     "exact match; the demo's CLI: line F1 and exact)")
     p.add_argument("--csv", default=None, help="also write the frame to this CSV file")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -167,14 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode with per-call merged weights (see `atmoe generate --help`)")
     p.set_defaults(func=cmd_sweep)
     # Subcommands with their own parsers, imported only when called.
-    delegated = {"train-expert": "atmoe.train_expert", "train-router": "atmoe.train_router",
-                 "eval": "atmoe.demo.evaluate", "assets": "atmoe.demo.build"}
+    delegated = {"train-expert": "atmoe.train.expert", "train-router": "atmoe.train.router"}
     summaries = {"train-expert": "train one LoRA expert (PEFT adapter) on a JSONL file",
-                 "train-router": "train a grouped router over a manifest's experts",
-                 "eval": "the demo's evaluation table on the held-out complex instructions",
-                 "assets": "rebuild the shipped demo (suite, experts, routers, evaluation) with fixed seeds"}
+                 "train-router": "train a grouped router over a manifest's experts"}
     for name, module in delegated.items():
-        sub.add_parser(name, help=f"{summaries[name]}; see `atmoe {name} --help` ({module})", add_help=False)
+        sub.add_parser(name, help=f"{summaries[name]}; see `{prog} {name} --help` ({module})", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in delegated:
@@ -185,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         a.func(a)
         return 0
     except (ValueError, OSError) as e:  # LoadError, BaseModelError, DataError are ValueErrors
-        print(f"atmoe: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("atmoe: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

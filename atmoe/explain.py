@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import token_labels
 from .router import EPS, attention_weights
+from .tokens import token_labels
 
 if TYPE_CHECKING:
     from .call import RoutingCall

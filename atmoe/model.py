@@ -19,17 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import check_signature, load_base
 from .call import RoutingCall, add_routing_hooks, checkpoint_context, use_call
-from .data import EncodedPrompt, check_text, encode_prompt
 from .explain import Explanation
-from .experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
 from .generation import GenerationSettings, decode
-from .io import LoadError
 from .layout import GroupLayout
-from .manifest import Manifest
+from .load.base import check_signature, load_base
+from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
+from .load.files import LoadError
+from .load.manifest import Manifest
 from .overrides import CompiledOverrides, Overrides, compile_overrides
 from .router import GroupedRouter, RouterConfig, load_router, save_router
+from .tokens import EncodedPrompt, check_text, encode_prompt
 from .trace import RoutingTrace
 
 

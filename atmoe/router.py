@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import LoadError, atomic_save_safetensors, read_safetensors
 from .layout import GroupLayout
+from .load.files import LoadError, atomic_save_safetensors, read_safetensors
 
 MODES = ("softmax", "sigmoid", "flat")
 POOLINGS = ("mean", "last", "attention")

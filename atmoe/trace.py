@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .data import token_labels
 from .layout import GroupLayout
+from .tokens import token_labels
 
 if TYPE_CHECKING:
     from .call import RoutingCall

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from atmoe.experts import decoder_layers
+from atmoe.load.experts import decoder_layers
 from atmoe.model import ATMoE
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,7 +44,7 @@ PEER_LABELS = {
 def build_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """(model in eval mode on device/dtype, tokenizer or None). Only `smollm2` has real weights and a tokenizer."""
     if name == "smollm2":
-        from atmoe.base import load_base
+        from atmoe.load.base import load_base
         model, tok = load_base(None, device=str(device), dtype=dtype)
         return model.eval(), tok
     if name == "tiny":

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from atmoe.io import atomic_write_bytes, atomic_write_json
+from atmoe.load.files import atomic_write_bytes, atomic_write_json
 
 from .models import PEER_LABELS
 

@@ -1,5 +1,5 @@
-"""What `tests/test_distributed.py` launches: `atmoe.train_router.main` / `atmoe.train_expert.main`, as
-`python -m atmoe.train_router` runs them, instrumented for the test only.
+"""What `tests/test_distributed.py` launches: `atmoe.train.router.main` / `atmoe.train.expert.main`, as
+`python -m atmoe.train.router` runs them, instrumented for the test only.
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py router --manifest ... (the module's own flags)
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from atmoe import train_expert, train_router
+from atmoe.train import expert as train_expert
+from atmoe.train import router as train_router
 
 
 def _recorder(folder: Path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "mutations.md"
-COPY = ("atmoe", "app", "tests", "streamlit_app.py", "pyproject.toml", ".streamlit")
+COPY = ("atmoe", "app", "demo", "tests", "streamlit_app.py", "pyproject.toml", ".streamlit")
 LINK = ("assets",)
 
 

@@ -453,14 +453,14 @@ def example_files(tmp_path, monkeypatch):
 
 
 def test_examples_show_different_combinations_from_the_heldout_split(example_files):
-    from atmoe.demo.suite import EXPERT_DESCRIPTIONS, complex_rows
+    from demo.suite import EXPERT_DESCRIPTIONS, complex_rows
 
     folder, clear = example_files
     never_trained = {"labs + flags + plain", "vitals + ranges + bullets"}
     # Nothing shipped: the seeded held-out generator.
     rows = complex_rows(64, seed=0, heldout=True)
     df, source = examples.heldout_rows()
-    assert "atmoe.demo.suite" in source and df.instruction.tolist() == [r["instruction"] for r in rows]
+    assert "demo.suite" in source and df.instruction.tolist() == [r["instruction"] for r in rows]
     exs = examples.examples(5)
     labels = [e["label"] for e in exs]
     assert len(labels) == len(set(labels)) == 5 and "off-topic" not in labels

@@ -1,4 +1,4 @@
-"""Tests for atmoe.base: device/dtype resolution, signatures, safe loading, GGUF cache."""
+"""Tests for atmoe.load.base: device/dtype resolution, signatures, safe loading, GGUF cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from atmoe import base
-from atmoe.base import BaseModelError, base_signature, check_signature, load_base, resolve_device
+from atmoe.load import base
+from atmoe.load.base import BaseModelError, base_signature, check_signature, load_base, resolve_device
 
 
 def tiny_model(**overrides) -> LlamaForCausalLM:

@@ -82,10 +82,49 @@ def test_parse_overrides():
     assert parse_overrides([], None, []) is None
 
 
-@pytest.mark.parametrize("command,module", [("eval", "atmoe.demo.evaluate"), ("assets", "atmoe.demo.build")])
-def test_eval_and_assets_hand_off_to_the_demo(command, module, monkeypatch):
+@pytest.mark.parametrize("command,module", [("eval", "demo.evaluate"), ("build", "demo.build"),
+                                            ("probe", "demo.probe")])
+def test_the_demo_cli_hands_its_own_commands_to_the_demo(command, module, monkeypatch):
     import importlib
+
+    from demo.__main__ import main as demo_main
     seen = []
     monkeypatch.setattr(importlib.import_module(module), "main", seen.append)
-    assert main([command, "--quick", "--out", "x"]) == 0
+    assert demo_main([command, "--quick", "--out", "x"]) == 0
     assert seen == [["--quick", "--out", "x"]]
+
+
+@pytest.mark.parametrize("command", ["eval", "assets"])
+def test_the_engine_cli_has_no_demo_commands(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_engine_needs_a_manifest_and_the_demo_defaults_to_the_shipped_one(monkeypatch, capsys):
+    from pathlib import Path
+
+    from app.service import DEFAULT_MANIFESTS
+    from atmoe import ATMoE
+    from demo.__main__ import main as demo_main
+    from demo.config import REPO, SHIPPED_MANIFEST
+    monkeypatch.delenv("ATMOE_MANIFEST", raising=False)
+    assert main(["route", "List the labs."]) == 2
+    assert "pass --manifest" in capsys.readouterr().err
+    loaded = []
+
+    def load(cls, path, **kwargs):
+        loaded.append(str(path))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(ATMoE, "load", classmethod(load))
+    monkeypatch.setattr(Path, "exists", lambda self: True)   # built or not, the path is what is checked
+    assert demo_main(["route", "List the labs."]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert loaded == [str(REPO / SHIPPED_MANIFEST)]
+    # the dashboard's default is the same file
+    assert (REPO / next(iter(DEFAULT_MANIFESTS.values()))).resolve() == Path(loaded[0]).resolve()
+    monkeypatch.setenv("ATMOE_MANIFEST", "from/env.json")    # the environment, then --manifest, win over it
+    assert demo_main(["route", "List the labs."]) == 2
+    assert demo_main(["route", "List the labs.", "--manifest", "given.json"]) == 2
+    assert loaded[1:] == ["from/env.json", "given.json"]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from atmoe import ATMoE
-from atmoe.demo import build as build_mod
-from atmoe.demo.build import COADAPTED, ROUTERS, BuildConfig, build, build_experts
-from atmoe.demo.suite import GROUPS
+from demo import build as build_mod
+from demo.build import build, build_experts
+from demo.config import COADAPTED, ROUTERS, BuildConfig
+from demo.suite import GROUPS
 from tiny_models import tiny_demo
 
 
@@ -55,8 +56,8 @@ def test_quick_build_writes_every_stage(built):
 def test_rerun_resumes_without_training_again(built, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished stage was run again")
-    monkeypatch.setattr("atmoe.train_expert.train_expert", no_training)
-    monkeypatch.setattr("atmoe.train_router.train_router", no_training)
+    monkeypatch.setattr("atmoe.train.expert.train_expert", no_training)
+    monkeypatch.setattr("atmoe.train.router.train_router", no_training)
     build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt")))
 
 
@@ -65,7 +66,7 @@ def test_rerun_of_the_evaluation_reuses_every_part(built, monkeypatch):
 
     def no_generation(*a, **k):
         raise AssertionError("an evaluated system was generated again")
-    monkeypatch.setattr("atmoe.demo.evaluate._answers", no_generation)
+    monkeypatch.setattr("demo.evaluate._answers", no_generation)
     build(dataclasses.replace(built, stages=("eval",)))
     assert json.loads(open(f"{built.out}/eval/results.json").read()) == before
 
@@ -78,7 +79,7 @@ def test_a_fresh_checkout_reproduces_the_table_from_the_shipped_assets_alone(bui
 
     def no_generation(*a, **k):
         raise AssertionError("an evaluated system was generated again")
-    monkeypatch.setattr("atmoe.demo.evaluate._answers", no_generation)
+    monkeypatch.setattr("demo.evaluate._answers", no_generation)
     fresh = dataclasses.replace(built, out=str(out), work=str(tmp_path / "work"))
     build(dataclasses.replace(fresh, stages=("eval",)))
     assert json.loads((out / "eval" / "results.json").read_text()) == before

@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from atmoe.demo import evaluate as ev
-from atmoe.demo.metrics import line_f1, score
-from atmoe.demo.suite import GROUPS, complex_rows
 from atmoe.trace import RoutingTrace
+from demo import evaluate as ev
+from demo.metrics import line_f1, score
+from demo.suite import GROUPS, complex_rows
 
 ROWS = complex_rows(64, heldout=True)
 EXPERTS = [e for names in GROUPS.values() for e in names]
@@ -140,7 +140,7 @@ def test_markdown_table_has_every_system_and_column() -> None:
 
 
 def test_paired_differences_are_shipped_minus_each_system_with_the_combination_split() -> None:
-    from atmoe.demo.suite import HELDOUT_COMBOS
+    from demo.suite import HELDOUT_COMBOS
     rows = ROWS[:40]
     perfect = [r["output"] for r in rows]
     unseen = [tuple(r["meta"]["combo"]) in HELDOUT_COMBOS for r in rows]

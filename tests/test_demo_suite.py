@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from atmoe.demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, GROUPS, HELDOUT_COMBOS, MEASURES, PHRASES,
+from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, GROUPS, HELDOUT_COMBOS, MEASURES, PHRASES,
                               ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note, sample_case,
                               write_suite)
 

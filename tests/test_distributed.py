@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atmoe.demo.suite import complex_rows, expert_rows
+from demo.suite import complex_rows, expert_rows
 from tiny_models import tiny_demo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -247,7 +247,7 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
 def test_token_labels_put_multibyte_characters_on_the_token_that_completes_them():
     from tiny_models import tiny_tokenizer
 
-    from atmoe.data import token_labels
+    from atmoe.tokens import token_labels
     tok = tiny_tokenizer()
     text = "Fièvre 38.5°C — patient 🙂 stable"
     ids = tok(text, add_special_tokens=False)["input_ids"]

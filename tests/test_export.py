@@ -12,7 +12,7 @@ from tiny_models import tiny_demo
 from transformers import AutoModelForCausalLM
 
 from atmoe import ATMoE, Overrides
-from atmoe.export import export_adapter
+from atmoe.analysis.export import export_adapter
 
 
 @pytest.fixture(scope="module")

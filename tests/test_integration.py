@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from atmoe import ATMoE, Overrides
-from atmoe.base import load_base
+from atmoe.load.base import load_base
 from tiny_models import save_adapter
 
 pytestmark = pytest.mark.integration

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atmoe import ATMoE, Generation, Overrides, RoutingTrace
-from atmoe.base import BaseModelError, load_base
 from atmoe.call import current_call
-from atmoe.data import DataError, Example, encode_dataset, load_jsonl
 from atmoe.generation import MAX_NEW_TOKENS, GenerationSettings
-from atmoe.io import atomic_directory, atomic_write_json
+from atmoe.load.base import BaseModelError, load_base
+from atmoe.load.files import atomic_directory, atomic_write_json
 from atmoe.router import GroupedRouter, RouterConfig, save_router
+from atmoe.train.data import DataError, Example, encode_dataset, load_jsonl
 from tiny_models import save_adapter, tiny_demo, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def test_pickle_only_base_is_refused_without_unpickling(tmp_path, demo, no_torch
 
 
 def _sources() -> list[Path]:
-    files = sorted((ROOT / "atmoe").rglob("*.py")) + sorted((ROOT / "app").rglob("*.py"))
+    files = [p for folder in ("atmoe", "demo", "app") for p in sorted((ROOT / folder).rglob("*.py"))]
     return files + [p for p in [ROOT / "streamlit_app.py"] if p.exists()]
 
 
@@ -395,8 +395,8 @@ def test_folder_swap_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
 
 def test_failed_directory_swap_keeps_the_previous_folder(tmp_path, monkeypatch):
     """Where the exchange is unsupported (two renames): if the second fails, the previous folder is put back."""
-    import atmoe.io
-    monkeypatch.setattr(atmoe.io, "_exchange", lambda a, b: False)
+    import atmoe.load.files
+    monkeypatch.setattr(atmoe.load.files, "_exchange", lambda a, b: False)
     final = tmp_path / "adapter"
     with atomic_directory(final) as tmp:
         (tmp / "weights").write_text("v1")
@@ -419,7 +419,7 @@ def test_failed_directory_swap_keeps_the_previous_folder(tmp_path, monkeypatch):
 def _peft_result(tmp_path: Path):
     from peft import LoraConfig, get_peft_model
 
-    from atmoe.train_expert import ExpertTrainConfig, TrainResult
+    from atmoe.train.expert import ExpertTrainConfig, TrainResult
     peft_model = get_peft_model(tiny_llama(len(tiny_tokenizer())), LoraConfig(r=2, target_modules=["q_proj"]))
     cfg = ExpertTrainConfig(name="labs", group="task", data="unused.jsonl", out=str(tmp_path / "adapter"),
                             description="x")
@@ -437,7 +437,7 @@ def test_leftover_of_a_crashed_swap_does_not_block_later_writes(writer, tmp_path
             with atomic_directory(final) as tmp:
                 (tmp / "adapter_config.json").write_text(version)
         else:
-            from atmoe.train_expert import save_expert
+            from atmoe.train.expert import save_expert
             result, cfg = _peft_result(tmp_path)
             cfg.description = version
             save_expert(result, cfg, base="tiny")

@@ -13,7 +13,8 @@ import torch
 from tiny_models import tiny_demo, tiny_tokenizer
 
 from atmoe import ATMoE
-from atmoe.data import Example, PadCollator, encode_example, encode_prompt
+from atmoe.tokens import encode_prompt
+from atmoe.train.data import Example, PadCollator, encode_example
 
 FIELDS = ("router_group_weights", "router_expert_weights", "group_weights", "expert_weights", "effective_weights")
 INSTRUCTIONS = ("List the lab results. Flag each as low, normal or high.",

@@ -1,5 +1,5 @@
-"""The controllability curve (`atmoe.sweep`): one row per step, and its endpoints are plain generations with that
-weight fixed (same seed, same answers)."""
+"""The controllability curve (`atmoe.analysis.sweep`): one row per step, and its endpoints are plain generations
+with that weight fixed (same seed, same answers)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from tiny_models import tiny_demo
 
 from atmoe import ATMoE, Overrides
+from atmoe.analysis.sweep import sweep
 from atmoe.cli import main
-from atmoe.sweep import sweep
 
 PROMPT = "List the vital signs. Use bullet points."
 NOTE = "Vitals: HR 135, SpO2 88."
@@ -60,8 +60,23 @@ def test_cli_sweep_prints_and_writes_csv(manifest, tmp_path, capsys):
                "group:style", "--steps", "3", "--max-new-tokens", "3", "--reference", "- HR 135", "--csv", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
+    assert "weight" in printed and "exact" in printed
+    import pandas as pd
+    frame = pd.read_csv(out)
+    assert len(frame) == 3 and {"weight", "text", "exact"} <= set(frame.columns) and "f1" not in frame
+    assert set(frame.exact) <= {0.0, 1.0}   # the engine's own metric: exact match, no demo scorer
+    assert main(["sweep", PROMPT, "--manifest", str(manifest), "--device", "cpu", "--target", "bad"]) == 2
+
+
+def test_demo_cli_sweep_scores_by_the_demos_line_f1(manifest, tmp_path, capsys):
+    from demo.__main__ import main as demo_main
+    out = tmp_path / "sweep.csv"
+    rc = demo_main(["sweep", PROMPT, "--input", NOTE, "--manifest", str(manifest), "--device", "cpu", "--target",
+                    "group:style", "--steps", "3", "--max-new-tokens", "3", "--reference", "- HR 135",
+                    "--csv", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
     assert "weight" in printed and "f1" in printed
     import pandas as pd
     frame = pd.read_csv(out)
     assert len(frame) == 3 and {"weight", "text", "f1", "exact"} <= set(frame.columns)
-    assert main(["sweep", PROMPT, "--manifest", str(manifest), "--device", "cpu", "--target", "bad"]) == 2

@@ -11,9 +11,9 @@ from tiny_models import tiny_llama, tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from atmoe.data import PadCollator, encode_dataset, load_jsonl
-from atmoe.demo.suite import EXPERT_DESCRIPTIONS, expert_rows
-from atmoe.train_expert import ExpertTrainConfig, parse_args, train_expert
+from atmoe.train.data import PadCollator, encode_dataset, load_jsonl
+from atmoe.train.expert import ExpertTrainConfig, parse_args, train_expert
+from demo.suite import EXPERT_DESCRIPTIONS, expert_rows
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from atmoe import ATMoE
-from atmoe.demo.suite import complex_rows
 from atmoe.router import load_router
-from atmoe.train_router import RouterTrainConfig, RouterTrainingModule, train_router
+from atmoe.train.router import RouterTrainConfig, RouterTrainingModule, train_router
+from demo.suite import complex_rows
 from tiny_models import tiny_demo
 
 
@@ -124,7 +124,7 @@ def test_an_attention_router_starts_from_a_mean_router_and_learns_where_to_look(
 
 
 def test_pool_dropout_drops_tokens_but_never_a_whole_row():
-    from atmoe.train_router import drop_tokens
+    from atmoe.train.router import drop_tokens
 
     torch.manual_seed(0)
     mask = torch.zeros(200, 12, dtype=torch.long)

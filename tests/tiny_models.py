@@ -104,8 +104,8 @@ def save_adapter(model: torch.nn.Module, path: Path, targets: list[str], r: int 
 def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: int = 0, pooling: str = "mean") -> Path:
     """A complete tiny AT-MoE on disk: base (with tokenizer), the 6 demo experts, a router, the manifest.
     Returns the manifest path. Used by app, CLI and reliability tests."""
-    from atmoe.manifest import ExpertEntry, GroupEntry, Manifest
-    from atmoe.demo.suite import EXPERT_DESCRIPTIONS, GROUPS
+    from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
+    from demo.suite import EXPERT_DESCRIPTIONS, GROUPS
     from atmoe.model import ATMoE
     from atmoe.router import save_router
 

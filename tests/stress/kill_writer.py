@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
-from atmoe import base  # noqa: E402
-from atmoe.io import atomic_directory, atomic_write_json  # noqa: E402
+from atmoe.load import base  # noqa: E402
+from atmoe.load.files import atomic_directory, atomic_write_json  # noqa: E402
 from atmoe.router import GroupedRouter, RouterConfig, save_router  # noqa: E402
 
 ROUTER = RouterConfig(groups=["a", "b"], experts=["e0", "e1", "e2"], expert_groups=["a", "a", "b"], num_layers=64,
@@ -51,7 +51,7 @@ def writes(kind: str, dest: Path):
         from tiny_models import tiny_llama, tiny_tokenizer
         from peft import LoraConfig, get_peft_model
 
-        from atmoe.train_expert import ExpertTrainConfig, TrainResult, save_expert
+        from atmoe.train.expert import ExpertTrainConfig, TrainResult, save_expert
         lora = LoraConfig(r=32, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
         model = get_peft_model(tiny_llama(len(tiny_tokenizer()), hidden_size=256, layers=4), lora)
         cfg = ExpertTrainConfig(name="killed", group="task", data="unused.jsonl", out=str(dest),
@@ -66,7 +66,7 @@ def writes(kind: str, dest: Path):
         from tiny_models import tiny_demo
 
         from atmoe import ATMoE
-        from atmoe.export import export_adapter
+        from atmoe.analysis.export import export_adapter
         demo = dest.parent.parent / "export_demo"
         if not (demo / "experts.json").exists():
             tiny_demo(demo)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from atmoe import base
-from atmoe.io import read_safetensors
+from atmoe.load import base
+from atmoe.load.files import read_safetensors
 from atmoe.router import load_router
 
 HERE = Path(__file__).resolve().parent

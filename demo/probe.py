@@ -4,7 +4,7 @@ For every held-out row, the labelled experts run at weight 1 (sigmoid gates, one
 per group, everything else off; the answers are scored like the evaluation. The first row of the table is the
 layer-constant oracle (every labelled expert on every layer: what a global-weight merge can express).
 
-    python -m atmoe.demo.probe --manifest assets/experts.json --n 8 --profiles 10:20,15:24,5:15,20:25
+    python -m demo.probe --manifest assets/experts.json --n 8 --profiles 10:20,15:24,5:15,20:25
 
 This is a measurement of the experts, not a system: it shows whether a per-layer router has something to find.
 """
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from atmoe.model import ATMoE
 from atmoe.router import GroupedRouter
 
+from .config import STAGE1_MANIFEST
 from .metrics import score
 
 
@@ -59,7 +60,7 @@ def probe(m: ATMoE, rows: list[dict[str, Any]], starts: list[dict[str, int]]) ->
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--manifest", default="assets/experts.json")
+    p.add_argument("--manifest", default=STAGE1_MANIFEST)
     p.add_argument("--data", default="assets/data/eval.jsonl")
     p.add_argument("--n", type=int, default=24, help="rows needing all three groups")
     p.add_argument("--profiles", default=None, help="K:S,... first layer of knowledge and of style (task: all layers); "
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     starts = [{}] + [{"knowledge": k, "style": s} for k, s in grid]
     table = probe(m, rows, starts)
     if a.out:
-        from atmoe.io import atomic_write_json
+        from atmoe.load.files import atomic_write_json
         atomic_write_json(a.out, table)
 
 

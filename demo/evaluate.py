@@ -8,7 +8,7 @@ Systems (names as in results.json, in this order):
     router_constant   layer-constant router: the shipped router's own α and β for the row, averaged over layers and
                       fixed on every layer — the same decisions without the layer dimension
     <router name>     each trained router as it is (grouped_sigmoid, grouped_softmax, flat_router)
-  co-adapted (stage 2, `build.COADAPTED`; experts and router trained together):
+  co-adapted (stage 2, `config.COADAPTED`; experts and router trained together):
     coadapted:oracle_constant, coadapted:router_constant   as above, on the co-adapted experts and their router
     coadapted_attention (shipped), coadapted_flat_attention   each co-adapted variant with its own router
 
@@ -37,22 +37,20 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from atmoe.io import atomic_write_bytes, atomic_write_json, read_json
+from atmoe.load.files import atomic_write_bytes, atomic_write_json, read_json
 from atmoe.model import ATMoE
 from atmoe.overrides import Overrides
 from atmoe.router import GroupedRouter, load_router
 from atmoe.trace import RoutingTrace
 
+from .config import COADAPTED, ROUTERS, STAGE1_MANIFEST, BuildConfig
 from .metrics import score
 from .suite import HELDOUT_COMBOS
-
-if TYPE_CHECKING:
-    from .build import BuildConfig
 
 Row = dict[str, Any]
 
@@ -321,12 +319,10 @@ def _check_rows(rows: list[Row], m: ATMoE, path: Path) -> None:
 
 def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
     """The build's last stage, on the first `cfg.eval_n` held-out rows, as one table: the paper's recipe (experts
-    trained apart, `assets/experts.json`) with every baseline and the routers of `build.ROUTERS`; then each built
-    co-adapted variant of `build.COADAPTED` — the shipped one with its own layer-constant systems. Each part is kept
+    trained apart, `assets/experts.json`) with every baseline and the routers of `config.ROUTERS`; then each built
+    co-adapted variant of `config.COADAPTED` — the shipped one with its own layer-constant systems. Each part is kept
     in `eval/parts/<part>.json` with the fingerprint of what it ran (rows, budget, routers, experts): a rerun reuses the
     parts whose inputs did not change and runs only the rest."""
-    from .build import COADAPTED, ROUTERS
-
     out, parts = Path(out), Path(out) / "eval" / "parts"
     m = ATMoE.load(out / "experts.json", device="auto")
     routers = {}
@@ -368,10 +364,8 @@ def evaluate_demo(cfg: BuildConfig, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .build import ROUTERS
-
     p = argparse.ArgumentParser(description="Score every system on held-out rows; write results.json and .md")
-    p.add_argument("--manifest", default="assets/experts.json")
+    p.add_argument("--manifest", default=STAGE1_MANIFEST)
     p.add_argument("--data", default="assets/data/eval.jsonl")
     p.add_argument("--out", default="runs/eval", help="folder for results.json, results.md (and partial.json)")
     p.add_argument("--n", type=int, default=None, help="first N rows (default: all)")

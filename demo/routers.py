@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from atmoe.base import base_signature, load_base
-from atmoe.manifest import ExpertEntry, GroupEntry, Manifest
+from atmoe.load.base import base_signature, load_base
+from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
+from .config import COADAPTED, ROUTERS
 from .suite import EXPERT_DESCRIPTIONS, GROUPS
 
 
@@ -27,8 +28,6 @@ def write_manifest(cfg: Any, out: Path) -> Path:
                         base_model=cfg.base, base_signature=base_signature(model),
                         description="Clinical demo: 6 LoRA experts (task, knowledge, style) on "
                                     f"{cfg.base or 'SmolLM2-135M-Instruct'}", root=out)
-    from .build import ROUTERS
-
     if (out / ROUTERS[0][2]).exists():
         manifest.router = ROUTERS[0][2]
     return manifest.save(path)
@@ -37,9 +36,7 @@ def write_manifest(cfg: Any, out: Path) -> Path:
 def build_routers(cfg: Any, suite: Path, out: Path) -> None:
     import torch
 
-    from atmoe.train_router import RouterTrainConfig, train_router
-
-    from .build import ROUTERS
+    from atmoe.train.router import RouterTrainConfig, train_router
 
     manifest = write_manifest(cfg, out)
     for i, (name, mode, rel) in enumerate(ROUTERS):
@@ -55,14 +52,12 @@ def build_routers(cfg: Any, suite: Path, out: Path) -> None:
 
 
 def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
-    """Stage 2, each variant of `build.COADAPTED`: from the stage-1 experts and router, experts and router train
+    """Stage 2, each variant of `config.COADAPTED`: from the stage-1 experts and router, experts and router train
     together on the training combinations in wider wordings (`coadapt.jsonl`; LM loss on the composed answers + the
     same label loss). Writes the variant's folder (experts, router, manifest)."""
     import torch
 
-    from atmoe.train_router import RouterTrainConfig, train_router
-
-    from .build import COADAPTED
+    from atmoe.train.router import RouterTrainConfig, train_router
 
     data = suite / "coadapt.jsonl"
     for v in COADAPTED:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atmoe.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from atmoe.load.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 
 OLD = b"previous contents, complete\n" * 8
 

@@ -15,15 +15,17 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atmoe.io import atomic_write_json, read_json
+from atmoe.load.files import atomic_write_json, read_json
 
+from .config import STAGES, BuildConfig
+from .evaluate import evaluate_demo
+from .metrics import score
+from .routers import build_coadapted, build_routers
 from .suite import EXPERT_DESCRIPTIONS, GROUPS, write_suite
 
-REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GATE = 0.90   # an expert alone must reach this mean line F1 on fresh rows of its own skill
 # Optimiser steps per round (batch 8): copying lines and formats is quick, a range lookup or a threshold rule is not.
 # An expert that misses its gate trains another round from where it stopped (new data order, half the learning
@@ -32,84 +34,10 @@ EXPERT_STEPS = {"flags": 120, "ranges": 90, "plain": 80, "labs": 60, "vitals": 6
 MAX_ROUNDS = 3
 
 
-@dataclass
-class BuildConfig:
-    """What `make assets` builds, and how long it trains."""
-
-    out: str = str(REPO_ASSETS)
-    work: str = "runs/demo"                 # generated data and training checkpoints
-    base: str | None = None                 # None: the embedded SmolLM2-135M-Instruct
-    expert_steps: float = 1.0               # × EXPERT_STEPS (a skill's steps grow with how much it must learn)
-    expert_batch: int = 8
-    expert_lr: float = 3e-3
-    router_steps: int = 100
-    router_batch: int = 8
-    router_lr: float = 5e-3
-    eval_n: int = 64
-    gate_n: int = 50
-    coadapt_steps: int = 300                # over coadapt.jsonl's 2,400 rows: one pass at batch 8
-    coadapt_lr: float = 2e-3                # the router's, starting from the shipped stage-1 router
-    coadapt_expert_lr: float = 1e-3
-    stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "eval")
-    quick: bool = False
-    force: bool = False
-    suite_sizes: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.stages) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-        if not self.expert_steps > 0:
-            raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
-        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.quick:
-            self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8}
-            self.gate_n, self.eval_n = 4, 8
-
-
-STAGES = ("suite", "experts", "routers", "coadapt", "eval")
-
-
-# Routers the demo trains: (name in the table, mode, file). The manifest's default is the first.
-ROUTERS = (("grouped_sigmoid", "sigmoid", "router.safetensors"),
-           ("grouped_softmax", "softmax", "routers/softmax.safetensors"),
-           ("flat_router", "flat", "routers/flat.safetensors"))
-
-
-@dataclass(frozen=True)
-class Coadapted:
-    """A second-stage variant: experts and router trained together, starting from the stage-1 experts and the
-    stage-1 router `init` (a file under `out`). The shipped one lives in `out/folder`, the others in `work/folder`."""
-
-    name: str
-    mode: str
-    init: str
-    folder: str
-    shipped: bool = False
-    pooling: str = "mean"
-
-    def path(self, cfg: BuildConfig) -> Path:
-        return Path(cfg.out if self.shipped else cfg.work) / self.folder
-
-
-# Layer-wise routing of the experts trained apart was measured short of composing them (issue 10), so the demo
-# co-adapts: the grouped-sigmoid variant ships (the dashboard's default); the flat one is its ablation (no groups).
-# Both pool the instruction with a learnt attention per group, starting from their stage-1 (mean-pooling) router;
-# the mean-pooling variants are kept, with every answer, in assets/eval/ablations/.
-COADAPTED = (Coadapted("coadapted_attention", "sigmoid", "router.safetensors", "coadapted", shipped=True,
-                       pooling="attention"),
-             Coadapted("coadapted_flat_attention", "flat", "routers/flat.safetensors", "coadapted_flat_attention",
-                       pooling="attention"))
-
-
 def gate_expert(name: str, group: str, folder: Path, rows: list[dict[str, Any]], model: Any, tokenizer: Any
                 ) -> dict[str, Any]:
     """Score expert `name` alone (weight 1 on every layer) on `rows`; returns {"f1", "exact", "n", "passed"}."""
     from atmoe.model import ATMoE
-
-    from .metrics import score
 
     m = ATMoE.from_experts(model, tokenizer, [(group, name, folder, "")])  # one expert: w = 1 everywhere
     scores = [score(g.text, r) for r, g in zip(rows, _generate(m, rows, None, None))]
@@ -135,8 +63,8 @@ def _load_rows(path: Path) -> list[dict[str, Any]]:
 def build_experts(cfg: BuildConfig, suite: Path, out: Path) -> None:
     import torch
 
-    from atmoe.base import load_base
-    from atmoe.train_expert import ExpertTrainConfig, train_expert
+    from atmoe.load.base import load_base
+    from atmoe.train.expert import ExpertTrainConfig, train_expert
 
     device = "auto" if torch.cuda.is_available() else "cpu"
     group_of = {e: g for g, names in GROUPS.items() for e in names}
@@ -195,13 +123,10 @@ def build(cfg: BuildConfig) -> None:
     if "experts" in cfg.stages:
         build_experts(cfg, suite, out)
     if "routers" in cfg.stages:
-        from .routers import build_routers
         build_routers(cfg, suite, out)
     if "coadapt" in cfg.stages:
-        from .routers import build_coadapted
         build_coadapted(cfg, suite, out)
     if "eval" in cfg.stages:
-        from .evaluate import evaluate_demo
         evaluate_demo(cfg, out)
 
 

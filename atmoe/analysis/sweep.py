@@ -9,7 +9,7 @@ thing that changes from row to row is that weight. The renormalisation of the ot
 `overrides.py`): in a softmax group budget the free groups share 1 − w.
 
 Scoring is the caller's: `scorer(text) → {metric: value}` (for the demo, `lambda t: metrics.score(t, row)` from
-`atmoe.demo.metrics`); the engine knows no metric.
+`demo.metrics`); the engine knows no metric.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .overrides import Overrides
+from ..overrides import Overrides
 
 if TYPE_CHECKING:
-    from .model import ATMoE
+    from ..model import ATMoE
 
 Scorer = Callable[[str], dict[str, float]]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atmoe.io import atomic_write_bytes
+from atmoe.load.files import atomic_write_bytes
 
 GROUPS: dict[str, list[str]] = {
     "task": ["labs", "vitals"],

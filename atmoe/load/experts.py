@@ -15,8 +15,8 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .fused import FusedLoRA
-from .io import LoadError, atomic_directory, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
+from ..fused import FusedLoRA
+from .files import LoadError, atomic_directory, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from .fused import FusedLoRA
-from .io import atomic_directory, atomic_save_safetensors, atomic_write_json
+from ..fused import FusedLoRA
+from ..load.files import atomic_directory, atomic_save_safetensors, atomic_write_json
 
 if TYPE_CHECKING:
-    from .model import ATMoE
-    from .trace import RoutingTrace
+    from ..model import ATMoE
+    from ..trace import RoutingTrace
 
 USES = ("used", "router")
 

@@ -2,14 +2,14 @@
 
 The Trainer brings ``accelerate launch`` / ``torchrun`` support, resumable checkpoints
 (``<out>.checkpoints``), tqdm progress and a loss log. Data parallel (``torchrun --nproc_per_node N -m
-atmoe.train_expert ...``), each process trains on ``batch_size`` rows of its shard, the LM loss is averaged over
+atmoe.train.expert ...``), each process trains on ``batch_size`` rows of its shard, the LM loss is averaged over
 the tokens of all N processes (the Trainer's ``average_tokens_across_devices``) and only the main process writes.
 The result is a standard PEFT adapter folder (``adapter_config.json`` + fp16 ``adapter_model.safetensors``) plus ``README.md``,
 ``atmoe_expert.json`` and ``train_log.jsonl``, written atomically.
 
 CLI::
 
-    python -m atmoe.train_expert --name labs --group task --data runs/demo/suite/experts/labs.jsonl --out experts/labs
+    python -m atmoe.train.expert --name labs --group task --data runs/demo/suite/experts/labs.jsonl --out experts/labs
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
-from atmoe.cliargs import dataclass_parser
-from atmoe.data import PadCollator, encode_dataset, load_jsonl
-from atmoe.io import atomic_directory
+from ..cliargs import dataclass_parser
+from ..load.files import atomic_directory
+from .data import PadCollator, encode_dataset, load_jsonl
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -48,7 +48,7 @@ class ExpertTrainConfig:
     """How to train one LoRA expert.
 
     ``name`` and ``group`` identify the expert in an AT-MoE model; ``data`` is a JSONL file
-    (see :mod:`atmoe.data`); ``out`` the adapter folder to (re)place. ``base`` None means
+    (see :mod:`atmoe.train.data`); ``out`` the adapter folder to (re)place. ``base`` None means
     the embedded SmolLM2-135M-Instruct.
     """
 
@@ -180,11 +180,11 @@ def _jsonable(cfg: ExpertTrainConfig) -> dict[str, Any]:
 
 
 def train_expert(cfg: ExpertTrainConfig, model: Any = None, tokenizer: Any = None) -> Path:
-    """Train and save one expert; loads the base with :func:`atmoe.base.load_base` unless given one."""
+    """Train and save one expert; loads the base with :func:`atmoe.load.base.load_base` unless given one."""
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both model and tokenizer, or neither")
     if model is None:
-        from atmoe.base import DEFAULT_BASE, load_base
+        from ..load.base import DEFAULT_BASE, load_base
         model, tokenizer = load_base(cfg.base, device=process_device())
         base = cfg.base or DEFAULT_BASE
     else:

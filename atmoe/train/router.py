@@ -10,8 +10,8 @@ The label loss judges a group's routing over all layers at once (see `routing_lo
 loss over the layer profile. Trained with the Hugging Face `Trainer` (resume, logging, accelerate), optionally with
 gradient checkpointing.
 
-    python -m atmoe.train_router --manifest assets/experts.json --data runs/suite/router_train.jsonl
-    torchrun --nproc_per_node N -m atmoe.train_router ...      # data parallel: N processes, batch_size rows each
+    python -m atmoe.train.router --manifest assets/experts.json --data runs/suite/router_train.jsonl
+    torchrun --nproc_per_node N -m atmoe.train.router ...      # data parallel: N processes, batch_size rows each
 
 Data parallel, the update is the one-process update on the global batch (N × batch_size rows): every loss is
 normalised by global counts (answer tokens, labelled rows) and the balance term reads the global batch-mean β, so
@@ -33,14 +33,14 @@ from accelerate import PartialState
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .call import RoutingCall
-from .cliargs import dataclass_parser
+from ..call import RoutingCall
+from ..cliargs import dataclass_parser
+from ..load.files import atomic_write_bytes
+from ..load.manifest import ExpertEntry, GroupEntry, Manifest
+from ..model import ATMoE
+from ..router import GroupedRouter, MODES, POOLINGS, load_router, save_router
 from .data import PadCollator, encode_dataset, load_jsonl
-from .io import atomic_write_bytes
-from .manifest import ExpertEntry, GroupEntry, Manifest
-from .model import ATMoE
-from .router import GroupedRouter, MODES, POOLINGS, load_router, save_router
-from .train_expert import OUT_DTYPES, process_device
+from .expert import OUT_DTYPES, process_device
 
 
 @dataclass

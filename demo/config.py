@@ -1,0 +1,92 @@
+"""Where the demo lives and what its build makes: one place, read by the build, the routers, the evaluation, the
+demo's command line and the dashboard.
+
+    assets/experts.json              stage 1: the experts trained apart, with their routers (`ROUTERS`)
+    assets/coadapted/experts.json    stage 2, shipped: experts and router trained together (`COADAPTED`);
+                                     `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load by default
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = "assets"   # the shipped demo, relative to the repository root (where `make app` and `make assets` run)
+
+
+@dataclass
+class BuildConfig:
+    """What `make assets` builds, and how long it trains."""
+
+    out: str = str(REPO / ASSETS)
+    work: str = "runs/demo"                 # generated data and training checkpoints
+    base: str | None = None                 # None: the embedded SmolLM2-135M-Instruct
+    expert_steps: float = 1.0               # × build.EXPERT_STEPS (a skill's steps grow with how much it must learn)
+    expert_batch: int = 8
+    expert_lr: float = 3e-3
+    router_steps: int = 100
+    router_batch: int = 8
+    router_lr: float = 5e-3
+    eval_n: int = 64
+    gate_n: int = 50
+    coadapt_steps: int = 300                # over coadapt.jsonl's 2,400 rows: one pass at batch 8
+    coadapt_lr: float = 2e-3                # the router's, starting from the shipped stage-1 router
+    coadapt_expert_lr: float = 1e-3
+    stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "eval")
+    quick: bool = False
+    force: bool = False
+    suite_sizes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        if not self.expert_steps > 0:
+            raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
+        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.quick:
+            self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8}
+            self.gate_n, self.eval_n = 4, 8
+
+
+STAGES = ("suite", "experts", "routers", "coadapt", "eval")
+
+
+# Routers the demo trains: (name in the table, mode, file). The manifest's default is the first.
+ROUTERS = (("grouped_sigmoid", "sigmoid", "router.safetensors"),
+           ("grouped_softmax", "softmax", "routers/softmax.safetensors"),
+           ("flat_router", "flat", "routers/flat.safetensors"))
+
+
+@dataclass(frozen=True)
+class Coadapted:
+    """A second-stage variant: experts and router trained together, starting from the stage-1 experts and the
+    stage-1 router `init` (a file under `out`). The shipped one lives in `out/folder`, the others in `work/folder`."""
+
+    name: str
+    mode: str
+    init: str
+    folder: str
+    shipped: bool = False
+    pooling: str = "mean"
+
+    def path(self, cfg: BuildConfig) -> Path:
+        return Path(cfg.out if self.shipped else cfg.work) / self.folder
+
+
+# Layer-wise routing of the experts trained apart was measured short of composing them (issue 10), so the demo
+# co-adapts: the grouped-sigmoid variant ships (the dashboard's default); the flat one is its ablation (no groups).
+# Both pool the instruction with a learnt attention per group, starting from their stage-1 (mean-pooling) router;
+# the mean-pooling variants are kept, with every answer, in assets/eval/ablations/.
+COADAPTED = (Coadapted("coadapted_attention", "sigmoid", "router.safetensors", "coadapted", shipped=True,
+                       pooling="attention"),
+             Coadapted("coadapted_flat_attention", "flat", "routers/flat.safetensors", "coadapted_flat_attention",
+                       pooling="attention"))
+
+
+SHIPPED = next(v for v in COADAPTED if v.shipped)
+SHIPPED_MANIFEST = f"{ASSETS}/{SHIPPED.folder}/experts.json"   # the demo's default model: CLI and dashboard
+STAGE1_MANIFEST = f"{ASSETS}/experts.json"                     # the paper's recipe: experts trained apart
