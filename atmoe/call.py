@@ -1,118 +1,105 @@
-"""Per-call routing state (`RoutingCall`), and the hook that routes at the entrance of every decoder layer.
+"""`RoutingCall`: one call's routing, as values — what the router reads, its head, the overrides as tensors — and,
+once the call has run, what each layer's router read, from which the trace and the training losses compute α and β.
 
-Nothing about a request is stored on the (shared) model: a `RoutingCall` lives in a `ContextVar` for the duration of
-one forward call, so threads serving different users with different overrides never see each other's weights.
-
-Flow of one forward pass (no second pass, KV cache kept):
-    decoder layer l pre-hook → pool hidden state entering l over the tokens read → router(l) → overrides → w[l]
-    → the layer's FusedLoRA modules read w[l] from the call.
-In sequence mode w[l] is computed once, on the prompt, and reused for every generated token.
+A call is made by `ATMoE` (one per route / score / generate), handed to the model's `RoutingState` for the duration
+of its forwards (`state.py`), and kept by nobody afterwards: nothing about a request stays on the shared model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import nn
 
-from .overrides import CompiledOverrides
-from .router import GroupedRouter, effective_weights
-
-_CURRENT: ContextVar[RoutingCall | None] = ContextVar("atmoe_routing_call", default=None)
-
-
-@dataclass
-class LayerRecord:
-    """What one layer decided, for the trace. Sequence mode: [B, ·]; token mode: [B, T, ·] (concatenated steps)."""
-
-    router_alpha: list[torch.Tensor] = field(default_factory=list)
-    router_beta: list[torch.Tensor] = field(default_factory=list)
-    alpha: list[torch.Tensor] = field(default_factory=list)
-    beta: list[torch.Tensor] = field(default_factory=list)
-    fallback: list[torch.Tensor] = field(default_factory=list)
+from .overrides import CompiledOverrides, identity_tensors
+from .router import EPS, GroupedRouter, head_logits, inference_head, routing_weights
 
 
 @dataclass
 class RoutingCall:
-    """The routing state of one call: made by `ATMoE.new_call`, current inside `use_call`, dropped afterwards."""
+    """The routing of one call. `read_mask` [B, T]: 1 on the tokens the router reads (RouterConfig.reads)."""
 
     router: GroupedRouter
-    prompt_mask: torch.Tensor                    # [B, T] 1 on the tokens the router pools over (RouterConfig.reads)
+    read_mask: torch.Tensor
     granularity: str = "sequence"
     overrides: CompiledOverrides | None = None
-    merge: bool = False   # batch 1: fold the weighted experts into a per-call copy of each base weight (decode speed)
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)   # layer → w [B, E] or [B, T, E]
-    records: dict[int, LayerRecord] = field(default_factory=dict)
-    prepared: dict[object, tuple[str, torch.Tensor]] = field(default_factory=dict)  # FusedLoRA → (kind, factor)
-    inputs: dict[int, torch.Tensor] | None = None  # layer → hidden state entering it [B, T, D], kept if a dict
+    merge: bool = False       # batch 1, sequence: fold the weighted experts into one weight per group (decode speed)
+    keep_inputs: bool = False  # keep the hidden state entering each layer (atmoe.explain)
+    dtype: torch.dtype = torch.float32   # the model's: the pooling weights' precision is the hidden states'
+    plan: dict[str, torch.Tensor] = field(default_factory=dict)
+    records: list[Any] = field(default_factory=list)       # per layer: what its router read (filled by the run)
+    weights: list[torch.Tensor | None] = field(default_factory=list)   # per layer: w [B, 1 | T, E] ("rows", "separate")
+    inputs: dict[int, torch.Tensor] | None = None          # per layer: the hidden state entering it (keep_inputs)
+    path: str = ""                                          # how the fused layers applied the weights (state.PATHS)
+
+    def __post_init__(self) -> None:
+        self.plan = build_plan(self.router, self.overrides, self.read_mask)
+
+    @property
+    def prompt_mask(self) -> torch.Tensor:   # the name before this release
+        return self.read_mask
 
     def stacked(self, name: str) -> torch.Tensor:
-        """What every layer recorded under `name` (router_alpha, router_beta, alpha, beta or fallback), stacked over
-        layers: [L, B, ·] in sequence mode, [L, B, T, ·] in token mode (the steps' tokens in order). The used α, β
-        keep the router's autograd graph (training reads them here)."""
-        def per_layer(record: LayerRecord) -> torch.Tensor:
-            parts = getattr(record, name)
-            return torch.cat(parts, dim=1) if self.granularity == "token" else parts[0]
+        """What every layer decided, stacked over layers: `router_alpha`, `router_beta` (the router's own), `alpha`,
+        `beta` (used, after overrides) or `fallback` (a non-finite input gave uniform weights): [L, B, ·] in sequence
+        mode, [L, B, T, ·] in token mode. α and β keep the router's autograd graph (training reads them here)."""
+        own = name.startswith("router_")
+        alpha, beta, fallback = self._weights(own)
+        return {"router_alpha": alpha, "alpha": alpha, "router_beta": beta, "beta": beta, "fallback": fallback}[name]
 
-        return torch.stack([per_layer(self.records[l]) for l in range(len(self.records))])
+    def _weights(self, own: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = "own" if own else "used"
+        cached = self.__dict__.setdefault("_cache", {})
+        if key in cached:
+            return cached[key]
+        grad = any(t.requires_grad for x in self.records for t in (x if isinstance(x, list) else [x]))
+        with torch.enable_grad() if grad else torch.inference_mode():   # training reads them with the graph
+            cached[key] = self._compute(own)
+        return cached[key]
+
+    def _compute(self, own: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan, cfg = self.plan, self.router.config
+        per_group = cfg.pooling == "attention" and self.granularity == "sequence"
+        alphas, betas, fallbacks = [], [], []
+        for layer, x in enumerate(self.records):
+            x = torch.cat(x, 1) if isinstance(x, list) else x                       # token mode: the steps in order
+            bias = plan["router_bias" if own else "head_bias"][layer]
+            z = head_logits(x, plan["head_weight"][layer], bias, plan["eps_d"], per_group)   # [B, N, G, 1+E]
+            bad = ~torch.isfinite(x).all(-1)                                        # [B, N] or [B, G]
+            bad = bad.any(-1, keepdim=True) if per_group else bad                   # [B, N]
+            # A non-finite input reads as the untrained router: zero logits (the masks kept), hence uniform weights.
+            empty = torch.where(torch.isfinite(plan["router_bias"][layer]), 0.0, float("-inf"))
+            if not own:
+                empty = empty + plan["logit_mask"][layer]
+            z = torch.where(bad[..., None, None], empty, z)
+            a, b, _ = routing_weights(z, cfg.mode, None if own else plan, layer)
+            alphas.append(a)
+            betas.append(b.sum(-2))                                                 # [B, N, E] within-group weights
+            fallbacks.append(bad)
+        squeeze = (lambda t: t.squeeze(2)) if self.granularity == "sequence" else (lambda t: t)
+        return tuple(squeeze(torch.stack(parts)) for parts in (alphas, betas, fallbacks))
 
 
-def current_call() -> RoutingCall | None:
-    return _CURRENT.get()
-
-
-@contextmanager
-def use_call(call: RoutingCall) -> Iterator[RoutingCall]:
-    token = _CURRENT.set(call)
-    try:
-        yield call
-    finally:
-        _CURRENT.reset(token)
-
-
-def checkpoint_context() -> tuple[object, object]:
-    """`context_fn` for torch's non-reentrant checkpoint: the backward recompute of a layer runs outside the call's
-    context, so re-enter the same call (its weights carry the router's autograd graph). The recompute starts with
-    no prepared factors, so it records exactly the ops of the original forward."""
-    call = _CURRENT.get()
-    return nullcontext(), (use_call(replace(call, prepared={})) if call is not None else nullcontext())
-
-
-@torch.compiler.disable
-def route_layer(layer: int, hidden: torch.Tensor) -> None:
-    """Decoder-layer pre-hook body: compute w[layer] for the current call (no-op outside a call)."""
-    call = _CURRENT.get()
-    if call is None or (call.granularity == "sequence" and layer in call.weights):
-        return  # not routed, or already fixed by the prompt (decode steps reuse it with the KV cache)
-    router = call.router
-    if call.inputs is not None:
-        call.inputs[layer] = hidden.detach()   # what this layer's router reads (atmoe.explain), for this call only
-    if call.granularity == "sequence":
-        x = router.pool(layer, hidden, call.prompt_mask)                # [B, D] or [B, G, D] (attention)
+def build_plan(router: GroupedRouter, overrides: CompiledOverrides | None, read_mask: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """The call's tensors, on the router's device: the inference head (overrides' masks in its bias), the override
+    tensors, and the pooling weights over the tokens read. Built once per call, outside the forward."""
+    cfg = router.config
+    device = router.norm_weight.device
+    L, G, E = cfg.num_layers, len(cfg.groups), len(cfg.experts)
+    weight, bias = inference_head(router)
+    ov = overrides.tensors(cfg.mode) if overrides is not None else identity_tensors(L, G, E)
+    plan = {k: v.to(device) for k, v in ov.items()}
+    mask = read_mask.to(device, torch.float32)                                          # [B, T]
+    plan.update(head_weight=weight, router_bias=bias, head_bias=bias + plan["logit_mask"],
+                eps_d=torch.tensor(EPS * cfg.hidden_size, device=device), eps=torch.tensor(EPS, device=device))
+    if cfg.pooling == "mean":
+        plan["pool"] = (mask / mask.sum(1, keepdim=True).clamp(min=1.0))[:, None, :]   # [B, 1, T]
+    elif cfg.pooling == "last":
+        positions = torch.arange(mask.shape[1], device=device)
+        plan["pool"] = torch.nn.functional.one_hot((mask * positions).argmax(-1), mask.shape[1]).float()[:, None]
     else:
-        x = router.per_token(hidden)                                     # [B, T, D] ([B, T, G, D] attention)
-    alpha, beta, fallback = router(layer, x)   # an untrained router (zero heads) gives exactly uniform weights
-    rec = call.records.setdefault(layer, LayerRecord())
-    rec.router_alpha.append(alpha.detach())
-    rec.router_beta.append(beta.detach())
-    rec.fallback.append(fallback.detach())
-    if call.overrides is not None:
-        alpha, beta = call.overrides.apply(layer, alpha, beta)
-    rec.alpha.append(alpha)
-    rec.beta.append(beta)
-    call.weights[layer] = effective_weights(router, alpha, beta)
-
-
-def _route_pre_hook(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    route_layer(layer, args[0] if args else kwargs["hidden_states"])
-
-
-def add_routing_hooks(layers: nn.ModuleList) -> None:
-    """Route at the entrance of every decoder layer (a forward pre-hook; it does nothing outside a call)."""
-    for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(partial(_route_pre_hook, i), with_kwargs=True)
+        plan["query"] = router.query.float()
+        plan["read_bias"] = torch.where(mask > 0, 0.0, float("-inf"))[:, None, :]       # [B, 1, T]
+    return plan

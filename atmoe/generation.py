@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+from transformers import StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 MAX_NEW_TOKENS = 4096
@@ -62,26 +63,59 @@ class GenerationSettings:
         return replace(settings, **changes) if changes else settings
 
 
-def decode(forward: Callable[..., object], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           settings: GenerationSettings, eos_ids: set[int], pad_id: int,
-           stop: threading.Event | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row ([B]) until all rows hit EOS, `max_new_tokens`, or `stop` is set.
+class DecodeBuffers:
+    """What a decode step reads, at addresses that stay the same across steps and calls of one shape (a CUDA graph
+    replays them): the KV cache (transformers' StaticCache), a fixed-size attention mask, the token and position.
+    Kept by the model's workspace for its last shape; `reset` starts a call."""
 
-    `forward(**kwargs)` runs the model (inside the caller's routing call). Left padding is supported: positions come
-    from the attention mask.
-    """
+    def __init__(self, config: Any, batch: int, length: int, device: torch.device) -> None:
+        self.batch, self.length = batch, length
+        self.cache = StaticCache(config=config, max_cache_len=length) if config is not None else None
+        self.mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+
+    def fits(self, batch: int, length: int) -> bool:
+        return self.batch == batch and self.length >= length
+
+    def reset(self, attention_mask: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reset()
+        self.mask.fill_(1)
+        self.mask[:, :attention_mask.shape[1]] = attention_mask     # left padding stays masked; the rest is causal
+
+
+def cache_length(n: int) -> int:
+    """Round a needed cache length up (to 256), so that calls of similar lengths share one cache shape."""
+    return -(-n // 256) * 256
+
+
+def decode(forward: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           settings: GenerationSettings, eos_ids: set[int], pad_id: int, buffers: DecodeBuffers | None = None,
+           stop: threading.Event | None = None, step: Callable[..., Any] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row ([B]) until all rows hit EOS, `max_new_tokens`, or `stop` is set: the
+    prefill and at most max_new_tokens − 1 decode steps (the last token's logits are never needed).
+
+    `forward(**kwargs)` runs the model (inside the caller's routing call); `step` (default `forward`) runs one decode
+    step, e.g. a CUDA-graphed one. Left padding is supported: positions come from the attention mask."""
+    step = step or forward
     gen = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
     warpers = []
     if settings.temperature > 0:
         warpers.append(TemperatureLogitsWarper(settings.temperature))
         if settings.top_p < 1:
             warpers.append(TopPLogitsWarper(settings.top_p))
+    if buffers is None:   # one token, no cache needed
+        buffers = DecodeBuffers(None, input_ids.shape[0], input_ids.shape[1], input_ids.device)
+    buffers.reset(attention_mask)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    logits = forward(input_ids=input_ids, attention_mask=buffers.mask, position_ids=position_ids,
+                     cache=buffers.cache, use_cache=True)
+    buffers.position.copy_(position_ids[:, -1:])
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
-    for _ in range(settings.max_new_tokens):
-        logits = out.logits[:, -1, :].float()
+    for i in range(settings.max_new_tokens):
+        logits = logits[:, -1, :].float()
         if settings.temperature > 0:
             for w in warpers:
                 logits = w(input_ids, logits)
@@ -91,15 +125,9 @@ def decode(forward: Callable[..., object], input_ids: torch.Tensor, attention_ma
         token = torch.where(done, torch.full_like(token, pad_id), token)
         yield token
         done |= torch.isin(token, eos)
-        if bool(done.all()) or (stop is not None and stop.is_set()):
+        if i == settings.max_new_tokens - 1 or bool(done.all()) or (stop is not None and stop.is_set()):
             return
-        attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        out = forward(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=True, **_cache_of(out))
-
-
-def _cache_of(out: Any) -> dict[str, Any]:
-    """The KV cache to pass on: transformers ≥ 5.2x names it `cache` (output and argument), earlier 5.x releases
-    `past_key_values` (as found on GPU machines with their own transformers)."""
-    return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
+        buffers.token.copy_(token[:, None])
+        buffers.position.add_(1)
+        logits = step(input_ids=buffers.token, attention_mask=buffers.mask, position_ids=buffers.position,
+                      cache=buffers.cache, use_cache=True)

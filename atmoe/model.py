@@ -9,6 +9,7 @@ The object is safe to share between threads: every call carries its own routing 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager, nullcontext
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .call import RoutingCall, add_routing_hooks, checkpoint_context, use_call
+from .call import RoutingCall
 from .explain import Explanation
-from .generation import GenerationSettings, decode
+from .generation import DecodeBuffers, GenerationSettings, cache_length, decode
 from .layout import GroupLayout
 from .load.base import check_signature, load_base
 from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
@@ -29,6 +30,7 @@ from .load.files import LoadError
 from .load.manifest import Manifest
 from .overrides import CompiledOverrides, Overrides, compile_overrides
 from .router import GroupedRouter, RouterConfig, load_router, save_router
+from .state import RoutingState, add_routing_hooks
 from .tokens import EncodedPrompt, check_text, encode_prompt
 from .trace import RoutingTrace
 
@@ -41,6 +43,12 @@ class Generation:
     prompt_tokens: int
     seconds: float
     finish_reason: str  # "eos" | "length" | "stopped"
+    path: str = "folded"  # how the experts were applied: "folded", "rows", "merged" or "separate" (state.PATHS)
+
+    @property
+    def merged(self) -> bool:
+        """Whether this answer was decoded with merged weights (`merge=True` where it applies)."""
+        return self.path == "merged"
 
     @property
     def tokens_per_second(self) -> float:
@@ -79,8 +87,10 @@ class ATMoE:
             missing = [m for m in ex.layout if m not in layer_of]
             if missing:
                 raise LoadError(f"expert '{ex.name}': modules {missing[:3]} are not inside a decoder layer")
-        self.fused = fuse_experts(model, self._experts, layer_of)
-        add_routing_hooks(decoder_layers(model)[1])
+        self.state = RoutingState(self.num_layers).to(self.device)
+        self.fused = fuse_experts(model, self._experts, layer_of, self.state)
+        add_routing_hooks(self.state, decoder_layers(model)[1])
+        self._decode_buffers: DecodeBuffers | None = None   # the last decode shape's cache (under state.lock)
         cfg = RouterConfig(self.groups, self.experts, list(self.layout.expert_groups), self.num_layers,
                            model.config.get_text_config().hidden_size, mode=router_mode)
         if isinstance(router, (str, Path)):
@@ -88,7 +98,10 @@ class ATMoE:
         if router is not None:
             router.config.check_shape(cfg, "router")
         self.router = (router or GroupedRouter(cfg)).to(self.device)
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in parameters
+        # transformers ≥ 5.2x names the KV cache argument `cache`, earlier 5.x releases `past_key_values`
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.context_length = int(context or getattr(model.config, "n_positions", 2048))
 
@@ -137,7 +150,7 @@ class ATMoE:
     @property
     def merge_bytes(self) -> int:
         """Memory one `merge=True` generation holds while it runs: a copy of every fused Linear's weight."""
-        return sum(f.base_layer.weight.nbytes for f in self.fused if isinstance(f.base_layer, nn.Linear))
+        return sum(g.stacked[:g.num_out].nbytes for layer in self.state.layers for g in layer.groups)
 
     def expert(self, name: str) -> Expert:
         return self._experts[self.experts.index(name)]
@@ -158,7 +171,38 @@ class ATMoE:
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint decoder layers; the backward recompute re-enters the call's routing (non-reentrant)."""
         self.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context})
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_context})
+
+    def _checkpoint_context(self) -> tuple[object, object]:
+        """`context_fn` for torch's non-reentrant checkpoint: the backward recompute of a layer runs after the call
+        has released the workspace, so it takes it again with the same call (whose weights carry the router's
+        autograd graph)."""
+        call = self.state.call
+        return nullcontext(), (self._hold(call) if call is not None else nullcontext())
+
+    @contextmanager
+    def _hold(self, call: RoutingCall) -> Iterator[RoutingCall]:
+        """Give `call` the model's routing workspace for the forwards inside (one call at a time; see state.py)."""
+        state = self.state
+        if state.owner == threading.get_ident():
+            raise RuntimeError("this thread is already inside a call of this model (an unfinished stream?): finish "
+                               "or close it before starting another")
+        with state.lock:
+            state.owner = threading.get_ident()
+            try:
+                B = call.read_mask.shape[0]
+                if not state.stackable or torch.is_grad_enabled():
+                    path = "separate"
+                elif call.granularity == "token" or B > 1:
+                    path = "rows"
+                else:
+                    path = "merged" if call.merge else "folded"
+                state.install(call, path)
+                call.path = path
+                yield call
+            finally:
+                state.clear()
+                state.owner = None
 
     # ------------------------------------------------------------------ calls
     def check_overrides(self, overrides: Overrides | dict | None, router: GroupedRouter | None = None
@@ -190,6 +234,11 @@ class ATMoE:
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
         return RoutingCall(router, prompt_mask.to(self.device), granularity, self.check_overrides(overrides, router),
                            merge=bool(merge) and prompt_mask.shape[0] == 1)
+
+    def _run(self, call: RoutingCall, **kwargs: Any) -> Any:
+        """One routed forward of `call` (the HF output)."""
+        with self._hold(call):
+            return self.model(**kwargs)
 
     def encode(self, prompt: str, input: str = "") -> list[int]:
         """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
@@ -234,8 +283,7 @@ class ATMoE:
                        **kwargs: Any) -> tuple[Any, RoutingCall]:
         """One routed forward pass (the training entry point): returns the HF output and the call's records."""
         call = self.new_call(prompt_mask, overrides, router, granularity, instruction_mask=instruction_mask)
-        with use_call(call):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = self._run(call, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out, call
 
     def route(self, prompt: str, overrides: Overrides | dict | None = None, *, input: str = "",
@@ -251,7 +299,7 @@ class ATMoE:
             self._check_length(len(r.ids))
         ids, mask, instruction = self._batch(rows)
         call = self.new_call(mask, overrides, router, granularity, instruction_mask=instruction)
-        with torch.inference_mode(), use_call(call):
+        with torch.inference_mode(), self._hold(call):
             self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         return [self._trace(call, b, ids[b][mask[b].bool()].tolist()) for b in range(len(rows))]
 
@@ -320,17 +368,25 @@ class ATMoE:
         eos = {e for e in [tok.eos_token_id, *configured] if e is not None}
         pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
 
-        def forward(**kw: Any) -> Any:
+        state = self.state
+
+        def forward(**kw: Any) -> torch.Tensor:
             if self._keep_last:
                 kw["logits_to_keep"] = 1
-            with use_call(call):  # set per step: a generator's context must not span a yield
-                return self.model(**kw)
+            if self._cache_name != "cache":
+                kw[self._cache_name] = kw.pop("cache")
+            logits = self.model(**kw).logits
+            state.route_now = call.granularity == "token"   # sequence routing: fixed by the prompt from here on
+            return logits
 
         new: list[list[int]] = [[] for _ in rows]
         finished = [False] * len(rows)
         shown = ""
-        with torch.inference_mode():
-            for token in decode(forward, ids, mask, settings, eos, pad, stop):
+        # The call holds the model's workspace (and its KV cache) from the prompt to the last token, also while the
+        # consumer of this generator works between tokens: other calls wait; closing the generator releases it.
+        with torch.inference_mode(), self._hold(call):
+            buffers = self._decode_buffers_for(len(rows), ids.shape[1] + settings.max_new_tokens)
+            for token in decode(forward, ids, mask, settings, eos, pad, buffers, stop):
                 for b, t in enumerate(token.tolist()):
                     if not finished[b]:
                         if t in eos:
@@ -348,8 +404,16 @@ class ATMoE:
             reason = "eos" if finished[b] else ("stopped" if stopped else "length")
             full = ids[b][mask[b].bool()].tolist() + new[b]
             out.append(Generation(tok.decode(new[b], skip_special_tokens=True), new[b], self._trace(call, b, full),
-                                  len(r.ids), seconds, reason))
+                                  len(r.ids), seconds, reason, call.path))
         yield out
+
+    def _decode_buffers_for(self, batch: int, length: int) -> DecodeBuffers:
+        """The decode buffers for this shape: the last ones when they fit (the same addresses call after call)."""
+        buffers = self._decode_buffers
+        if buffers is None or not buffers.fits(batch, length):
+            self._decode_buffers = None            # free the old cache before allocating the new one
+            buffers = self._decode_buffers = DecodeBuffers(self.model.config, batch, cache_length(length), self.device)
+        return buffers
 
     def _trace(self, call: RoutingCall, row: int, token_ids: list[int]) -> RoutingTrace:
         return RoutingTrace.from_call(call, row, token_ids, self.layer_names, self.tokenizer)
@@ -363,7 +427,8 @@ class ATMoE:
         self._check_length(len(row.ids))
         ids, mask, instruction = self._batch([row])
         call = self.new_call(mask, router=router, granularity="sequence", instruction_mask=instruction)
-        call.inputs = {}   # keep the hidden state entering each layer, for this call only
-        with torch.inference_mode(), use_call(call):
-            self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        call.keep_inputs = True   # keep the hidden state entering each layer, for this call only
+        with torch.inference_mode():
+            with self._hold(call):
+                self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
             return Explanation.from_call(call, row.ids, self.tokenizer, self._trace(call, 0, row.ids), layers)

@@ -107,6 +107,47 @@ class CompiledOverrides:
             alpha = torch.where(self.group_fixed.to(dev), self.group_value.to(dev), alpha)
         return alpha, beta
 
+    def tensors(self, mode: str) -> dict[str, torch.Tensor]:
+        """These overrides as the per-layer tensors a routed forward applies (`router.routing_weights`), [L, ...]:
+
+            alpha ← alpha·alpha_rest + alpha_value        beta ← beta·beta_rest + beta_value
+            logit_mask [L, G, 1+E]: −inf on the gate of a fixed group (softmax, flat) and on a fixed expert, so that
+                                    the free ones share what is left; never a whole row (then rest is 0 instead)
+            expert_mask [L, G, E]:  the experts' part of it, applied after α for the flat router
+
+        Outside `layers` every tensor is the identity (rest 1, value 0, mask 0)."""
+        G, E = len(self.group_fixed), len(self.expert_fixed)
+        member = torch.zeros(G, E, dtype=torch.bool)
+        for g, s in enumerate(self.group_slices):
+            member[g, s] = True
+        if self.competitive_groups:
+            rest = (1.0 - self.group_value[self.group_fixed].sum()).clamp(min=0.0)
+            alpha_rest = torch.where(self.group_fixed, 0.0, rest)
+            gate_mask = self.group_fixed & ~self.group_fixed.all()
+        else:
+            alpha_rest = (~self.group_fixed).float()
+            gate_mask = torch.zeros(G, dtype=torch.bool)
+        alpha_value = torch.where(self.group_fixed, self.group_value, 0.0)
+        fixed = member & self.expert_fixed[None]                                          # [G, E]
+        beta_value = torch.where(fixed, self.expert_value[None], 0.0)
+        beta_rest = (1.0 - beta_value.sum(-1, keepdim=True)).clamp(min=0.0)                # [G, 1]
+        whole = (fixed.sum(-1, keepdim=True) == member.sum(-1, keepdim=True))            # every expert fixed
+        beta_rest = torch.where(whole, 0.0, beta_rest)
+        expert_mask = fixed & ~whole
+        neg = float("-inf")
+        logit_mask = torch.cat([torch.where(gate_mask, neg, 0.0)[:, None],
+                                torch.where(expert_mask & (mode != "flat"), neg, 0.0)], -1)   # [G, 1+E]
+        on = self.layer_mask
+        L = len(on)
+
+        def per_layer(value: torch.Tensor, identity: float) -> torch.Tensor:
+            return torch.where(on.view(L, *[1] * value.dim()), value[None], identity)
+
+        return {"alpha_rest": per_layer(alpha_rest, 1.0), "alpha_value": per_layer(alpha_value, 0.0),
+                "beta_rest": per_layer(beta_rest, 1.0), "beta_value": per_layer(beta_value, 0.0),
+                "logit_mask": per_layer(logit_mask, 0.0),
+                "expert_mask": per_layer(torch.where(expert_mask, neg, 0.0), 0.0)}
+
 
 def _share(weights: torch.Tensor, fixed: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Fixed entries take `value`; free entries share `1 − Σ value[fixed]` in proportion to `weights`."""
@@ -171,3 +212,11 @@ def compile_overrides(ov: Overrides, *, layout: GroupLayout, num_layers: int, co
     layer_mask[a:b + 1] = True
     return CompiledOverrides(layer_mask, group_fixed, group_value, expert_fixed, expert_value, layout.slices,
                              competitive_groups, ov.to_dict())
+
+
+def identity_tensors(num_layers: int, num_groups: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """The tensors of no overrides (the same shapes, so a call with overrides runs the very same graph)."""
+    L, G, E = num_layers, num_groups, num_experts
+    return {"alpha_rest": torch.ones(L, G), "alpha_value": torch.zeros(L, G), "beta_rest": torch.ones(L, G, 1),
+            "beta_value": torch.zeros(L, G, E), "logit_mask": torch.zeros(L, G, 1 + E),
+            "expert_mask": torch.zeros(L, G, E)}

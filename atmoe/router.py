@@ -235,5 +235,71 @@ def load_router(path: str | Path, expected: RouterConfig | None = None) -> Group
     return router.requires_grad_(False)
 
 
-__all__ = ["GroupedRouter", "RouterConfig", "attention_pool", "attention_weights", "effective_weights", "load_router",
-           "pool", "save_router"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The routed forward's router (what `state.RoutingState.route` runs at every layer): the same functions as above,
+# arranged so that a layer costs one GEMM for both heads and a short elementwise chain, with no Python loop over groups.
+#
+#   z[g, 0]     = group g's gate logit                                  (Wg·x / τ + bg / τ)
+#   z[g, 1 + e] = expert e's logit where e ∈ g, −inf elsewhere          (We·x / τ + be / τ)
+# so a softmax along a row of z[:, 1:] is the within-group softmax, and w = α @ β is one small matmul.
+
+def inference_head(router: GroupedRouter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's heads as one weight [L, G, 1+E, D] and bias [L, G, 1+E] in the layout above, with the RMS norm's
+    gain, 1/τ and √D folded in (the norm's scale is applied to the logits: `head_logits`). Differentiable in the
+    router's parameters (training reads the same head)."""
+    cfg = router.config
+    L, D, G, E = cfg.num_layers, cfg.hidden_size, len(cfg.groups), len(cfg.experts)
+    member = (router.group_index[None, :] == torch.arange(G, device=router.group_index.device)[:, None])   # [G, E]
+    gain = router.norm_weight * (D ** 0.5 / cfg.temperature)                                       # [L, D]
+    gates = router.group_weight * gain[:, None]                                                   # [L, G, D]
+    if cfg.mode == "flat":       # the flat router has no gates: α comes from its experts' logits
+        gates = torch.zeros_like(gates)
+    experts = (router.expert_weight * gain[:, None])[:, None] * member[None, :, :, None]            # [L, G, E, D]
+    weight = torch.cat([gates[:, :, None], experts], 2)                                           # [L, G, 1+E, D]
+    gate_bias = router.group_bias / cfg.temperature if cfg.mode != "flat" else torch.zeros_like(router.group_bias)
+    expert_bias = torch.where(member[None], (router.expert_bias / cfg.temperature)[:, None, :], float("-inf"))
+    return weight, torch.cat([gate_bias[..., None], expert_bias], -1)                               # [L, G, 1+E]
+
+
+def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps_d: torch.Tensor,
+                per_group: bool = False) -> torch.Tensor:
+    """What the router read, x [B, N, D] (one vector per row, or per token) or [B, G, D] (`per_group`: attention
+    pooling) → z [B, N | 1, G, 1+E]. RMSNorm(x)·w = (x·w)·rsqrt(Σx² + εD)·√D; √D and the gain live in `weight`."""
+    B, N, D = x.shape
+    flat = x.reshape(B * N, 1, D)
+    rs = torch.baddbmm(eps_d, flat, flat.transpose(1, 2)).rsqrt().view(B, N, 1)    # [B, N, 1]  Σx² + εD, one GEMV
+    G, H = weight.shape[0], weight.shape[1]
+    if per_group:                                                                     # group g reads its own x_g
+        z = torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)      # [B, G, 1+E]
+        return torch.addcmul(bias, z, rs).unsqueeze(1)                                # [B, 1, G, 1+E]
+    z = torch.matmul(x, weight.reshape(G * H, D).t())                                 # [B, N, G·(1+E)] one GEMM
+    return torch.addcmul(bias.reshape(G * H), z, rs).view(B, N, G, H)
+
+
+def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | None = None, layer: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z [..., G, 1+E] → α [..., G], β [..., G, E] (row g: group g's experts, 0 elsewhere), w [..., E].
+
+    With a `plan` (a call's overrides as tensors, `overrides.CompiledOverrides.tensors`), fixed weights are applied
+    as α ← α·rest + value and β ← β·rest + value; the −inf masks that make the free members share the rest are in
+    the plan's head bias already (and, for the flat router, in `expert_mask`)."""
+    gate, expert = z[..., 0], z[..., 1:]
+    if mode == "flat":                   # α[g] = Σ_{e∈g} softmax_E: a softmax over the groups' log-sum-exps
+        alpha = (expert.logsumexp(-1) + gate).softmax(-1)
+        if plan is not None:
+            expert = expert + plan["expert_mask"][layer]
+    elif mode == "softmax":
+        alpha = gate.softmax(-1)                                                   # Σ_g α = 1
+    else:
+        alpha = gate.sigmoid()                                                     # gates in [0, 1]
+    beta = expert.softmax(-1)                                                      # Σ_{e∈g} β = 1
+    if plan is not None:
+        alpha = torch.addcmul(plan["alpha_value"][layer], alpha, plan["alpha_rest"][layer])
+        beta = torch.addcmul(plan["beta_value"][layer], beta, plan["beta_rest"][layer])
+    w = torch.matmul(alpha.unsqueeze(-2), beta).squeeze(-2)                         # w[e] = α[g(e)]·β[e]
+    return alpha, beta, w
+
+__all__ = ["GroupedRouter", "RouterConfig", "attention_pool", "attention_weights", "effective_weights", "head_logits", "inference_head", "load_router",
+           "pool", "routing_weights", "save_router"]

@@ -257,7 +257,8 @@ def test_per_token_view_rows_match_the_trace(at):
     _ok(at)
     ans = at.session_state["answer"]
     tr, p = ans.trace, ans.prompt_tokens
-    assert tr.granularity == "token" and len(tr.tokens) == p + ans.new_tokens
+    # every token the model read: the last answer token is never fed back (N tokens, N − 1 decode steps)
+    assert tr.granularity == "token" and len(tr.tokens) == p + ans.new_tokens - 1
     alpha, beta = tr.token_group_weights, tr.token_expert_weights           # [T, L, G], [T, L, E]
     heat = _figure(at, "token_heatmap")["data"][0]
     assert heat["zmax"] == 1 and list(heat["y"]) == tr.groups

@@ -118,6 +118,5 @@ def test_training_reads_the_same_tokens_as_serving(model):
                                        instruction_mask=batch["instruction_mask"], router=router)
     for row, ex in enumerate(examples):
         served = model.route(ex.instruction, input=NOTES[0], router=router)
-        trained_alpha = np.stack([call.records[l].router_alpha[0][row].float().numpy()
-                                  for l in range(model.num_layers)])
+        trained_alpha = call.stacked("router_alpha")[:, row].float().numpy()
         np.testing.assert_allclose(trained_alpha, served.router_group_weights, atol=1e-5, rtol=0)

@@ -6,7 +6,6 @@ independent draws from one distribution; then the tiny demo model checks that `g
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ def _draw(temperature: float, top_p: float = 1.0, seed: int = 0, rows: int = ROW
     """One decode step over `rows` identical rows → the sampled token of each row."""
     def forward(input_ids, **_):
         B = input_ids.shape[0]
-        return SimpleNamespace(logits=LOGITS.expand(B, 1, -1), cache=None)
+        return LOGITS.expand(B, 1, -1)
 
     ids = torch.zeros(rows, 1, dtype=torch.long)
     settings = GenerationSettings(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=seed)

@@ -41,7 +41,8 @@ def test_per_token_arrays_are_the_used_weights_token_by_token(model, overrides):
     out = model.generate(PROMPT, input=NOTE, max_new_tokens=5, granularity="token", overrides=overrides)
     tr = out.trace
     T, L, G, E = len(tr.tokens), tr.num_layers, len(tr.groups), len(tr.experts)
-    assert T == out.prompt_tokens + len(out.token_ids)  # every token that went through the model
+    # every token that went through the model: the last generated one is never fed back (N tokens, N − 1 steps)
+    assert T == out.prompt_tokens + len(out.token_ids) - 1
     assert tr.token_group_weights.shape == (T, L, G)     # α per token
     assert tr.token_expert_weights.shape == (T, L, E)    # β per token
     np.testing.assert_allclose(tr.token_group_weights.mean(0), tr.group_weights, atol=1e-6)

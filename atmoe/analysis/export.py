@@ -55,9 +55,11 @@ def export_adapter(m: ATMoE, trace: RoutingTrace, out_dir: str | Path, *, use: s
     ranks: dict[str, int] = {}
     conv1d = set()
     for module, name in sorted(names.items(), key=lambda kv: kv[1]):
-        scale = w[module.layer_idx].to(module.rank_scale.device)[module.rank_expert] * module.rank_scale.double()  # [R]
+        if module.lora_A.shape[0] == 0:   # a projection fused only to launch with its siblings: no expert here
+            continue
+        scale = w[module.layer_idx].to(module.rank_expert.device)[module.rank_expert]  # [R]  (lora_B holds B·s)
         A = module.lora_A.double()                                          # [R, I]
-        B = module.lora_B.double() * scale[None, :].to(module.lora_B.device)  # [O, R]
+        B = (module.lora_B.double() * scale[None, :].to(module.lora_B.device)).contiguous()  # [O, R]
         dtype = module.lora_A.dtype
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).cpu()

@@ -15,7 +15,8 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..fused import FusedLoRA
+from ..fused import FusedLoRA, ProjectionGroup
+from ..state import LayerExperts, RoutingState
 from .files import LoadError, atomic_directory, atomic_save_safetensors, atomic_write_json, read_json, read_safetensors
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -166,33 +167,110 @@ def layer_index(model: nn.Module) -> tuple[list[str], dict[str, int]]:
     return [f"{prefix}.{i}" for i in range(len(layers))], layer_of
 
 
-def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str, int]) -> list[FusedLoRA]:
-    """Wrap every module any expert targets, once, with all experts' pairs stacked (experts indexed by order)."""
+# Projections that read the same input, in the order the decoder layer calls them (Llama, Qwen2, Mistral, …); each
+# such set is launched as one GEMM when its members are plain Linear layers of the same input width.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str, int],
+                 state: RoutingState) -> list[FusedLoRA]:
+    """Wrap every module any expert targets (and its shared-input siblings), once, with all experts' pairs stacked
+    (experts indexed by order); group them per decoder layer (see `fused.py`)."""
     param = next(model.parameters())
+    to = dict(device=param.device, dtype=param.dtype)
     by_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     for ei, ex in enumerate(experts):
         for module_name, (A, B, s) in ex.modules.items():
             by_module.setdefault(module_name, []).append((ei, A, B, s))
     for ex in experts:
         ex.modules = {}  # the fused layers now hold the only copy
-    fused = []
+    modules = dict(model.named_modules())
+    for name in list(by_module):            # a targeted q_proj brings k_proj and v_proj along (rank 0)
+        parent, _, child = name.rpartition(".")
+        for names in SHARED_INPUT:
+            if child in names:
+                for sibling in names:
+                    full = f"{parent}.{sibling}"
+                    if full in modules and full not in by_module and isinstance(modules[full], nn.Linear):
+                        by_module[full] = []
+    fused: dict[str, FusedLoRA] = {}
     for module_name, parts in by_module.items():
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         if isinstance(base, FusedLoRA):
             raise LoadError(f"module '{module_name}' already holds experts; load all experts in one call")
-        to = dict(device=param.device, dtype=param.dtype)
+        in_f, out_f = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+        rank = sum(A.shape[0] for _, A, _, _ in parts)
         layer = FusedLoRA(
             base, layer_of[module_name],
-            lora_A=torch.cat([A for _, A, _, _ in parts]).to(**to),
-            lora_B=torch.cat([B for _, _, B, _ in parts], dim=1).to(**to),
-            rank_expert=torch.cat([torch.full((A.shape[0],), ei) for ei, A, _, _ in parts]).to(param.device),
-            rank_scale=torch.cat([torch.full((A.shape[0],), s) for _, A, _, s in parts]).to(param.device),
-        )
+            lora_A=torch.cat([A for _, A, _, _ in parts]).to(**to) if parts else torch.zeros(0, in_f, **to),
+            lora_B=(torch.cat([B * s for _, _, B, s in parts], dim=1).to(**to) if parts
+                    else torch.zeros(out_f, 0, **to)),
+            rank_expert=torch.cat([torch.full((A.shape[0],), ei) for ei, A, _, _ in parts]).to(param.device)
+            if parts else torch.zeros(0, dtype=torch.long, device=param.device),
+            rank_scale=torch.cat([torch.full((A.shape[0],), s) for _, A, _, s in parts]).to(param.device)
+            if parts else torch.zeros(0, device=param.device))
+        layer.__dict__["state"] = state
         setattr(parent, child, layer)
-        fused.append(layer)
-    return fused
+        fused[module_name] = layer
+    if all(_stackable(f.base_layer) for f in fused.values()):
+        _group(fused, state, len(experts))
+    else:
+        state.stackable = False     # offloaded or quantized bases: the base layers run as they are, LoRA beside
+    return list(fused.values())
+
+
+def _stackable(base: nn.Module) -> bool:
+    """A base layer whose weight can become a view into a stacked tensor: plain, resident, not hooked."""
+    return (isinstance(base, (nn.Linear, Conv1D)) and base.weight.device.type != "meta"
+            and not hasattr(base, "_hf_hook"))
+
+
+def _group(fused: dict[str, FusedLoRA], state: RoutingState, num_experts: int) -> None:
+    """Per decoder layer: shared-input sets become one ProjectionGroup, every other projection its own; their expands
+    are stored as rows of one width in the layer's LayerExperts."""
+    by_layer: dict[int, list[list[FusedLoRA]]] = {}
+    done: set[str] = set()
+    for name, f in fused.items():
+        if name in done:
+            continue
+        parent, _, child = name.rpartition(".")
+        members = [f]
+        for names in SHARED_INPUT:
+            if child in names:
+                siblings = [fused.get(f"{parent}.{n}") for n in names]
+                if all(s is not None and isinstance(s.base_layer, nn.Linear) for s in siblings) and \
+                        len({s.in_features for s in siblings}) == 1:
+                    members = siblings
+        done.update(f"{parent}.{n}" for n in ([child] if len(members) == 1 else
+                                               next(ns for ns in SHARED_INPUT if child in ns)))
+        by_layer.setdefault(f.layer_idx, []).append(members)
+    for layer_idx in range(len(state.layers)):
+        sets = by_layer.get(layer_idx, [])
+        expands, experts = [], []
+        for members in sets:
+            R, O = sum(m.lora_A.shape[0] for m in members), sum(m.out_features for m in members)
+            block = members[0].lora_B.new_zeros(R, O)                      # (B·s)ᵀ, block-diagonal over members
+            r = o = 0
+            for m in members:
+                block[r:r + m.lora_A.shape[0], o:o + m.out_features] = m.lora_B.t()
+                r, o = r + m.lora_A.shape[0], o + m.out_features
+            expands.append(block)
+            experts.append(torch.cat([m.rank_expert for m in members]))
+        width = math.gcd(*[b.shape[1] for b in expands]) if expands else 1
+        raw = torch.cat([b.reshape(-1, width) for b in expands]) if expands else torch.zeros(0, 1)
+        row_expert = torch.cat([e.repeat_interleave(b.shape[1] // width) for b, e in zip(expands, experts)]) \
+            if expands else torch.zeros(0, dtype=torch.long)
+        holder = LayerExperts(raw, row_expert.clamp(max=num_experts - 1))
+        state.layers[layer_idx] = holder
+        start = 0
+        for members, block in zip(sets, expands):
+            n = block.numel() // width
+            group = ProjectionGroup(state, members, holder.raw[start:start + n].view(block.shape),
+                                    holder.scaled[start:start + n].view(block.shape))
+            holder.groups.append(group)
+            start += n
 
 
 def save_fused_expert(model: nn.Module, expert: Expert, index: int, out_dir: str | Path, card: dict[str, Any],

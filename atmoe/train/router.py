@@ -37,6 +37,7 @@ from ..call import RoutingCall
 from ..cliargs import dataclass_parser
 from ..load.files import atomic_write_bytes
 from ..load.manifest import ExpertEntry, GroupEntry, Manifest
+from ..fused import contiguous_state
 from ..model import ATMoE
 from ..router import GroupedRouter, MODES, POOLINGS, load_router, save_router
 from .data import PadCollator, encode_dataset, load_jsonl
@@ -179,6 +180,7 @@ class RouterTrainingModule(nn.Module):
         self.router, self.pool_dropout = router, pool_dropout
         if experts:  # co-adaptation: the fused layers' LoRA pairs (shared with them, trained in place)
             self.experts = nn.ParameterList(experts)
+            self._register_state_dict_hook(contiguous_state)   # co-adapted pairs are views (fused.py)
         self.__dict__["atmoe"] = m  # plain attribute: the frozen base is not part of this module's state
         self.aux_weight, self.balance_weight = aux_weight, balance_weight
 
