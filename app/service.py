@@ -28,8 +28,8 @@ DEFAULT_MANIFESTS = {"co-adapted (default)": SHIPPED_MANIFEST,
 # Shown above the form whenever one of those is loaded: what the shipped experts learnt, and what they are not.
 DEMO_SCOPE = ("**Demo experts, not a clinical tool.** They learnt synthetic notes in one format (a `Vitals:` line and "
               "a `Labs:` line over the suite's 13 measurements) to show how routing composes skills. Even there a "
-              "flag or a range can be wrong, and values between normal and clearly abnormal were never taught (README, "
-              "*Where it fails*); outside that format values can be misread.")
+              "flag or a range can be wrong, and values between normal and clearly abnormal were never taught "
+              "(docs/evaluation.md, *Where the shipped model still fails*); outside that format values can be misread.")
 BATCH_CHUNK = 8
 MERGE_DEFAULT_MAX_BYTES = 1 << 30  # fast decode on by default when one merged copy costs at most this
 
