@@ -1,6 +1,7 @@
 """Command line: `atmoe route|generate|sweep|train-expert|train-router`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
+    atmoe route --dataset rows.jsonl --out routes/      # every row's routing as .npy + index + balance (analysis.md)
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
     atmoe sweep "List the vital signs." --input "..." --target group:style --steps 5 --csv sweep.csv
@@ -67,8 +68,8 @@ def _weights_table(trace) -> str:  # noqa: ANN001
             f"mean over layers\n{experts.mean().round(3).to_string()}")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
+def _model_args(p: argparse.ArgumentParser, optional_prompt: bool = False) -> None:
+    p.add_argument("prompt", nargs="?" if optional_prompt else None)
     p.add_argument("--input", default="",
                    help="input text after the instruction (e.g. a clinical note); the router reads the instruction")
     p.add_argument("--manifest", default=None, help="expert manifest (default $ATMOE_MANIFEST)")
@@ -95,9 +96,33 @@ def _load(a: argparse.Namespace):  # noqa: ANN202
 
 def cmd_route(a: argparse.Namespace) -> None:
     ov = parse_overrides(a.override, a.layers, a.disable)
+    if a.dataset or a.out:
+        return route_dataset(a, ov)
+    if not a.prompt:
+        raise ValueError("give a prompt, or --dataset FILE.jsonl --out DIR to export the routing of a data set")
     m = _load(a)
     trace = m.route(a.prompt, ov, input=a.input, granularity=a.granularity)
     print(trace.to_json() if a.json else _weights_table(trace))
+
+
+def route_dataset(a: argparse.Namespace, ov) -> None:  # noqa: ANN001
+    """`route --dataset FILE --out DIR`: the routing of every row as .npy, a JSONL index and balance statistics."""
+    from .analysis.routes import export_routes
+
+    if a.prompt or not (a.dataset and a.out):
+        raise ValueError("--dataset FILE.jsonl and --out DIR go together, without a prompt")
+    if not Path(a.dataset).is_file():
+        raise ValueError(f"data set not found: {a.dataset}")
+    m = _load(a)
+    stats = export_routes(m, a.dataset, a.out, overrides=ov, granularity=a.granularity or "sequence",
+                          batch_size=a.batch_size, restart=a.restart,
+                          progress=lambda n: print(f"routed {n} rows", file=sys.stderr, flush=True))
+    load = stats["mean_weight"]
+    mean = [sum(col) / len(load) for col in zip(*load)]
+    print(f"{stats['rows']} rows → {a.out} (alpha.npy, beta.npy, index.jsonl, balance.json, meta.json)")
+    print("mean effective weight over layers: " + ", ".join(f"{e} {w:.3f}" for e, w in zip(stats["experts"], mean)))
+    print(f"max/mean load ratio per layer: {min(stats['max_mean_ratio']):.2f}–{max(stats['max_mean_ratio']):.2f}; "
+          f"unused experts (mean weight < {stats['unused_below']} on every layer): {stats['unused'] or 'none'}")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -143,8 +168,14 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
     parser = argparse.ArgumentParser(prog=prog, description="AT-MoE: grouped LoRA experts routed per layer")
     parser.set_defaults(default_manifest=default_manifest, reference_scorer=reference_scorer)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("route", help="print the group/expert weight table for a prompt")
-    _model_args(p)
+    p = sub.add_parser("route", help="print the group/expert weight table for a prompt, or export the routing of a "
+                                     "data set (--dataset, --out)")
+    _model_args(p, optional_prompt=True)
+    p.add_argument("--dataset", default=None, metavar="FILE.jsonl",
+                   help="route every row (`instruction`, optional `input`, `id`, `experts`) instead of one prompt")
+    p.add_argument("--out", default=None, metavar="DIR", help="where --dataset writes (docs/analysis.md: the format)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows routed (and written) together")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished export of another run in --out")
     p.set_defaults(func=cmd_route)
     p = sub.add_parser("generate", help="generate (streamed) and print the routing")
     _model_args(p)
