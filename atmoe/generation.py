@@ -68,9 +68,15 @@ class DecodeBuffers:
     replays them): the KV cache (transformers' StaticCache), a fixed-size attention mask, the token and position.
     Kept by the model's workspace for its last shape; `reset` starts a call."""
 
-    def __init__(self, config: Any, batch: int, length: int, device: torch.device) -> None:
+    def __init__(self, config: Any, batch: int, length: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.batch, self.length = batch, length
         self.cache = StaticCache(config=config, max_cache_len=length) if config is not None else None
+        if self.cache is not None:   # allocated now, not inside the first prefill: one compiled prefill, not two
+            text = config.get_text_config()
+            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            self.cache.early_initialization(batch, heads, head_dim, dtype, device)
         self.mask = torch.ones(batch, length, dtype=torch.long, device=device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)

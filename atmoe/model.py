@@ -412,7 +412,8 @@ class ATMoE:
         buffers = self._decode_buffers
         if buffers is None or not buffers.fits(batch, length):
             self._decode_buffers = None            # free the old cache before allocating the new one
-            buffers = self._decode_buffers = DecodeBuffers(self.model.config, batch, cache_length(length), self.device)
+            buffers = self._decode_buffers = DecodeBuffers(self.model.config, batch, cache_length(length), self.device,
+                                                           self.dtype)
         return buffers
 
     def _trace(self, call: RoutingCall, row: int, token_ids: list[int]) -> RoutingTrace:
