@@ -1,0 +1,68 @@
+"""The routing atlas (atmoe.analysis.atlas): PCA is right on inputs whose answer is known, features are the
+routing's, and the separation score tells clusters from noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atmoe import GroupLayout
+from atmoe.analysis.atlas import atlas, features, pca, separation
+
+LAYOUT = GroupLayout(["g", "h"], ["a", "b", "c"], ["g", "g", "h"])
+
+
+def test_pca_finds_the_known_axes_and_variances() -> None:
+    rng = np.random.default_rng(0)
+    u = np.array([3.0, 0.0, 4.0, 0.0]) / 5            # the long axis
+    v = np.array([0.0, 1.0, 0.0, 1.0]) / np.sqrt(2)   # the short one, orthogonal to u
+    t, s = rng.normal(0, 5, 200), rng.normal(0, 1, 200)
+    t, s = t - t.mean(), s - s.mean()
+    s -= (s @ t) / (t @ t) * t                        # exactly uncorrelated: the axes are exactly u and v
+    x = 7.0 + t[:, None] * u + s[:, None] * v
+    fit = pca(x)
+    assert np.allclose(fit.components[0], u, atol=1e-9) and np.allclose(fit.components[1], v, atol=1e-9)
+    cov = np.cov(x.T, bias=True)
+    eig = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    assert np.allclose(fit.explained, eig[:2] / eig.sum())
+    assert np.allclose(fit.coords, np.stack([t, s], 1))      # each point's offset along u and v
+    assert np.allclose(fit.transform(x), fit.coords)
+    assert np.allclose(fit.coords.mean(0), 0) and np.allclose(fit.components @ fit.components.T, np.eye(2))
+    flipped = pca(-x + 14.0)                   # the sign convention: the same picture up to the data's own flip
+    assert np.allclose(flipped.components, fit.components)
+
+
+def test_pca_of_a_single_direction_and_of_one_point() -> None:
+    x = np.outer(np.arange(5.0), [1.0, 2.0, 2.0])
+    fit = pca(x)
+    assert fit.explained == pytest.approx([1.0, 0.0], abs=1e-12)
+    assert np.allclose(np.abs(fit.coords[:, 0]), np.abs(np.arange(5.0) - 2) * 3)
+    assert np.allclose(pca(np.ones((1, 3))).coords, 0)
+
+
+def test_features_are_the_routing() -> None:
+    alpha = np.array([[[0.5, 0.5], [1.0, 0.0]]])            # 1 row, 2 layers
+    beta = np.array([[[1.0, 0.0, 1.0], [0.5, 0.5, 1.0]]])
+    assert np.allclose(features(alpha, beta, LAYOUT), [[0.75, 0.25, 0.75, 0.25, 1.0]])
+    assert np.allclose(features(alpha, beta, LAYOUT, "full"), [[0.5, 0.0, 0.5, 0.5, 0.5, 0.0]])
+    with pytest.raises(ValueError, match="kind"):
+        features(alpha, beta, LAYOUT, "tsne")
+
+
+def test_separation_tells_clusters_from_noise() -> None:
+    rng = np.random.default_rng(1)
+    labels = ["x"] * 20 + ["y"] * 20
+    apart = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(3, 0.1, (20, 2))])
+    assert separation(apart, labels)["accuracy"] == 1.0
+    mixed = separation(rng.normal(0, 1, (40, 2)), labels)
+    assert mixed["accuracy"] < 0.8 and mixed["chance"] == 0.5
+
+
+def test_atlas_places_routings_that_differ_apart() -> None:
+    rng = np.random.default_rng(2)
+    n = 10
+    alpha = np.concatenate([np.tile([0.9, 0.1], (n, 3, 1)), np.tile([0.2, 0.8], (n, 3, 1))]) + rng.normal(0, .01, (2 * n, 3, 2))
+    beta = np.tile([0.5, 0.5, 1.0], (2 * n, 3, 1))
+    frame, fit = atlas(alpha, beta, LAYOUT, labels=["g-heavy"] * n + ["h-heavy"] * n)
+    assert list(frame.columns) == ["x", "y", "label"] and fit.explained[0] > 0.9
+    assert separation(frame[["x", "y"]].to_numpy(), frame["label"])["accuracy"] == 1.0
