@@ -204,3 +204,40 @@ def test_coadaptation_two_processes_match_one(work: Path) -> None:
         w1, w2 = (load_file(work / d / "experts" / name / "adapter_model.safetensors") for d in ("co1", "co2"))
         assert _max_diff(w1, w2, f"co-adapted expert {name}, 2 processes vs 1") < WEIGHT_TOL, name
     assert _max_diff(load_file(work / "co1" / "experts" / "labs" / "adapter_model.safetensors"), source) > 1e-3
+
+
+def _bad_data(work: Path) -> Path:
+    bad = work / "bad.jsonl"
+    bad.write_text((work / "router24.jsonl").read_text().splitlines()[0] + "\n\n" + '{"instruction": "x", \n')
+    return bad
+
+
+def test_a_malformed_row_under_torchrun_is_one_line_once(work: Path) -> None:
+    """Bare torchrun: the main process says `<file>: line N: why` once, the other is silent, no worker prints a
+    traceback, the launch fails. (torchrun's own ChildFailedError report follows: a worker exited non-zero; no worker
+    can silence it — see the next test for the launch that avoids it.)"""
+    bad = _bad_data(work)
+    args = ["--manifest", str(work / "demo" / "experts.json"), "--data", str(bad), "--out", str(work / "bad" / "r")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "atmoe.train.router", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    line = f"atmoe train-router: error: {bad}: line 3: invalid JSON (Expecting property name enclosed in double quotes)"
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines().count(line) == 1 and proc.stderr.count(str(bad)) == 1, proc.stderr[-3000:]
+    assert "atmoe/" not in "".join(x for x in proc.stderr.splitlines() if x.lstrip().startswith("File "))
+
+
+def test_a_malformed_row_with_nproc_per_node_is_one_line_and_no_launch(work: Path) -> None:
+    """`python -m atmoe.train.router --nproc-per-node 2`: the data is read before torchrun starts any worker, so a bad
+    row is the only thing on stderr, and the status is 2 (a refusal)."""
+    bad = _bad_data(work)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for module, flags in (("atmoe.train.router", ["--manifest", str(work / "demo" / "experts.json")]),
+                          ("atmoe.train.expert", ["--name", "labs", "--group", "task", "--out", str(work / "bad" / "e"),
+                                                  "--base", str(work / "demo" / "base")])):
+        proc = subprocess.run([sys.executable, "-m", module, "--nproc-per-node", "2", *flags, "--data", str(bad)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        name = module.rpartition(".")[2]
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"atmoe train-{name}: error: {bad}: line 3: invalid JSON (Expecting property name enclosed in double "
+            "quotes)"], proc.stderr[-3000:]

@@ -81,3 +81,43 @@ def test_training_lowers_loss_and_saves_a_loadable_adapter(data: Path, tmp_path:
         plain = tiny_llama(len(tok))(**ids).logits
     assert torch.allclose(expected, got, atol=1e-2)  # fp16 adapter weights
     assert not torch.allclose(plain, got, atol=1e-2)  # the adapter does change the model
+
+
+def test_a_relaunch_resumes_by_default_skipping_a_checkpoint_cut_short(data: Path, tmp_path: Path, monkeypatch,
+                                                                       capsys) -> None:
+    """The same behaviour as `train-router`: relaunching the command resumes (no `--resume` needed) from the last
+    complete checkpoint; one killed while its trainer state was being written is named and skipped."""
+    from transformers.trainer_callback import TrainerState
+
+    texts = [f"{e.instruction} {e.input} {e.output}" for e in load_jsonl(data)]
+    tok = tiny_tokenizer(texts)
+    cfg = _cfg(data, tmp_path / "labs", steps=8, save_steps=3, logging_steps=1, dtype_out="float32")
+    assert cfg.resume   # the default
+    train_expert(_cfg(data, tmp_path / "full", steps=8, save_steps=3, logging_steps=1, dtype_out="float32"),
+                 tiny_llama(len(tok)), tok)
+
+    saves, original = [], TrainerState.save_to_json
+
+    def killed_at_the_second_state(self, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated kill while writing checkpoint-6")
+        return original(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", killed_at_the_second_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(cfg, tiny_llama(len(tok)), tok)
+    monkeypatch.setattr(TrainerState, "save_to_json", original)
+    assert sorted(p.name for p in cfg.checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    capsys.readouterr()
+    train_expert(cfg, tiny_llama(len(tok)), tok)
+    said = capsys.readouterr().out
+    assert f"resuming from {cfg.checkpoints / 'checkpoint-3'} (step 3)" in said
+    assert f"skipping checkpoint {cfg.checkpoints / 'checkpoint-6'}" in said
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+              for d in ("full", "labs")]
+    assert len(losses[1]) == 8 and max(abs(a - b) for a, b in zip(*losses)) < 1e-5   # every step, the same losses
+    w1, w2 = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "labs"))
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    print(f"measured: expert, cut short and resumed vs uninterrupted max |Δ| = {diff:.2e}")
+    assert diff <= 1e-5 and not cfg.checkpoints.exists()

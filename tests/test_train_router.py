@@ -137,3 +137,58 @@ def test_pool_dropout_drops_tokens_but_never_a_whole_row():
     assert 0.4 < share < 0.6, share        # about p dropped (rows that would lose all keep theirs)
     with pytest.raises(ValueError, match="pool_dropout"):
         RouterTrainConfig(manifest="m", data="d", pool_dropout=1.0)
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_relaunch(setup, tmp_path, monkeypatch, capsys):
+    """Killed while writing checkpoint-6 (weights written, trainer_state.json not: the Trainer writes it last, then
+    rotates checkpoint-3 away): the relaunch of the same command resumes from checkpoint-3, says so, and ends with the
+    router an uninterrupted run trains."""
+    from transformers.trainer_callback import TrainerState
+
+    manifest, data = setup
+    full, _ = train_router(_cfg(manifest, data, steps=8, update_manifest=False, out=str(tmp_path / "full.safetensors")))
+    cfg = _cfg(manifest, data, steps=8, update_manifest=False, out=str(tmp_path / "cut.safetensors"))
+    saves, original = [], TrainerState.save_to_json
+
+    def killed_at_the_second_state(self, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated kill while writing checkpoint-6")
+        return original(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", killed_at_the_second_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_router(cfg)
+    monkeypatch.setattr(TrainerState, "save_to_json", original)
+    ckpt = tmp_path / "cut.checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    assert not (ckpt / "checkpoint-6" / "trainer_state.json").exists()
+    assert (ckpt / "checkpoint-6" / "model.safetensors").exists()   # the weights were written
+
+    capsys.readouterr()
+    calls, forward = [], RouterTrainingModule.forward
+    monkeypatch.setattr(RouterTrainingModule, "forward", lambda self, *a, **k: (calls.append(1),
+                                                                                 forward(self, *a, **k))[1])
+    path, log = train_router(cfg)
+    said = capsys.readouterr().out
+    assert f"resuming from {ckpt / 'checkpoint-3'} (step 3)" in said
+    assert f"skipping checkpoint {ckpt / 'checkpoint-6'}" in said
+    assert len(calls) == 8 - 3 and [e["step"] for e in log if "loss" in e][-1] == 8
+    diff = max(float((a - b).abs().max()) for a, b in zip(load_router(path).state_dict().values(),
+                                                         load_router(full).state_dict().values()))
+    print(f"measured: router, cut short and resumed vs uninterrupted max |Δ| = {diff:.2e}")
+    assert diff <= 1e-5
+    assert not ckpt.exists()   # a finished run leaves no checkpoints
+
+
+def test_no_resume_starts_afresh(setup, tmp_path, monkeypatch):
+    manifest, data = setup
+    cfg = _cfg(manifest, data, steps=4, update_manifest=False, out=str(tmp_path / "r.safetensors"), resume=False)
+    stale = tmp_path / "r.checkpoints" / "checkpoint-9"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
+    calls, forward = [], RouterTrainingModule.forward
+    monkeypatch.setattr(RouterTrainingModule, "forward", lambda self, *a, **k: (calls.append(1),
+                                                                                 forward(self, *a, **k))[1])
+    train_router(cfg)
+    assert len(calls) == 4 and not stale.exists()

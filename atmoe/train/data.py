@@ -25,7 +25,19 @@ IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
-    """A data file could not be used; the message lists the offending line numbers."""
+    """A data file could not be used; the message lists the offending line numbers (`errors`: "line N: why")."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, errors: list[str] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.path, self.errors = path, errors or []
+
+    def one_line(self) -> str:
+        """`<file>: line N: why` (+ how many more bad lines): what a command prints on stderr, once."""
+        if not self.errors:
+            return str(self).splitlines()[0]
+        more = f" (and {len(self.errors) - 1} more bad line(s))" if len(self.errors) > 1 else ""
+        return f"{self.path}: {self.errors[0]}{more}"
 
 
 @dataclass
@@ -93,7 +105,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     if errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{path}: {len(errors)} bad line(s):\n  {shown}{more}")
+        raise DataError(f"{path}: {len(errors)} bad line(s):\n  {shown}{more}", path, errors)
     if not examples:
         raise DataError(f"{path}: no examples (empty file)")
     return examples

@@ -1,7 +1,8 @@
 """Train one task-specific LoRA expert with PEFT and the Hugging Face Trainer.
 
 The Trainer brings ``accelerate launch`` / ``torchrun`` support, resumable checkpoints
-(``<out>.checkpoints``), tqdm progress and a loss log. Data parallel (``torchrun --nproc_per_node N -m
+(``<out>.checkpoints``; relaunching the same command resumes from the last complete one, see
+:mod:`atmoe.train.checkpoints`), tqdm progress and a loss log. Data parallel (``torchrun --nproc_per_node N -m
 atmoe.train.expert ...``), each process trains on ``batch_size`` rows of its shard, the LM loss is averaged over
 the tokens of all N processes (the Trainer's ``average_tokens_across_devices``) and only the main process writes.
 The result is a standard PEFT adapter folder (``adapter_config.json`` + fp16 ``adapter_model.safetensors``) plus ``README.md``,
@@ -30,7 +31,9 @@ from transformers import Trainer, TrainingArguments
 
 from ..cliargs import dataclass_parser
 from ..load.files import atomic_directory
+from .checkpoints import resume_point
 from .data import PadCollator, encode_dataset, load_jsonl
+from .launch import run_command
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -72,7 +75,7 @@ class ExpertTrainConfig:
     logging_steps: int = 10
     save_steps: int = 50  # checkpoint interval for resuming; 0 disables checkpoints
     checkpoint_dir: str | None = None  # default: "<out>.checkpoints"
-    resume: bool = False
+    resume: bool = True  # relaunching resumes from the last complete checkpoint; --no-resume starts afresh
     init_adapter: str | None = None  # continue training this PEFT adapter folder instead of a fresh LoRA
     bf16: bool = False  # bf16 autocast (about 1.7x faster steps on a CPU with AVX512-BF16; weights stay fp32)
 
@@ -139,8 +142,7 @@ def train_lora(model: Any, tokenizer: Any, cfg: ExpertTrainConfig) -> TrainResul
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=features,
                       data_collator=PadCollator(pad_id))
-    resume = cfg.resume and any(cfg.checkpoints.glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume_point(cfg.checkpoints, cfg.resume))
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return TrainResult(peft_model, losses, len(examples), n_truncated)
 
@@ -207,10 +209,9 @@ def parse_args(argv: list[str] | None = None) -> ExpertTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    out = train_expert(cfg)
-    if PartialState().is_main_process:
-        print(f"saved expert {cfg.name!r} to {out}")
+    """`python -m atmoe.train.expert` (see `launch.py` for `--nproc-per-node` and refusals)."""
+    run_command("atmoe train-expert", "atmoe.train.expert", argv, parse_args,
+                lambda cfg: f"saved expert {cfg.name!r} to {train_expert(cfg)}")
 
 
 if __name__ == "__main__":

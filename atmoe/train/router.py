@@ -11,7 +11,8 @@ loss over the layer profile. Trained with the Hugging Face `Trainer` (resume, lo
 gradient checkpointing.
 
     python -m atmoe.train.router --manifest assets/experts.json --data runs/suite/router_train.jsonl
-    torchrun --nproc_per_node N -m atmoe.train.router ...      # data parallel: N processes, batch_size rows each
+    python -m atmoe.train.router --nproc-per-node N ...         # data parallel: N processes, batch_size rows each
+    torchrun --nproc_per_node N -m atmoe.train.router ...      # the same, started by hand (launch.py: the difference)
 
 Data parallel, the update is the one-process update on the global batch (N × batch_size rows): every loss is
 normalised by global counts (answer tokens, labelled rows) and the balance term reads the global batch-mean β, so
@@ -40,8 +41,10 @@ from ..load.manifest import ExpertEntry, GroupEntry, Manifest
 from ..fused import contiguous_state
 from ..model import ATMoE
 from ..router import GroupedRouter, MODES, POOLINGS, load_router, save_router
+from .checkpoints import resume_point
 from .data import PadCollator, encode_dataset, load_jsonl
 from .expert import OUT_DTYPES, process_device
+from .launch import run_command
 
 
 @dataclass
@@ -64,7 +67,7 @@ class RouterTrainConfig:
     pool_dropout: float = 0.0          # training only: drop this share of the tokens the router pools (≥ 1 kept)
     gradient_checkpointing: bool = False
     bf16: bool = False                 # bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs; router fp32)
-    resume: bool = True
+    resume: bool = True                # relaunching resumes from the last complete checkpoint (checkpoints.py)
     seed: int = 0
     logging_steps: int = 5
     save_steps: int = 25
@@ -307,8 +310,7 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
     pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else m.tokenizer.eos_token_id
     trainer = _RouterTrainer(model=module, args=args, train_dataset=features, expert_lr=cfg.expert_lr,
                              data_collator=_Collator(PadCollator(pad, with_prompt_mask=True), m.experts))
-    resume = cfg.resume and any(Path(cfg.checkpoints).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume_point(cfg.checkpoints, cfg.resume))
     router.trained = True
     module.requires_grad_(False)
     path, state = Path(cfg.out), PartialState()
@@ -346,11 +348,11 @@ def coadapted_manifest(m: ATMoE, root: Path, router: Path) -> Manifest:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m atmoe.train.router` (see `launch.py` for `--nproc-per-node` and refusals)."""
     parser = dataclass_parser(RouterTrainConfig, "Train an AT-MoE router (base and experts frozen).")
-    cfg = RouterTrainConfig(**vars(parser.parse_args(argv)))
-    path, _ = train_router(cfg)
-    if PartialState().is_main_process:
-        print(f"router written to {path}")
+    run_command("atmoe train-router", "atmoe.train.router", argv,
+                lambda args: RouterTrainConfig(**vars(parser.parse_args(args))),
+                lambda cfg: f"router written to {train_router(cfg)[0]}")
 
 
 if __name__ == "__main__":
