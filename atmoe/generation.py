@@ -28,7 +28,8 @@ class GenerationSettings:
     top_p: float = 1.0             # nucleus sampling, in (0, 1]; used when temperature > 0
     seed: int = 0                  # a non-negative integer: the call's own torch.Generator
     granularity: str | None = None  # "sequence" | "token"; None = the router's own
-    merge: bool = False            # decode with per-call merged weights (batch 1, sequence routing; ATMoE.new_call)
+    merge: bool = False            # decode with merged weights (batch 1, sequence routing; ATMoE.new_call)
+    cuda_graphs: bool = False      # replay the decode step as a CUDA graph (torch.compile "reduce-overhead")
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -45,8 +46,9 @@ class GenerationSettings:
             raise ValueError(f"seed must be a non-negative integer, got {s!r}")
         if self.granularity not in (None, "sequence", "token"):
             raise ValueError(f"granularity must be 'sequence', 'token' or None, got {self.granularity!r}")
-        if not isinstance(self.merge, bool):
-            raise ValueError(f"merge must be True or False, got {self.merge!r}")
+        for name in ("merge", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def of(cls, settings: GenerationSettings | None = None, **changes: Any) -> GenerationSettings:

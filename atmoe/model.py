@@ -91,6 +91,7 @@ class ATMoE:
         self.fused = fuse_experts(model, self._experts, layer_of, self.state)
         add_routing_hooks(self.state, decoder_layers(model)[1])
         self._decode_buffers: DecodeBuffers | None = None   # the last decode shape's cache (under state.lock)
+        self._step: Any = None                               # the compiled decode step (settings.cuda_graphs)
         cfg = RouterConfig(self.groups, self.experts, list(self.layout.expert_groups), self.num_layers,
                            model.config.get_text_config().hidden_size, mode=router_mode)
         if isinstance(router, (str, Path)):
@@ -370,12 +371,12 @@ class ATMoE:
 
         state = self.state
 
-        def forward(**kw: Any) -> torch.Tensor:
+        def forward(model: Any = self.model, **kw: Any) -> torch.Tensor:
             if self._keep_last:
                 kw["logits_to_keep"] = 1
             if self._cache_name != "cache":
                 kw[self._cache_name] = kw.pop("cache")
-            logits = self.model(**kw).logits
+            logits = model(**kw).logits
             state.route_now = call.granularity == "token"   # sequence routing: fixed by the prompt from here on
             return logits
 
@@ -384,9 +385,10 @@ class ATMoE:
         shown = ""
         # The call holds the model's workspace (and its KV cache) from the prompt to the last token, also while the
         # consumer of this generator works between tokens: other calls wait; closing the generator releases it.
+        step = self._compiled_step(forward) if settings.cuda_graphs else None
         with torch.inference_mode(), self._hold(call):
             buffers = self._decode_buffers_for(len(rows), ids.shape[1] + settings.max_new_tokens)
-            for token in decode(forward, ids, mask, settings, eos, pad, buffers, stop):
+            for token in decode(forward, ids, mask, settings, eos, pad, buffers, stop, step):
                 for b, t in enumerate(token.tolist()):
                     if not finished[b]:
                         if t in eos:
@@ -406,6 +408,20 @@ class ATMoE:
             out.append(Generation(tok.decode(new[b], skip_special_tokens=True), new[b], self._trace(call, b, full),
                                   len(r.ids), seconds, reason, call.path))
         yield out
+
+    def _compiled_step(self, forward: Any) -> Any:
+        """The decode step compiled whole (no graph break: tests/test_speed.py) and, on CUDA, captured as a CUDA
+        graph that replays with the step's inputs at fixed addresses (DecodeBuffers, the folded expands, the merged
+        weights). Compiled once per model and shape; on a CPU the same graph runs without capture (the check of
+        everything but the capture itself)."""
+        if self._step is None:
+            cuda = self.device.type == "cuda"
+            self._step = torch.compile(self.model, fullgraph=True, dynamic=False,
+                                       **({"mode": "reduce-overhead"} if cuda else {"backend": "eager"}))
+
+        def step(**kw: Any) -> torch.Tensor:
+            return forward(model=self._step, **kw)
+        return step
 
     def _decode_buffers_for(self, batch: int, length: int) -> DecodeBuffers:
         """The decode buffers for this shape: the last ones when they fit (the same addresses call after call)."""

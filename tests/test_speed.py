@@ -240,3 +240,22 @@ def test_max_new_tokens_runs_the_prefill_and_n_minus_one_steps(shapes, n):
         handle.remove()
     produced = len(out.token_ids) + (out.finish_reason == "eos")         # the end-of-sequence token is not kept
     assert len(calls) == produced and (out.finish_reason == "eos" or produced == n)
+
+
+def test_the_compiled_decode_step_generates_the_same_answer_without_recompiling(shapes):
+    """`cuda_graphs=True` compiles the decode step whole (on CUDA: captured and replayed as a CUDA graph); on CPU the
+    same compiled graph runs, so everything but the capture is checked here: same tokens, no recompile across calls
+    with other routings and overrides."""
+    m, _ = shapes[2]
+    asks = [dict(), dict(overrides=Overrides(groups={"style": 0.1}))]
+    want = [m.generate("List the vital signs.", max_new_tokens=6, **kw).token_ids for kw in asks]
+    try:
+        first = m.generate("List the vital signs.", max_new_tokens=6, cuda_graphs=True)
+        assert first.token_ids == want[0]
+        with dynamo.config.patch(error_on_recompile=True):
+            got = [m.generate("List the vital signs.", max_new_tokens=6, cuda_graphs=True, **kw).token_ids
+                   for kw in asks[1:2]]
+        assert got == want[1:2]
+    finally:
+        dynamo.reset()
+        m._step = None
