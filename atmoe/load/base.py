@@ -183,28 +183,47 @@ def load_base(
     device: str = "auto",
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    quantization_config: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen base causal LM and its tokenizer.
 
     ``base`` is ``None``/``DEFAULT_BASE`` for the embedded SmolLM2-135M-Instruct, or a hub
     id / local folder with safetensors weights. The model comes back in eval mode on
     ``device`` with every parameter frozen; the tokenizer always has a pad token.
+
+    A base larger than one device: ``device_map`` (accelerate's: ``"auto"``, or module name → ``"cuda:1"``, ``"cpu"``,
+    ``"disk"``) places the decoder layers where they fit, ``offload_folder`` holding what goes to disk;
+    ``quantization_config`` (e.g. ``BitsAndBytesConfig(load_in_4bit=True)``) loads it quantized. Either way the
+    base layers keep accelerate's hooks or their quantized weights, and the experts run beside them
+    (``docs/scale.md``); ``device`` is then only the default for what the map leaves unplaced.
     """
     dev, torch_dtype = resolve_device(device, dtype)
+    placed = device_map is not None or quantization_config is not None
+    if offload_folder is not None and device_map is None:
+        raise BaseModelError("offload_folder needs a device_map (which modules go to disk)")
     if base is None or base == DEFAULT_BASE:
         source, trust_remote_code = str(ensure_embedded_cache()), False
     else:
         _check_local(base)
         source = base
     try:
+        placement = {"device_map": device_map if device_map is not None else {"": str(dev)}} if placed else {}
+        if offload_folder is not None:
+            placement["offload_folder"] = str(offload_folder)
+        if quantization_config is not None:
+            placement["quantization_config"] = quantization_config
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **placement
         )
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise BaseModelError(f"could not load base {base or DEFAULT_BASE!r}: {first_line}") from err
-    model.to(dev).eval().requires_grad_(False)
+    if not placed:  # a dispatched or quantized model stays where from_pretrained put it
+        model.to(dev)
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
