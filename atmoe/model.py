@@ -206,18 +206,24 @@ class ATMoE:
                 state.owner = None
 
     # ------------------------------------------------------------------ calls
-    def check_overrides(self, overrides: Overrides | dict | None, router: GroupedRouter | None = None
-                        ) -> CompiledOverrides | None:
+    def check_overrides(self, overrides: Overrides | CompiledOverrides | dict | None,
+                        router: GroupedRouter | None = None) -> CompiledOverrides | None:
         """Validate `overrides` against this model (names, layer range, budgets: ValueError naming every fault) and
         turn them into the masks a call applies. `router` decides whether groups share a budget (not sigmoid)."""
         if overrides is None:
             return None
+        competitive = (router or self.router).config.mode != "sigmoid"
+        if isinstance(overrides, CompiledOverrides):   # compiled once (e.g. checked when the user applied them)
+            if overrides.competitive_groups != competitive or len(overrides.layer_mask) != self.num_layers or \
+                    len(overrides.expert_fixed) != len(self.experts):
+                raise ValueError("these overrides were compiled for another model or router mode; pass Overrides")
+            return overrides
         if isinstance(overrides, dict):
             overrides = Overrides.from_dict(overrides)
         if not isinstance(overrides, Overrides):
             raise ValueError(f"overrides must be an Overrides, a dict or None, got {type(overrides).__name__}")
         return compile_overrides(overrides, layout=self.layout, num_layers=self.num_layers,
-                                 competitive_groups=(router or self.router).config.mode != "sigmoid")
+                                 competitive_groups=competitive)
 
     def new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | dict | None = None,
                  router: GroupedRouter | None = None, granularity: str | None = None,

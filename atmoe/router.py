@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -82,9 +83,9 @@ class RouterConfig:
             if got != want:
                 raise LoadError(f"{what} was made for {name}={got}, but this model has {want}")
 
-    @property
+    @cached_property
     def layout(self) -> GroupLayout:
-        """The groups and their experts (a fresh object: a config is a plain, JSON-saved record)."""
+        """The groups and their experts, built once (not a field: the JSON record keeps the three lists)."""
         return GroupLayout(self.groups, self.experts, self.expert_groups)
 
 

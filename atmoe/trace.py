@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,8 +93,9 @@ class RoutingTrace:
             overrides=ov and ov.source, group_overridden=g_over, expert_overridden=e_over,
             fallback_layers=[l for l in range(L) if bool(fallback[l].any())], **extra)
 
-    @property
+    @cached_property
     def layout(self) -> GroupLayout:
+        """The groups and their experts, built once."""
         return GroupLayout(self.groups, self.experts, self.expert_groups)
 
     @property
@@ -133,7 +135,8 @@ class RoutingTrace:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for k, v in self.__dict__.items():
+        for k in (f.name for f in fields(self)):
+            v = getattr(self, k)
             out[k] = v.tolist() if isinstance(v, np.ndarray) else v
         out["effective_weights"] = self.effective_weights.tolist()
         return out

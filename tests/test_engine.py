@@ -256,3 +256,18 @@ def test_token_labels_put_multibyte_characters_on_the_token_that_completes_them(
     assert "" in labels and any("🙂" in label for label in labels)  # leading byte tokens empty, the last carries it
 
 
+
+
+def test_overrides_checked_once_are_used_as_compiled(tmp_path):
+    """An `Overrides` checked with `check_overrides` (what the dashboard does when the user applies them) is passed on
+    compiled: the call gives the same answer and trace, and compiled overrides from another router mode are refused."""
+    from tiny_models import tiny_demo
+    m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
+    ov = Overrides(groups={"style": 0.2}, experts={"labs": 1.0}, layers=(1, 2))
+    compiled = m.check_overrides(ov)
+    a = m.generate("List the vital signs.", max_new_tokens=5, overrides=ov)
+    b = m.generate("List the vital signs.", max_new_tokens=5, overrides=compiled)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_array_equal(a.trace.effective_weights, b.trace.effective_weights)
+    with pytest.raises(ValueError, match="another model or router mode"):
+        m.route("List the vital signs.", overrides=compiled, router=m.new_router(mode="sigmoid"))
