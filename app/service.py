@@ -1,8 +1,9 @@
 """The dashboard's only door to the engine: wraps one `ATMoE` and returns plain data (dicts, DataFrames, numpy,
 `RoutingTrace`s of numpy arrays, bytes). No Streamlit here, so every call is testable without a browser.
 
-The engine keeps no per-request state on the model (routing lives in a ContextVar per call), so one `Service` is
-shared by every browser session; each call carries that session's overrides and settings.
+The engine keeps no per-request state on the model (a call's routing lives in its own tensors, and the model's routing
+workspace is taken under a lock for the call's duration), so one `Service` is shared by every browser session; each
+call carries that session's overrides and settings.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from atmoe import ATMoE, Generation, GenerationSettings, GroupLayout, Overrides, RoutingTrace
+from atmoe import ATMoE, Explanation, Generation, GenerationSettings, GroupLayout, Overrides, RoutingTrace
 from demo.config import SHIPPED_MANIFEST, STAGE1_MANIFEST
 
 # The shipped demo (`make assets`): the co-adapted experts with their router (the default), then the stage-1 experts
@@ -46,6 +47,7 @@ class Answer:
     finish_reason: str  # "eos" | "length" | "stopped"
     overrides: Overrides | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # the very object the engine ran with
+    path: str = "folded"  # how the experts were applied, as the engine reports it (`Generation.path`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -53,8 +55,8 @@ class Answer:
 
     @property
     def merged(self) -> bool:
-        """Whether the decode used merged weights (they apply to sequence routing only)."""
-        return self.settings.merge and self.trace.granularity == "sequence"
+        """Whether the decode used merged weights: the engine's word (batch 1, sequence routing, a mergeable base)."""
+        return self.path == "merged"
 
 
 def is_shipped(path: str) -> bool:
@@ -170,7 +172,19 @@ class Service:
     @staticmethod
     def _answer(g: Generation, overrides: Overrides | None, settings: GenerationSettings) -> Answer:
         return Answer(g.text, g.trace, g.seconds, len(g.token_ids), g.prompt_tokens, g.finish_reason, overrides,
-                      settings)
+                      settings, g.path)
+
+    def explain(self, prompt: str, input: str = "") -> Explanation:
+        """Every layer's attribution of the routing of this prompt (one forward pass; see `atmoe.explain`)."""
+        return self.model.explain(prompt, input)
+
+    def sweep(self, prompt: str, input: str, target: str, steps: int, settings: GenerationSettings
+              ) -> pd.DataFrame:
+        """weight, text, finish_reason, new_tokens: one generation per weight of `target` in linspace(0, 1, steps),
+        every one with these settings (see `atmoe.analysis.sweep`)."""
+        from atmoe.analysis.sweep import sweep
+
+        return sweep(self.model, prompt, input, target, steps=steps, settings=settings)
 
     def export_adapter_zip(self, trace: RoutingTrace, use: str = "used") -> bytes:
         """The routing frozen into one PEFT LoRA adapter (see `atmoe.analysis.export`), zipped in memory."""

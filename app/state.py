@@ -5,6 +5,7 @@ messages and shown at the top of the next render."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import streamlit as st
@@ -17,6 +18,15 @@ STOP_WAIT_S = 30.0
 ERRORS = (ValueError, OSError)  # engine input errors (LoadError, BaseModelError are ValueErrors) and file errors
 
 
+@dataclass(frozen=True)
+class Request:
+    """What the trace on show was routed for: the instruction, the note after it, and the routing granularity."""
+
+    prompt: str
+    input: str
+    granularity: str
+
+
 def init() -> None:
     """Session defaults; on the first run, the prompt and override preset come from the URL (a shared link)."""
     ss = st.session_state
@@ -26,7 +36,7 @@ def init() -> None:
     ss.setdefault("ov", None)            # current Overrides, never empty (None = router only)
     ss.setdefault("answer", None)        # latest Answer
     ss.setdefault("trace", None)         # RoutingTrace shown in the views
-    ss.setdefault("trace_of", None)      # (prompt, input, granularity) of that trace
+    ss.setdefault("trace_of", None)      # the Request that trace was routed for
     ss.setdefault("trace_version", 0)
     ss.setdefault("flash", [])
     qp = st.query_params
@@ -72,14 +82,13 @@ def settings() -> GenerationSettings:
 
 def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:
     ss = st.session_state
-    ss.trace, ss.trace_of = trace, (prompt, input, granularity)
+    ss.trace, ss.trace_of = trace, Request(prompt, input, granularity)
     ss.trace_version = ss.get("trace_version", 0) + 1
 
 
 def set_answer(answer: Answer, prompt: str, input: str) -> None:
     st.session_state.answer = answer
     set_trace(answer.trace, prompt, input, answer.trace.granularity)
-    st.session_state.answer_of = (prompt, input)
 
 
 def adopt_pending() -> None:
@@ -103,8 +112,7 @@ def sync_url() -> None:
     elif "preset" in qp:
         del qp["preset"]
     if ss.get("trace_of"):
-        prompt, note, _ = ss.trace_of
-        for key, value in (("q", prompt), ("note", note)):
+        for key, value in (("q", ss.trace_of.prompt), ("note", ss.trace_of.input)):
             if value and len(value) <= 1500:
                 qp[key] = value
             elif key in qp:
@@ -117,8 +125,8 @@ def set_overrides(svc: Service, overrides: Overrides | None) -> str | None:
     try:
         overrides = svc.check_overrides(overrides)
         if ss.get("trace_of"):
-            prompt, input, granularity = ss.trace_of
-            set_trace(svc.route(prompt, input, overrides, granularity), prompt, input, granularity)
+            r = ss.trace_of
+            set_trace(svc.route(r.prompt, r.input, overrides, r.granularity), r.prompt, r.input, r.granularity)
     except ERRORS as e:
         return f"Overrides not applied: {e}"
     ss.ov = overrides

@@ -18,7 +18,7 @@ from app_session import z_values as _z
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
-from app import batch, examples, figures, presets
+from app import batch_data, examples, figures, presets
 from app.service import Service
 from app.text import md_escape, word_diff
 from atmoe import ATMoE, GenerationSettings, Overrides, RoutingTrace
@@ -498,12 +498,12 @@ def test_text_is_escaped_and_diffed_safely():
 
 def test_batch_reader_limits_and_reasons():
     rows = "instruction\n" + "\n".join(f"q{i}" for i in range(12))
-    df, note = batch.read_instructions("a.csv", rows.encode(), limit=10)
+    df, note = batch_data.read_instructions("a.csv", rows.encode(), limit=10)
     assert len(df) == 10 and "first 10 of 12" in note and set(df.columns) == {"instruction", "input", "category"}
     for name, data, why in (("a.csv", b"text\nhi", "no 'instruction' column"), ("a.xlsx", b"x", "unsupported"),
                             ("a.jsonl", b"[1]", "expected a JSON object"), ("a.csv", b"\xff\xfe\x00", "UTF-8")):
         with pytest.raises(ValueError, match=why):
-            batch.read_instructions(name, data)
+            batch_data.read_instructions(name, data)
 
 
 @pytest.mark.parametrize("budget", [1, 3])

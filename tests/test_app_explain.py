@@ -10,7 +10,7 @@ from app_session import ok as _ok
 from app_session import new_page, z_values
 from streamlit.testing.v1 import AppTest
 
-from app import why
+from app import explain_data
 from atmoe import ATMoE
 from tiny_models import tiny_demo
 
@@ -29,7 +29,7 @@ def test_why_tab_explains_the_routed_prompt_and_reacts(at, manifest):
     at.text_area(key="note").input(NOTE)
     at.button(key="FormSubmitter:prompt_form-Route only").click().run()
     _ok(at)
-    ex = at.session_state["_why"][1]
+    ex = at.session_state["_explanation"]["explanation"]
     m = ATMoE.load(manifest, device="cpu")
     assert ex.words == m.explain(PROMPT, NOTE).words == PROMPT.split()   # the instruction's words, not the note's
     target = at.selectbox(key="why_target")
@@ -48,7 +48,7 @@ def test_why_tab_explains_the_routed_prompt_and_reacts(at, manifest):
     at.slider(key="why_layers").set_value((2, 2)).run()
     _ok(at)
     assert np.allclose(_z(at, "why_words")[0], ex.word_matrix("expert:bullets").loc[2])
-    assert at.session_state["_why"][1] is ex   # re-slicing, not re-explaining
+    assert at.session_state["_explanation"]["explanation"] is ex   # re-slicing, not re-explaining
 
 
 def test_sweep_in_the_why_tab(at):
@@ -58,8 +58,8 @@ def test_sweep_in_the_why_tab(at):
     at.number_input(key="why_steps").set_value(2)
     at.button(key="FormSubmitter:why_sweep_form-Run sweep").click().run()
     _ok(at)
-    target, prompt, _, frame = at.session_state["_why_sweep"]
-    assert target == "group:task" and prompt == PROMPT and list(frame.weight) == [0.0, 1.0]
+    done = at.session_state["_sweep"]
+    assert done["target"] == "group:task" and done["prompt"] == PROMPT and list(done["frame"].weight) == [0.0, 1.0]
     assert any(md.value == "**w = 1.00**" for md in at.markdown)
 
 
@@ -72,7 +72,7 @@ def test_figures_are_literal_and_centred():
             import pandas as pd
             return pd.DataFrame({"word": [0, 1], "text": self.words, "contribution": [0.5, -0.25]})
 
-    fig = why.words_figure(Fake(), "group:task", (0, 1))
+    fig = explain_data.words_figure(Fake(), "group:task", (0, 1))
     assert fig.data[0].text[0][0] == "&lt;b&gt;bold&lt;/b&gt;" and (fig.data[0].zmin, fig.data[0].zmax) == (-0.5, 0.5)
 
 
@@ -84,7 +84,7 @@ def test_why_tab_shows_where_each_group_looks_with_attention_pooling(tmp_path, m
     at.text_area(key="note").input(NOTE)
     at.button(key="FormSubmitter:prompt_form-Route only").click().run()
     _ok(at)
-    ex = at.session_state["_why"][1]
+    ex = at.session_state["_explanation"]["explanation"]
     L = ATMoE.load(manifest, device="cpu").num_layers
     shown = _z(at, "why_attention")
     assert np.allclose(shown, ex.attention_by_word((0, L - 1)).to_numpy())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_demo, tiny_tokenizer
+from tiny_models import randomize, tiny_demo, tiny_tokenizer
 
 from atmoe import ATMoE
 from atmoe.tokens import encode_prompt
@@ -33,13 +33,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> ATMoE:
 
 def random_router(m: ATMoE, seed: int = 0, **config):  # noqa: ANN201
     """A router of the given config with random heads, marked trained (an untrained one is uniform: reads nothing)."""
-    router = m.new_router(**config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in router.parameters():
-            p.normal_(0, 0.5)
-    router.trained = True
-    return router
+    return randomize(m.new_router(**config), seed)
 
 
 def max_difference(a, b) -> float:  # noqa: ANN001

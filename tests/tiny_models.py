@@ -3,7 +3,8 @@
 ``tiny_tokenizer()`` is a byte-level BPE trained in memory with a ChatML chat template (like SmolLM2's);
 ``tiny_llama(vocab_size)`` a randomly initialised 2-layer Llama that has every LoRA target module (q/k/v/o/gate/up/down
 projections); ``tiny_model(arch)`` a random Llama, GPT-2 (Conv1D) or Qwen2; ``save_adapter`` a random PEFT LoRA
-adapter; ``tiny_demo(folder)`` a complete tiny AT-MoE on disk.
+adapter; ``tiny_demo(folder)`` a complete tiny AT-MoE on disk; ``randomize(router)`` random
+router heads.
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def save_adapter(model: torch.nn.Module, path: Path, targets: list[str], r: int 
     return path
 
 
+def randomize(router: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random router heads (N(0, 0.5)), marked trained: an untrained router is exactly uniform and reads nothing."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, 0.5)
+    router.trained = True
+    return router
+
+
 def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: int = 0, pooling: str = "mean") -> Path:
     """A complete tiny AT-MoE on disk: base (with tokenizer), the 6 demo experts, a router, the manifest.
     Returns the manifest path. Used by app, CLI and reliability tests."""
@@ -127,12 +138,7 @@ def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: i
     path = manifest.save(folder / "experts.json")
     if trained:
         m = ATMoE.load(path, device="cpu")
-        router = m.new_router(mode=mode, pooling=pooling)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for p in router.parameters():
-                p.normal_(0, 0.5)
-        router.trained = True
+        router = randomize(m.new_router(mode=mode, pooling=pooling), seed)
         save_router(router, folder / "router.safetensors")
         manifest.router = "router.safetensors"
         manifest.save(path)

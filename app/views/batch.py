@@ -1,11 +1,11 @@
-"""View 7: route many instructions at once (upload or the held-out set) and summarise which groups they use."""
+"""The Batch tab: route many instructions at once (upload or the held-out set) and summarise which groups they use."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from app import batch, figures, presets, state
+from app import batch_data, figures, presets, state
 from app.examples import heldout_rows
 from app.service import BATCH_CHUNK, Service
 from atmoe import Overrides
@@ -22,13 +22,13 @@ def _table() -> tuple[pd.DataFrame | None, str]:
     if up is None:
         return None, ""
     try:
-        df, note = batch.read_instructions(up.name, up.getvalue())
+        df, note = batch_data.read_instructions(up.name, up.getvalue())
     except ValueError as e:
         st.error(f"Cannot read {up.name}: {e}")
         return None, ""
     if note:
         st.warning(note)
-    st.caption(f"{len(df)} instructions from {up.name} (at most {batch.MAX_ROWS} rows).")
+    st.caption(f"{len(df)} instructions from {up.name} (at most {batch_data.MAX_ROWS} rows).")
     return df, up.name
 
 
@@ -63,7 +63,7 @@ def render(svc: Service) -> None:
         traces, kept, errors = _route(svc, df, ss.get("ov") if use_ov else None)
         if errors:
             st.warning(f"{len(errors)} row(s) skipped: " + "; ".join(errors[:5]) + (" …" if len(errors) > 5 else ""))
-        ss.batch = {"summary": batch.summarise(traces, kept), "name": name} if traces else None
+        ss.batch = {"summary": batch_data.summarise(traces, kept), "name": name} if traces else None
         if not traces:
             st.error("No instruction could be routed.")
     res = ss.get("batch")

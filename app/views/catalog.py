@@ -1,4 +1,4 @@
-"""View 8: what is loaded — base model, device, router, and every expert with its card."""
+"""The Experts tab: what is loaded — base model, device, router, and every expert with its card."""
 
 from __future__ import annotations
 

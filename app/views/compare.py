@@ -1,4 +1,5 @@
-"""View 5: the router-only answer next to the overridden one, a word-level diff, and what the overrides changed."""
+"""The Compare tab: the router-only answer next to the overridden one, a word-level diff, and what the overrides
+changed."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""View 9–10: download the trace, save / load override presets (also encoded in the URL), export the routing as one
-PEFT LoRA adapter."""
+"""The Export & presets tab: download the trace, save / load override presets (also encoded in the URL), export the
+routing as one PEFT LoRA adapter."""
 
 from __future__ import annotations
 
@@ -64,10 +64,11 @@ def render(svc: Service) -> None:
     if st.button("Build adapter", key="export_build"):
         try:
             with st.spinner("Exporting…"):
-                ss._adapter_zip = (ss.trace_version, use, svc.export_adapter_zip(trace, use))
+                ss._adapter_zip = {"trace_version": ss.trace_version, "use": use,
+                                   "zip": svc.export_adapter_zip(trace, use)}
         except state.ERRORS as e:
             st.error(f"Export failed: {e}")
     built = ss.get("_adapter_zip")
-    if built and built[:2] == (ss.trace_version, use):
-        st.download_button("Download adapter (.zip)", built[2], "atmoe_adapter.zip", "application/zip",
+    if built and (built["trace_version"], built["use"]) == (ss.trace_version, use):
+        st.download_button("Download adapter (.zip)", built["zip"], "atmoe_adapter.zip", "application/zip",
                            key="dl_adapter")

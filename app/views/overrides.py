@@ -1,4 +1,4 @@
-"""View 4 (sidebar): override the router. One form — nothing is applied until **Apply** is pressed.
+"""The sidebar's overrides: override the router. One form — nothing is applied until **Apply** is pressed.
 
 Sliders start at the router's own α/β for the current prompt, averaged over the applied layer range. Only sliders moved
 away from that value (and disabled experts) become fixed overrides: in softmax mode fixed group weights are a share of

@@ -1,4 +1,4 @@
-"""View 1–3: prompt and streamed answer, then the group and expert heatmaps of its routing."""
+"""The Prompt & routing tab: prompt and streamed answer, then the group and expert heatmaps of its routing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""View 6: per-token routing (granularity "token"): tokens coloured by their dominant group or one expert's weight."""
+"""The Per token tab: per-token routing (granularity "token"): tokens coloured by their dominant group or one
+expert's weight."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The "Why" tab's plain data and figures: word attributions of routing decisions (`ATMoE.explain`) and the
-controllability sweep (`atmoe.analysis.sweep`). No Streamlit here; the view only lays these out.
+"""The Why tab's figures and numbers (`app/views/explain.py` lays them out): the word attributions of an
+`Explanation` (`Service.explain`, `atmoe.explain`). No Streamlit here.
 
 Figures are diverging (RdBu) and centred at 0: a word pushing the chosen logit up is blue, down is red; the colour
 range is symmetric per figure, so colours compare within a figure, not across prompts.
@@ -8,15 +8,10 @@ range is symmetric per figure, so colours compare within a figure, not across pr
 from __future__ import annotations
 
 import html
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 
-from app.service import Service
-from atmoe import GenerationSettings
-from atmoe.analysis.sweep import sweep
 from atmoe.explain import Explanation
 
 DIVERGING = "RdBu"
@@ -25,11 +20,6 @@ CAPTION = ("Each word's term in the router's logit for the chosen group or exper
            "the hidden states it reads. It is **not** the word's effect on the answer, and not what removing the word "
            "would do: the hidden states themselves depend on earlier words (attention) and on the experts chosen at "
            "earlier layers.")
-
-
-def explain(svc: Service, prompt: str, input: str = "") -> Explanation:
-    """Every layer's attribution for this prompt (one forward pass)."""
-    return svc.model.explain(prompt, input)
 
 
 def target_label(target: str) -> str:
@@ -96,11 +86,3 @@ def terms(ex: Explanation, target: str, layers: tuple[int, int]) -> dict[str, fl
     level, _, name = target.partition(":")
     rows = ex.logits[(ex.logits.level == level) & (ex.logits.name == name) & ex.logits.layer.between(*layers)]
     return {"bias": float(rows.bias.mean()), "logit": float(rows.logit.mean()), "relative": ex.relative[level]}
-
-
-def run_sweep(svc: Service, prompt: str, input: str, target: str, steps: int,
-              settings: GenerationSettings) -> pd.DataFrame:
-    """weight, text, finish_reason, new_tokens: one generation per weight of `target` (same seed for all)."""
-    kw: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              top_p=settings.top_p, seed=settings.seed, merge=settings.merge)
-    return sweep(svc.model, prompt, input, target, steps=steps, **kw)
