@@ -10,7 +10,7 @@ import streamlit as st
 from app import launch, state
 from app.launch import Launch, LaunchError
 from app.service import Service, missing_manifest_message
-from app.views import batch, catalog, compare, explain, export, overrides, prompt, tokens
+from app.views import atlas, attribution, batch, catalog, compare, explain, export, overrides, prompt, tokens
 
 
 def launch_options(argv: Sequence[str]) -> Launch | None:
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] = ()) -> None:
     with st.container():  # always present, so the tabs below keep their place (and selection) across reruns
         state.show_flash()
     views = {"Prompt & routing": prompt, "Compare": compare, "Per token": tokens, "Why": explain, "Batch": batch,
-             "Experts": catalog, "Export & presets": export}
+             "Attribution": attribution, "Atlas": atlas, "Experts": catalog, "Export & presets": export}
     for tab, view in zip(st.tabs(list(views), key="view"), views.values(), strict=True):
         with tab:
             view.render(svc)

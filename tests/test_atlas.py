@@ -66,3 +66,49 @@ def test_atlas_places_routings_that_differ_apart() -> None:
     frame, fit = atlas(alpha, beta, LAYOUT, labels=["g-heavy"] * n + ["h-heavy"] * n)
     assert list(frame.columns) == ["x", "y", "label"] and fit.explained[0] > 0.9
     assert separation(frame[["x", "y"]].to_numpy(), frame["label"])["accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- the dashboard tab
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from app_session import at, manifest, ok, z_values  # noqa: E402,F401
+
+from app.examples import heldout_rows  # noqa: E402
+from atmoe import ATMoE  # noqa: E402
+from atmoe.analysis.routes import balance  # noqa: E402
+
+
+def _chart(at, key_part: str) -> dict:  # noqa: ANN001
+    for chart in at.get("plotly_chart"):
+        if key_part in chart.proto.id:
+            return json.loads(chart.proto.spec)
+    raise AssertionError(f"no plotly chart {key_part!r}")
+
+
+def _points(fig: dict) -> np.ndarray:
+    xs = np.concatenate([z_values({"z": t["x"]}) for t in fig["data"]])
+    ys = np.concatenate([z_values({"z": t["y"]}) for t in fig["data"]])
+    return np.stack([xs, ys], 1)
+
+
+def test_atlas_tab_maps_the_held_out_set_and_its_balance(at, manifest: Path) -> None:  # noqa: ANN001
+    at.button(key="atlas_run").click().run()
+    ok(at)
+    df, _ = heldout_rows()
+    res = at.session_state["atlas"]
+    m = ATMoE.load(manifest, device="cpu")
+    first = m.route(df["instruction"][0], input=df["input"][0])
+    assert np.allclose(res["alpha"][0], first.group_weights, atol=1e-5)
+    frame, _ = atlas(res["alpha"], res["beta"], m.layout, labels=df["category"].tolist())
+    fig = _chart(at, "atlas_scatter")
+    assert {t["name"] for t in fig["data"]} == set(df["category"])          # one colour per skill label
+    shown = _points(fig)
+    assert len(shown) == len(df)
+    assert np.allclose(np.sort(shown[:, 0]), np.sort(frame["x"].to_numpy()), atol=1e-6)
+    stats = balance(res["alpha"], res["beta"], m.layout)
+    assert np.allclose(z_values(_chart(at, "atlas_load")["data"][0]), stats["mean_weight"], atol=1e-6)
+    assert any("nearest-centroid" in c.value for c in at.caption)
+    at.radio(key="atlas_features").set_value("full").run()
+    ok(at)
+    assert not np.allclose(np.sort(_points(_chart(at, "atlas_scatter"))[:, 0]), np.sort(shown[:, 0]))

@@ -141,3 +141,47 @@ def test_rates_and_agreement_on_known_numbers() -> None:
     rows = [A({"x": -3.0, "y": -1.0, "z": 0.0}), A({"x": 0.5, "y": -1.0, "z": 0.0}), A({"x": -1.0, "y": 0.0, "z": -2.0})]
     out = labelled_rate(rows, [["x"], ["x"], ["x"]])
     assert out["rows"] == 3 and out["rate"] == pytest.approx(1 / 3) and out["pair_rate"] == pytest.approx(3 / 6)
+
+
+# ---------------------------------------------------------------------------------------------- the dashboard tab
+from app_session import NOTE as APP_NOTE, PROMPT as APP_PROMPT, at, manifest, ok, z_values  # noqa: E402,F401
+
+
+def _app_generate(at, prompt: str = APP_PROMPT, tokens: int = 6):  # noqa: ANN001, ANN202
+    at.text_area(key="prompt").input(prompt)
+    at.text_area(key="note").input(APP_NOTE)
+    at.number_input(key="max_new_tokens").set_value(tokens)
+    return at.button(key="FormSubmitter:prompt_form-Generate").click().run()
+
+
+def _chart(at, key_part: str) -> dict:  # noqa: ANN001
+    import json
+    for chart in at.get("plotly_chart"):
+        if key_part in chart.proto.id:
+            return json.loads(chart.proto.spec)
+    raise AssertionError(f"no plotly chart {key_part!r}")
+
+
+def test_attribution_tab_shows_the_engines_numbers_and_reacts(at, manifest: Path) -> None:  # noqa: ANN001
+    assert any("Generate an answer" in i.value for i in at.info)
+    _app_generate(at)
+    ok(at)
+    at.number_input(key="attr_parts").set_value(2)
+    at.button(key="attr_run").click().run()
+    ok(at)
+    a = at.session_state["attribution"]["result"]
+    ans = at.session_state["answer"]
+    m = ATMoE.load(manifest, device="cpu")
+    g = m.generate(APP_PROMPT, input=APP_NOTE, settings=ans.settings)
+    assert m.tokenizer.decode(g.token_ids, skip_special_tokens=True) == ans.text
+    expected = attribute(m, APP_PROMPT, g.token_ids, input=APP_NOTE, targets=a.targets,
+                         ranges=layer_ranges(m.num_layers, 2))
+    assert np.allclose(z_values(_chart(at, "attr_matrix")["data"][0]), expected.total, atol=1e-3)
+    assert a.targets == [f"expert:{e}" for e in m.experts] + [f"group:{x}" for x in m.groups]
+    coloured = [x.value for x in at.markdown if "Δ log p" in x.value]
+    assert len(coloured) == 1 and coloured[0].count("<span") == len(g.token_ids)
+    at.selectbox(key="attr_target").set_value("group:style").run()
+    assert [x.value for x in at.markdown if "Δ log p" in x.value] != coloured   # another expert, other colours
+    assert not at.warning
+    _app_generate(at, "Summarize this case in one line.")
+    assert any("earlier answer" in w.value for w in at.warning)                 # the old attribution is marked
