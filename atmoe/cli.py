@@ -1,7 +1,8 @@
-"""Command line: `atmoe route|generate|sweep|train-expert|train-router`.
+"""Command line: `atmoe route|generate|sweep|attribute|train-expert|train-router`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
     atmoe route --dataset rows.jsonl --out routes/      # every row's routing as .npy + index + balance (analysis.md)
+    atmoe attribute --dataset rows.jsonl --first-order  # Δ answer log-prob per removed expert, per row
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
     atmoe sweep "List the vital signs." --input "..." --target group:style --steps 5 --csv sweep.csv
@@ -125,6 +126,51 @@ def route_dataset(a: argparse.Namespace, ov) -> None:  # noqa: ANN001
           f"unused experts (mean weight < {stats['unused_below']} on every layer): {stats['unused'] or 'none'}")
 
 
+def cmd_attribute(a: argparse.Namespace) -> None:
+    """Per row of a data set: Δ answer log-prob when each expert is removed; prints the labelled-expert rate."""
+    import pandas as pd
+
+    from .analysis.attribution import agreement, attribute_rows, labelled_rate, layer_ranges
+    from .analysis.routes import read_rows
+
+    rows = list(read_rows(a.dataset))[: a.limit or None]
+    m = _load(a)
+    prompts, inputs = [r["instruction"] for r in rows], [r.get("input", "") for r in rows]
+    if a.answers == "reference":
+        answers = [m.tokenizer(r.get("output", ""), add_special_tokens=False)["input_ids"] for r in rows]
+    else:
+        answers = []
+        for i in range(0, len(rows), a.batch_size):
+            answers += [g.token_ids for g in m.generate_batch(prompts[i:i + a.batch_size],
+                                                              inputs=inputs[i:i + a.batch_size],
+                                                              max_new_tokens=a.max_new_tokens, merge=False)]
+    keep = [i for i, x in enumerate(answers) if x]
+    ranges = layer_ranges(m.num_layers, a.ranges)
+    result = attribute_rows(m, [prompts[i] for i in keep], [answers[i] for i in keep],
+                            inputs=[inputs[i] for i in keep], ranges=ranges, first_order=a.first_order,
+                            batch_size=a.batch_size,
+                            progress=lambda n, total: print(f"attributed {n}/{total}", file=sys.stderr, flush=True))
+    frames = []
+    for i, r in zip(keep, result):
+        f = r.to_frame()
+        f.insert(0, "row", i)
+        f["answer_tokens"] = len(r.tokens)
+        frames.append(f)
+    frame = pd.concat(frames, ignore_index=True)
+    if a.csv:
+        frame.to_csv(a.csv, index=False)
+    print(frame.groupby(["target", "first", "last"])["delta"].mean().unstack(["first", "last"]).round(3).to_string())
+    labels = [rows[i].get("experts") for i in keep]
+    if all(x is not None for x in labels) and len(ranges) == 1:
+        rate = labelled_rate(result, labels)
+        low, high = rate["interval"]
+        print(f"labelled expert removed costs more than an unlabelled one: {rate['rate']:.3f} of {rate['rows']} rows "
+              f"(95% Wilson {low:.3f}–{high:.3f}); pairs {rate['pair_rate']:.3f} of {rate['pairs']}")
+    if a.first_order:
+        agree = agreement(frame["delta"].to_numpy(), frame["estimate"].to_numpy())
+        print("first-order vs exact over all cells: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     from .generation import GenerationSettings
     from .model import Generation
@@ -207,6 +253,21 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="decode with per-call merged weights (see `atmoe generate --help`)")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("attribute", help="per row of a data set: Δ answer log-prob when each expert is removed")
+    p.add_argument("--dataset", required=True, metavar="FILE.jsonl",
+                   help="rows with `instruction` (optional `input`, `output`, `experts` labels)")
+    p.add_argument("--manifest", default=None, help="expert manifest (default $ATMOE_MANIFEST)")
+    p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--answers", choices=["generated", "reference"], default="generated",
+                   help="attribute greedy answers (default) or the rows' `output`")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--ranges", type=int, default=1, help="split the layers into this many equal ranges")
+    p.add_argument("--first-order", action="store_true", help="also the gradient estimate, and its agreement")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="only the first N rows")
+    p.add_argument("--csv", default=None, help="write one line per (row, target, range)")
+    p.set_defaults(func=cmd_attribute)
     # Subcommands with their own parsers, imported only when called.
     delegated = {"train-expert": "atmoe.train.expert", "train-router": "atmoe.train.router"}
     summaries = {"train-expert": "train one LoRA expert (PEFT adapter) on a JSONL file",

@@ -185,3 +185,20 @@ def test_attribution_tab_shows_the_engines_numbers_and_reacts(at, manifest: Path
     assert not at.warning
     _app_generate(at, "Summarize this case in one line.")
     assert any("earlier answer" in w.value for w in at.warning)                 # the old attribution is marked
+
+
+def test_cli_attributes_a_data_set_and_reports_the_labelled_rate(manifest: Path, tmp_path: Path, capsys) -> None:
+    import json
+    import pandas as pd
+    from atmoe.cli import main
+
+    rows = [{"instruction": "List the vital signs.", "input": "Vitals: HR 135.", "experts": ["vitals"]},
+            {"instruction": "Use bullet points.", "input": "Labs: K 5.6.", "experts": ["bullets", "labs"]}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["attribute", "--dataset", str(data), "--manifest", str(manifest), "--device", "cpu",
+                 "--max-new-tokens", "4", "--first-order", "--csv", str(tmp_path / "a.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "labelled expert removed costs more" in out and "of 2 rows" in out and "first-order vs exact" in out
+    frame = pd.read_csv(tmp_path / "a.csv")
+    assert len(frame) == 2 * 6 and set(frame.columns) >= {"row", "target", "delta", "estimate", "answer_tokens"}
