@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py router --manifest ... (the module's own flags)
 
 $ATMOE_TEST_RECORD (a folder): each process appends to `calls-<rank>.jsonl` one line per training forward (the data
-rows it trained on, router only) and one per output it writes. $ATMOE_TEST_CRASH_AT=k: the k-th forward raises, as a
+rows it trained on, router only), one per output it writes and, with --shard-base, the base elements it holds. $ATMOE_TEST_CRASH_AT=k: the k-th forward raises, as a
 killed run would stop.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from atmoe.train import distributed as train_distributed
 from atmoe.train import expert as train_expert
 from atmoe.train import router as train_router
 
@@ -60,6 +61,14 @@ def instrument(folder: Path, crash_at: int = 0) -> None:
             return save(*args, **kwargs)
         return wrapped
 
+    shard_base = train_distributed.shard_base
+
+    def recording_shard(model):
+        out = shard_base(model)
+        record({"base_share": list(train_distributed.base_share(model))})
+        return out
+
+    train_distributed.shard_base = recording_shard
     train_router.encode_dataset = encode_with_ids
     train_router._Collator.__call__ = collate_with_ids
     train_router.RouterTrainingModule.forward = recording_forward

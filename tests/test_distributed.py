@@ -241,3 +241,48 @@ def test_a_malformed_row_with_nproc_per_node_is_one_line_and_no_launch(work: Pat
         assert proc.returncode == 2 and proc.stderr.splitlines() == [
             f"atmoe train-{name}: error: {bad}: line 3: invalid JSON (Expecting property name enclosed in double "
             "quotes)"], proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- FSDP2: the frozen base sharded (distributed.py)
+
+def _shares(record: Path, rank: int) -> list[list[int]]:
+    return [c["base_share"] for c in _calls(record, rank) if "base_share" in c]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(work: Path, router_runs: tuple[Path, Path]) -> Path:
+    """The 6 steps of `router_runs`, two processes × 2 rows, each holding half the base (FSDP2 per decoder layer)."""
+    args = [*_router_args(work, "router24.jsonl", "sharded/router.safetensors", 2), "--shard-base"]
+    proc = _ok(_launch("router", 2, args, work / "rec10"))
+    (work / "sharded.stderr").write_text(proc.stderr)
+    return work / "sharded" / "router.safetensors"
+
+
+def test_a_sharded_base_takes_the_one_process_steps(work: Path, router_runs: tuple[Path, Path],
+                                                    sharded_run: Path) -> None:
+    one, _ = router_runs
+    for r in (0, 1):   # each process holds about half of the base's parameters
+        [(local, total)] = _shares(work / "rec10", r)
+        print(f"measured: rank {r} holds {local}/{total} base elements ({local / total:.3f})")
+        assert 0.45 <= local / total <= 0.55
+    single, ranks = _rows(work / "rec1", 0), [_rows(work / "rec10", r) for r in (0, 1)]
+    for rows, r0, r1 in zip(single, *ranks):
+        assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(rows)
+    log1, log2 = _log(one), _log(sharded_run)
+    assert _steps(log1) == _steps(log2) == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lm_loss", "aux_loss"):
+        a, b = [e[key] for e in log1 if key in e], [e[key] for e in log2 if key in e]
+        assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL * max(map(abs, a)), (key, a, b)
+    assert _max_diff(load_file(one), load_file(sharded_run), "router, sharded base × 2 vs 1 process") <= 1e-5
+    assert _writes(work / "rec10", 0) == ["router"] and _writes(work / "rec10", 1) == []
+    assert sorted(p.name for p in sharded_run.parent.iterdir()) == ["router.log.jsonl", "router.safetensors"]
+
+
+def test_a_killed_sharded_run_resumes_to_the_same_router(work: Path, sharded_run: Path) -> None:
+    args = [*_router_args(work, "router24.jsonl", "sharded_resumed/router.safetensors", 2), "--shard-base"]
+    crashed = _launch("router", 2, args, work / "rec11", crash_at=5)
+    assert crashed.returncode != 0 and "simulated kill" in crashed.stderr
+    _ok(_launch("router", 2, args, work / "rec12"))
+    assert _steps(_log(work / "sharded_resumed" / "router.safetensors")) == [1, 2, 3, 4, 5, 6]
+    assert _max_diff(load_file(work / "sharded_resumed" / "router.safetensors"), load_file(sharded_run),
+                     "router, sharded: killed and resumed vs uninterrupted") <= 1e-5

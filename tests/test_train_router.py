@@ -192,3 +192,9 @@ def test_no_resume_starts_afresh(setup, tmp_path, monkeypatch):
                                                                                  forward(self, *a, **k))[1])
     train_router(cfg)
     assert len(calls) == 4 and not stale.exists()
+
+
+def test_shard_base_needs_several_processes(setup):
+    manifest, data = setup
+    with pytest.raises(ValueError, match="several processes"):
+        train_router(_cfg(manifest, data, shard_base=True))

@@ -66,6 +66,7 @@ class RouterTrainConfig:
     balance_weight: float = 0.01
     pool_dropout: float = 0.0          # training only: drop this share of the tokens the router pools (≥ 1 kept)
     gradient_checkpointing: bool = False
+    shard_base: bool = False           # FSDP2: each of N processes holds 1/N of the frozen base (distributed.py)
     bf16: bool = False                 # bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs; router fp32)
     resume: bool = True                # relaunching resumes from the last complete checkpoint (checkpoints.py)
     seed: int = 0
@@ -271,6 +272,9 @@ class _Collator:
 
 def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, list[dict[str, float]]]:
     """Train a router for `cfg.manifest`'s experts; returns (router path, the Trainer's log history)."""
+    if m is None and cfg.shard_base:
+        from .distributed import load_sharded
+        m = load_sharded(cfg.manifest, cfg.base, device=process_device())
     m = m or ATMoE.load(cfg.manifest, base=cfg.base, device=process_device())
     examples = load_jsonl(cfg.data)
     unknown = sorted({e for ex in examples for e in ex.experts or []} - set(m.experts))
