@@ -89,6 +89,7 @@ def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:
 def set_answer(answer: Answer, prompt: str, input: str) -> None:
     st.session_state.answer = answer
     set_trace(answer.trace, prompt, input, answer.trace.granularity)
+    st.session_state.answer_of = (prompt, input)   # read by the Attribution tab after overrides re-route the trace
 
 
 def adopt_pending() -> None:
