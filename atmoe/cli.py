@@ -6,6 +6,7 @@
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
     atmoe sweep "List the vital signs." --input "..." --target group:style --steps 5 --csv sweep.csv
+    atmoe sweep --dataset rows.jsonl --target expert:bullets --steps 3   # the mean curve over a data set
 
 The model is `--manifest PATH`, else `$ATMOE_MANIFEST`; the engine knows no default model. The demo's own command
 line (`python -m demo route|generate|sweep ...`) runs these commands on the shipped demo model, with the demo's
@@ -194,6 +195,10 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     from .analysis.sweep import sweep
 
     span = parse_overrides([], a.layers, []).layers if a.layers else None
+    if a.dataset:
+        return sweep_dataset(a, span)
+    if not a.prompt:
+        raise ValueError("give a prompt, or --dataset FILE.jsonl for the curve over a data set")
     scorer = None
     if a.reference is not None:
         def scorer(text: str) -> dict[str, float]:
@@ -205,6 +210,31 @@ def cmd_sweep(a: argparse.Namespace) -> None:
     if a.csv:
         frame.to_csv(a.csv, index=False)
     print(frame.to_string(index=False, max_colwidth=80))
+
+
+def sweep_dataset(a: argparse.Namespace, span: tuple[int, int] | None) -> None:
+    """`sweep --dataset FILE`: every row at every weight; prints the mean per weight (the curve), writes the
+    per-row frame to `--csv`. Rows with an `output` are scored against it with the reference scorer."""
+    from .analysis.routes import read_rows
+    from .analysis.sweep import curve, router_weight, sweep_rows
+
+    if a.prompt or a.reference is not None:
+        raise ValueError("--dataset takes no prompt and no --reference (each row's `output` is its reference)")
+    rows = list(read_rows(a.dataset))[: a.limit or None]
+    prompts, inputs = [r["instruction"] for r in rows], [r.get("input", "") for r in rows]
+
+    def scorer(i: int, text: str) -> dict[str, float]:
+        return a.reference_scorer(text, rows[i]["output"]) if isinstance(rows[i].get("output"), str) else {}
+
+    m = _load(a)
+    frame = sweep_rows(m, prompts, a.target, inputs=inputs, steps=a.steps, layers=span, scorer=scorer,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                       progress=lambda n, total: print(f"generated {n}/{total}", file=sys.stderr, flush=True))
+    if a.csv:
+        frame.to_csv(a.csv, index=False)
+    print(curve(frame).to_string(index=False))
+    print(f"the router's own mean weight of {a.target}: "
+          f"{router_weight(m, prompts, a.target, inputs=inputs, layers=span):.3f}")
 
 
 def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest: str | None = None,
@@ -235,7 +265,11 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
                         "the fused low-rank path)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("sweep", help="generate with one group or expert weight fixed at 0 … 1 (controllability curve)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--dataset", default=None, metavar="FILE.jsonl",
+                   help="the curve over a data set instead of one prompt: mean score per weight (rows with `output` "
+                        "are scored against it); --csv gets one line per row and weight")
+    p.add_argument("--limit", type=int, default=0, help="with --dataset: only the first N rows")
     p.add_argument("--input", default="")
     p.add_argument("--manifest", default=None, help="expert manifest (default $ATMOE_MANIFEST)")
     p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")

@@ -4,6 +4,7 @@ routing's, and the separation score tells clusters from noise."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from atmoe import GroupLayout
@@ -112,3 +113,35 @@ def test_atlas_tab_maps_the_held_out_set_and_its_balance(at, manifest: Path) -> 
     at.radio(key="atlas_features").set_value("full").run()
     ok(at)
     assert not np.allclose(np.sort(_points(_chart(at, "atlas_scatter"))[:, 0]), np.sort(shown[:, 0]))
+
+
+# ---------------------------------------------------------------------------------------------- the curve over a data set
+def test_dataset_sweep_lines_are_plain_generations_and_the_curve_averages_them(manifest: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    from atmoe.analysis.sweep import curve, router_weight, sweep_overrides, sweep_rows
+    from atmoe.cli import main
+
+    m = ATMoE.load(manifest, device="cpu")
+    prompts, inputs = ["List the vital signs.", "Use bullet points, plain language."], ["Vitals: HR 135.", ""]
+    frame = sweep_rows(m, prompts, "expert:bullets", inputs=inputs, steps=2, layers=(1, 3),
+                       scorer=lambda i, text: {"chars": float(len(text)), "row_is": float(i)}, max_new_tokens=4)
+    assert len(frame) == 4 and list(frame.row) == [0, 1, 0, 1] and list(frame.weight) == [0.0, 0.0, 1.0, 1.0]
+    assert list(frame.row_is) == list(frame.row)
+    for line in frame.itertuples():
+        ov = sweep_overrides(m, "expert:bullets", line.weight, (1, 3))
+        assert m.generate(prompts[line.row], input=inputs[line.row], overrides=ov, max_new_tokens=4).text == line.text
+    c = curve(frame)
+    assert list(c.weight) == [0.0, 1.0] and list(c.rows) == [2, 2]
+    assert c.chars.tolist() == [frame.chars[:2].mean(), frame.chars[2:].mean()]
+    own = [m.route(p, input=i).expert_weights[1:4, m.experts.index("bullets")].mean() for p, i in zip(prompts, inputs)]
+    assert router_weight(m, prompts, "expert:bullets", inputs=inputs, layers=(1, 3)) == pytest.approx(np.mean(own))
+    with pytest.raises(ValueError, match="cap"):
+        sweep_rows(m, prompts, "group:style", steps=3, max_cells=5)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": p, "input": i, "output": "x"}) + "\n"
+                            for p, i in zip(prompts, inputs)))
+    assert main(["sweep", "--dataset", str(data), "--target", "group:style", "--steps", "2", "--manifest",
+                 str(manifest), "--device", "cpu", "--max-new-tokens", "3", "--csv", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "router's own mean weight of group:style" in out
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 4
