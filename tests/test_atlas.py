@@ -62,7 +62,8 @@ def test_separation_tells_clusters_from_noise() -> None:
 def test_atlas_places_routings_that_differ_apart() -> None:
     rng = np.random.default_rng(2)
     n = 10
-    alpha = np.concatenate([np.tile([0.9, 0.1], (n, 3, 1)), np.tile([0.2, 0.8], (n, 3, 1))]) + rng.normal(0, .01, (2 * n, 3, 2))
+    alpha = np.concatenate([np.tile([0.9, 0.1], (n, 3, 1)), np.tile([0.2, 0.8], (n, 3, 1))])
+    alpha = alpha + rng.normal(0, .01, alpha.shape)
     beta = np.tile([0.5, 0.5, 1.0], (2 * n, 3, 1))
     frame, fit = atlas(alpha, beta, LAYOUT, labels=["g-heavy"] * n + ["h-heavy"] * n)
     assert list(frame.columns) == ["x", "y", "label"] and fit.explained[0] > 0.9
@@ -115,7 +116,7 @@ def test_atlas_tab_maps_the_held_out_set_and_its_balance(at, manifest: Path) -> 
     assert not np.allclose(np.sort(_points(_chart(at, "atlas_scatter"))[:, 0]), np.sort(shown[:, 0]))
 
 
-# ---------------------------------------------------------------------------------------------- the curve over a data set
+# ------------------------------------------------------------------------------------ the curve over a data set
 def test_dataset_sweep_lines_are_plain_generations_and_the_curve_averages_them(manifest: Path, tmp_path: Path,
                                                                              capsys) -> None:
     from atmoe.analysis.sweep import curve, router_weight, sweep_overrides, sweep_rows

@@ -138,7 +138,8 @@ def test_rates_and_agreement_on_known_numbers() -> None:
         def __init__(self, totals: dict[str, float]) -> None:
             self.targets = [f"expert:{e}" for e in totals]
             self.total = np.array(list(totals.values()))[:, None]
-    rows = [A({"x": -3.0, "y": -1.0, "z": 0.0}), A({"x": 0.5, "y": -1.0, "z": 0.0}), A({"x": -1.0, "y": 0.0, "z": -2.0})]
+    rows = [A({"x": -3.0, "y": -1.0, "z": 0.0}), A({"x": 0.5, "y": -1.0, "z": 0.0}),
+            A({"x": -1.0, "y": 0.0, "z": -2.0})]
     out = labelled_rate(rows, [["x"], ["x"], ["x"]])
     assert out["rows"] == 3 and out["rate"] == pytest.approx(1 / 3) and out["pair_rate"] == pytest.approx(3 / 6)
 
