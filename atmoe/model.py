@@ -9,11 +9,13 @@ The object is safe to share between threads: every call carries its own routing 
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import contextmanager, nullcontext
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,8 @@ from .load.manifest import Manifest
 from .overrides import CompiledOverrides, Overrides, compile_overrides
 from .router import GroupedRouter, RouterConfig, load_router, save_router
 from .state import RoutingState, add_routing_hooks
-from .tokens import EncodedPrompt, check_text, encode_prompt
+from .tokens import EncodedPrompt, check_text
+from .tokens import encode_prompt as tokenize
 from .trace import RoutingTrace
 
 
@@ -92,6 +95,8 @@ class ATMoE:
         add_routing_hooks(self.state, decoder_layers(model)[1])
         self._decode_buffers: DecodeBuffers | None = None   # the last decode shape's cache (under state.lock)
         self._step: Any = None                               # the compiled decode step (settings.cuda_graphs)
+        # what `merge=True` keeps once used: one weight per projection group (the base's fused projections)
+        self.merge_bytes = sum(g.stacked[:g.num_out].nbytes for layer in self.state.layers for g in layer.groups)
         cfg = RouterConfig(self.groups, self.experts, list(self.layout.expert_groups), self.num_layers,
                            model.config.get_text_config().hidden_size, mode=router_mode)
         if isinstance(router, (str, Path)):
@@ -144,35 +149,16 @@ class ATMoE:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @property
-    def router_config(self) -> RouterConfig:
-        return self.router.config
-
-    @property
-    def merge_bytes(self) -> int:
-        """Memory one `merge=True` generation holds while it runs: a copy of every fused Linear's weight."""
-        return sum(g.stacked[:g.num_out].nbytes for layer in self.state.layers for g in layer.groups)
-
-    def expert(self, name: str) -> Expert:
-        return self._experts[self.experts.index(name)]
-
-    def new_router(self, **changes: Any) -> GroupedRouter:
-        """A fresh, untrained router for this model (e.g. `mode="sigmoid"`), on the model's device."""
-        return GroupedRouter(replace(self.router.config, **changes)).to(self.device)
-
-    def save_router(self, path: str | Path, router: GroupedRouter | None = None) -> Path:
-        return save_router(router or self.router, path)
-
-    def save_experts(self, out_dir: str | Path, card: dict[str, Any] | None = None,
-                     dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-        """Write every expert as the fused layers hold it now, one PEFT adapter folder each: `out_dir/<name>`."""
-        return {e.name: save_fused_expert(self.model, e, i, Path(out_dir) / e.name, card or {}, dtype)
-                for i, e in enumerate(self._experts)}
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint decoder layers; the backward recompute re-enters the call's routing (non-reentrant)."""
-        self.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_context})
+    def __getattr__(self, name: str) -> Any:
+        """The methods this release moved out of the class (training and call plumbing) keep working one release,
+        with a DeprecationWarning naming their new home."""
+        moved = _MOVED.get(name)
+        if moved is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        home = "atmoe.router.save_router(router, path)" if name == "save_router" else \
+            f"{moved.__module__}.{moved.__name__}(m, ...)"
+        warnings.warn(f"ATMoE.{name} is deprecated: use {home}", DeprecationWarning, stacklevel=2)
+        return moved(self) if name in _MOVED_PROPERTIES else partial(moved, self)
 
     def _checkpoint_context(self) -> tuple[object, object]:
         """`context_fn` for torch's non-reentrant checkpoint: the backward recompute of a layer runs after the call
@@ -225,14 +211,14 @@ class ATMoE:
         return compile_overrides(overrides, layout=self.layout, num_layers=self.num_layers,
                                  competitive_groups=competitive)
 
-    def new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | dict | None = None,
-                 router: GroupedRouter | None = None, granularity: str | None = None,
-                 merge: bool = False, instruction_mask: torch.Tensor | None = None) -> RoutingCall:
-        """A fresh per-call routing state. `merge` (batch 1, sequence mode): each fused Linear uses a per-call merged
-        copy of its weight, W0 + Σ w·s·B·A — base-model decode speed for `merge_bytes` more memory while the call
-        runs. The shared weights are never written, so "undoing" the merge is exact: the copy is dropped. Off by
-        default: the fused path keeps no copy at all (experts stored once), which matters on large models.
-        The router pools over `instruction_mask` when it reads the instruction and one is given, else `prompt_mask`."""
+    def _new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | CompiledOverrides | dict | None = None,
+                  router: GroupedRouter | None = None, granularity: str | None = None,
+                  merge: bool = False, instruction_mask: torch.Tensor | None = None) -> RoutingCall:
+        """A call's routing, as values (`RoutingCall`). `merge` (batch 1, sequence routing): the weighted experts are
+        folded into one weight per projection group, W0 + Σ w·s·B·A, written into buffers the model keeps
+        (`merge_bytes`, allocated by the first merging call) — base-model decode speed. The base weights are never
+        written. The router pools over `instruction_mask` when it reads the instruction and one is given, else
+        `prompt_mask`."""
         router = router or self.router
         if router.config.reads == "instruction" and instruction_mask is not None:
             prompt_mask = instruction_mask
@@ -247,19 +233,15 @@ class ATMoE:
         with self._hold(call):
             return self.model(**kwargs)
 
-    def encode(self, prompt: str, input: str = "") -> list[int]:
-        """Token ids of a user prompt: the tokenizer's chat template when it has one, else the plain text."""
-        return self.encode_prompt(prompt, input).ids
-
-    def encode_prompt(self, prompt: str, input: str = "") -> EncodedPrompt:
-        """`encode`, plus where the instruction's tokens are (what the router reads)."""
+    def _encode(self, prompt: str, input: str = "") -> EncodedPrompt:
+        """The chat-templated prompt's token ids, and where the instruction's tokens are (what the router reads)."""
         if not isinstance(prompt, str) or not isinstance(input, str):
             raise ValueError("prompt and input must be strings")
         check_text(prompt, "prompt")
         check_text(input, "input")
         if not (prompt.strip() or input.strip()):
             raise ValueError("the prompt is empty")
-        return encode_prompt(self.tokenizer, prompt, input)
+        return tokenize(self.tokenizer, prompt, input)
 
     def _batch(self, rows: Sequence[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-pad prompts → input_ids, attention_mask, instruction_mask [B, T]."""
@@ -284,15 +266,6 @@ class ATMoE:
             raise ValueError(f"the prompt is {n_prompt} tokens and {max_new_tokens} new tokens were asked for, but the "
                              f"model's context is {self.context_length}: shorten the prompt by {over} tokens")
 
-    def forward_routed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
-                       *, instruction_mask: torch.Tensor | None = None, overrides: Overrides | dict | None = None,
-                       router: GroupedRouter | None = None, granularity: str | None = None,
-                       **kwargs: Any) -> tuple[Any, RoutingCall]:
-        """One routed forward pass (the training entry point): returns the HF output and the call's records."""
-        call = self.new_call(prompt_mask, overrides, router, granularity, instruction_mask=instruction_mask)
-        out = self._run(call, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return out, call
-
     def route(self, prompt: str, overrides: Overrides | dict | None = None, *, input: str = "",
               router: GroupedRouter | None = None, granularity: str | None = None) -> RoutingTrace:
         """The routing of a prompt, without generating (decoder layers only, no LM head)."""
@@ -301,11 +274,11 @@ class ATMoE:
     def route_batch(self, prompts: Sequence[str], overrides: Overrides | dict | None = None, *,
                     inputs: Sequence[str] | None = None, router: GroupedRouter | None = None,
                     granularity: str | None = None) -> list[RoutingTrace]:
-        rows = [self.encode_prompt(p, i) for p, i in zip(prompts, inputs or [""] * len(prompts), strict=True)]
+        rows = [self._encode(p, i) for p, i in zip(prompts, inputs or [""] * len(prompts), strict=True)]
         for r in rows:
             self._check_length(len(r.ids))
         ids, mask, instruction = self._batch(rows)
-        call = self.new_call(mask, overrides, router, granularity, instruction_mask=instruction)
+        call = self._new_call(mask, overrides, router, granularity, instruction_mask=instruction)
         with torch.inference_mode(), self._hold(call):
             self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         return [self._trace(call, b, ids[b][mask[b].bool()].tolist()) for b in range(len(rows))]
@@ -361,11 +334,11 @@ class ATMoE:
                        stop: threading.Event | None = None) -> Iterator[str | list[Generation]]:
         """Yields text pieces of row 0 as they come, then the list of Generations."""
         start = time.perf_counter()
-        rows = [self.encode_prompt(p, i) for p, i in zip(prompts, inputs, strict=True)]
+        rows = [self._encode(p, i) for p, i in zip(prompts, inputs, strict=True)]
         for r in rows:
             self._check_length(len(r.ids), settings.max_new_tokens)
         ids, mask, instruction = self._batch(rows)
-        call = self.new_call(mask, overrides, router, settings.granularity, settings.merge,
+        call = self._new_call(mask, overrides, router, settings.granularity, settings.merge,
                              instruction_mask=instruction)
         if call.granularity == "token" and len(rows) > 1:
             raise ValueError("token-level routing is for one prompt at a time")
@@ -446,12 +419,80 @@ class ATMoE:
         """Why the router chose its weights for this prompt: every group and expert logit at each layer split exactly
         into one contribution per token it read, plus the bias (see `atmoe.explain`). One routed forward pass, no
         overrides, sequence routing; `layers` limits the layers reported (default all)."""
-        row = self.encode_prompt(prompt, input)
+        row = self._encode(prompt, input)
         self._check_length(len(row.ids))
         ids, mask, instruction = self._batch([row])
-        call = self.new_call(mask, router=router, granularity="sequence", instruction_mask=instruction)
+        call = self._new_call(mask, router=router, granularity="sequence", instruction_mask=instruction)
         call.keep_inputs = True   # keep the hidden state entering each layer, for this call only
         with torch.inference_mode():
             with self._hold(call):
                 self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
             return Explanation.from_call(call, row.ids, self.tokenizer, self._trace(call, 0, row.ids), layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training and call plumbing: functions of a model, not part of the user API.
+
+def new_call(m: ATMoE, prompt_mask: torch.Tensor, overrides: Overrides | CompiledOverrides | dict | None = None,
+             router: GroupedRouter | None = None, granularity: str | None = None, merge: bool = False,
+             instruction_mask: torch.Tensor | None = None) -> RoutingCall:
+    """A call's routing for `m` (see `ATMoE._new_call`): what `forward_routed` runs, and tests inspect."""
+    return m._new_call(prompt_mask, overrides, router, granularity, merge, instruction_mask)
+
+
+def forward_routed(m: ATMoE, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor, *,
+                   instruction_mask: torch.Tensor | None = None,
+                   overrides: Overrides | CompiledOverrides | dict | None = None, router: GroupedRouter | None = None,
+                   granularity: str | None = None, merge: bool = False, **kwargs: Any) -> tuple[Any, RoutingCall]:
+    """One routed forward pass (the training entry point): the HF output and the call (`call.stacked(...)`)."""
+    call = m._new_call(prompt_mask, overrides, router, granularity, merge, instruction_mask=instruction_mask)
+    return m._run(call, input_ids=input_ids, attention_mask=attention_mask, **kwargs), call
+
+
+def new_router(m: ATMoE, **changes: Any) -> GroupedRouter:
+    """A fresh, untrained router for `m` (e.g. `mode="sigmoid"`), on the model's device."""
+    return GroupedRouter(replace(m.router.config, **changes)).to(m.device)
+
+
+def save_experts(m: ATMoE, out_dir: str | Path, card: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write every expert as the fused layers hold it now (e.g. co-adapted), one PEFT adapter folder each."""
+    return {e.name: save_fused_expert(m.model, e, i, Path(out_dir) / e.name, card or {}, dtype)
+            for i, e in enumerate(m._experts)}
+
+
+def enable_gradient_checkpointing(m: ATMoE) -> None:
+    """Checkpoint decoder layers; the backward recompute takes the call's routing again (non-reentrant)."""
+    m.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": m._checkpoint_context})
+
+
+def encode(m: ATMoE, instruction: str, input: str = "") -> list[int]:
+    """Token ids of a request as `m` reads it: the tokenizer's chat template when it has one, else the plain text."""
+    return m._encode(instruction, input).ids
+
+
+def encode_prompt(m: ATMoE, instruction: str, input: str = "") -> EncodedPrompt:
+    """`encode`, plus where the instruction's tokens are (what the router reads)."""
+    return m._encode(instruction, input)
+
+
+def expert(m: ATMoE, name: str) -> Expert:
+    """One expert's details (group, source, PEFT config, card) by name."""
+    return m._experts[m.experts.index(name)]
+
+
+def router_config(m: ATMoE) -> RouterConfig:
+    return m.router.config
+
+
+def _save_router(m: ATMoE, path: str | Path, router: GroupedRouter | None = None) -> Path:
+    return save_router(router or m.router, path)
+
+
+_MOVED = {"new_call": new_call, "forward_routed": forward_routed, "new_router": new_router,
+          "save_experts": save_experts, "gradient_checkpointing_enable": enable_gradient_checkpointing,
+          "encode": encode, "encode_prompt": encode_prompt, "expert": expert, "router_config": router_config,
+          "save_router": _save_router}
+_MOVED_PROPERTIES = {"router_config"}
+

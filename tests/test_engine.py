@@ -271,3 +271,20 @@ def test_overrides_checked_once_are_used_as_compiled(tmp_path):
     np.testing.assert_array_equal(a.trace.effective_weights, b.trace.effective_weights)
     with pytest.raises(ValueError, match="another model or router mode"):
         m.route("List the vital signs.", overrides=compiled, router=m.new_router(mode="sigmoid"))
+
+
+def test_the_model_class_is_the_user_api_and_moved_methods_still_work_with_a_warning(tmp_path):
+    """ATMoE's public members are the user API (≤ 12); the training and call plumbing moved to functions in
+    atmoe.model, and the old method names keep working one release with a DeprecationWarning naming the new home."""
+    from atmoe.model import encode, new_router
+    from tiny_models import tiny_demo
+    public = [n for n in dir(ATMoE) if not n.startswith("_")]
+    assert len(public) <= 12 and {"load", "route", "score", "stream", "generate", "explain"} <= set(public)
+    m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
+    with pytest.warns(DeprecationWarning, match=r"atmoe\.model\.encode\(m"):
+        old = m.encode("List the vital signs.")
+    assert old == encode(m, "List the vital signs.")
+    with pytest.warns(DeprecationWarning, match="new_router"):
+        assert m.new_router(mode="sigmoid").config == new_router(m, mode="sigmoid").config
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        m.nonsense  # noqa: B018
