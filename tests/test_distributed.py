@@ -251,8 +251,10 @@ def _shares(record: Path, rank: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def sharded_run(work: Path, router_runs: tuple[Path, Path]) -> Path:
-    """The 6 steps of `router_runs`, two processes × 2 rows, each holding half the base (FSDP2 per decoder layer)."""
-    args = [*_router_args(work, "router24.jsonl", "sharded/router.safetensors", 2), "--shard-base"]
+    """The 6 steps of `router_runs`, two processes × 2 rows, each holding half the base (FSDP2 per decoder layer),
+    with activation checkpointing per decoder layer (the backward recompute re-gathers the layer)."""
+    args = [*_router_args(work, "router24.jsonl", "sharded/router.safetensors", 2), "--shard-base",
+            "--gradient-checkpointing"]
     proc = _ok(_launch("router", 2, args, work / "rec10"))
     (work / "sharded.stderr").write_text(proc.stderr)
     return work / "sharded" / "router.safetensors"
