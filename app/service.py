@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from atmoe import ATMoE, Explanation, Generation, GenerationSettings, GroupLayout, Overrides, RoutingTrace
+from atmoe.analysis.attribution import Attribution
 from demo.config import SHIPPED_MANIFEST, STAGE1_MANIFEST
 
 # The shipped demo (`make assets`): the co-adapted experts with their router (the default), then the stage-1 experts
@@ -48,6 +49,7 @@ class Answer:
     overrides: Overrides | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # the very object the engine ran with
     path: str = "folded"  # how the experts were applied, as the engine reports it (`Generation.path`)
+    token_ids: list[int] = field(default_factory=list)   # the answer's tokens (what attribution teacher-forces)
 
     @property
     def tokens_per_second(self) -> float:
@@ -96,9 +98,10 @@ class Service:
 
     @property
     def merge_default(self) -> bool:
-        """Fast decode by default only where its per-generation weight copy is small (a fixed rule, so every
-        session of one model gets the same default and the same numbers)."""
-        return self.model.merge_bytes <= MERGE_DEFAULT_MAX_BYTES
+        """Fast decode by default only where the base can be merged into at all (not quantized or offloaded) and the
+        merged weights the model keeps are small (a fixed rule, so every session of one model gets the same default
+        and the same numbers)."""
+        return 0 < self.model.merge_bytes <= MERGE_DEFAULT_MAX_BYTES
 
     @property
     def groups(self) -> list[str]:
@@ -172,7 +175,7 @@ class Service:
     @staticmethod
     def _answer(g: Generation, overrides: Overrides | None, settings: GenerationSettings) -> Answer:
         return Answer(g.text, g.trace, g.seconds, len(g.token_ids), g.prompt_tokens, g.finish_reason, overrides,
-                      settings, g.path)
+                      settings, g.path, list(g.token_ids))
 
     def explain(self, prompt: str, input: str = "") -> Explanation:
         """Every layer's attribution of the routing of this prompt (one forward pass; see `atmoe.explain`)."""
@@ -185,6 +188,15 @@ class Service:
         from atmoe.analysis.sweep import sweep
 
         return sweep(self.model, prompt, input, target, steps=steps, settings=settings)
+
+    def attribute(self, prompt: str, input: str, answer: Answer, targets: Sequence[str],
+                  ranges: Sequence[tuple[int, int]], first_order: bool = False) -> Attribution:
+        """Δ log p of `answer` with each target removed on each layer range, under the answer's own overrides and
+        granularity (see `atmoe.analysis.attribution`)."""
+        from atmoe.analysis.attribution import attribute
+
+        return attribute(self.model, prompt, answer.token_ids, input=input, targets=targets, ranges=ranges,
+                         overrides=answer.overrides, first_order=first_order, granularity=answer.trace.granularity)
 
     def export_adapter_zip(self, trace: RoutingTrace, use: str = "used") -> bytes:
         """The routing frozen into one PEFT LoRA adapter (see `atmoe.analysis.export`), zipped in memory."""

@@ -220,6 +220,9 @@ class ATMoE:
         written. The router pools over `instruction_mask` when it reads the instruction and one is given, else
         `prompt_mask`."""
         router = router or self.router
+        if merge and not self.state.stackable:
+            raise ValueError("merge=True needs plain, resident base weights, and this base is quantized or offloaded "
+                             "(a LoRA cannot be merged into 4-bit weights exactly): decode without merge")
         if router.config.reads == "instruction" and instruction_mask is not None:
             prompt_mask = instruction_mask
         granularity = granularity or router.config.granularity

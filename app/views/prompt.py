@@ -42,9 +42,10 @@ def _form(svc: Service) -> str | None:
                             "for the per-token view")
             st.checkbox("Fast decode (merged weights)", value=svc.merge_default, key="merge",
                         help=f"Batch 1, sequence routing: once the prompt has fixed the weights, each projection "
-                             f"uses a merged copy W0 + Σ w·B·A for this generation only (+{svc.merge_mb:.0f} MB "
-                             f"while it runs; the shared model is never changed). Same answer within float "
-                             f"rounding; off = the fused low-rank path, no copy.")
+                             f"group decodes with one merged weight W0 + Σ w·B·A, written into buffers the model "
+                             f"keeps once used (+{svc.merge_mb:.0f} MB; the base weights are never changed). Same "
+                             f"answer within float rounding; off = the base weights and one low-rank expand per "
+                             f"projection group, no extra copy.")
         b = st.columns([1, 1, 4])
         gen = b[0].form_submit_button("Generate", type="primary")
         route = b[1].form_submit_button("Route only", help="Routing heatmaps without generating")

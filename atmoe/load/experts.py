@@ -222,9 +222,10 @@ def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str
 
 
 def _stackable(base: nn.Module) -> bool:
-    """A base layer whose weight can become a view into a stacked tensor: plain, resident, not hooked."""
-    return (isinstance(base, (nn.Linear, Conv1D)) and base.weight.device.type != "meta"
-            and not hasattr(base, "_hf_hook"))
+    """A base layer whose weight can become a view into a stacked tensor: a plain Linear or Conv1D (not a subclass
+    such as bitsandbytes' Linear4bit, whose packed weight is no matrix), floating point, resident, not hooked."""
+    return (type(base) in (nn.Linear, Conv1D) and base.weight.dtype.is_floating_point
+            and base.weight.device.type != "meta" and not hasattr(base, "_hf_hook"))
 
 
 def _group(fused: dict[str, FusedLoRA], state: RoutingState, num_experts: int) -> None:
