@@ -19,8 +19,17 @@ from typing import Any
 
 import pandas as pd
 
-from atmoe import ATMoE, Explanation, Generation, GenerationSettings, GroupLayout, Overrides, RoutingTrace
+from atmoe import (
+    ATMoE,
+    Explanation,
+    Generation,
+    GenerationSettings,
+    GroupLayout,
+    Overrides,
+    RoutingTrace,
+)
 from atmoe.analysis.attribution import Attribution
+from atmoe.model import expert
 from demo.config import SHIPPED_MANIFEST, STAGE1_MANIFEST
 
 # The shipped demo (`make assets`): the co-adapted experts with their router (the default), then the stage-1 experts
@@ -123,7 +132,7 @@ class Service:
         m = self.model
         cfg = m.router.config
         return {"manifest": self.source, "base_model": (m.manifest.base_model if m.manifest else None)
-                or "embedded SmolLM2-135M-Instruct", "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+                or "embedded SmolLM2-135M-Instruct", "device": str(m.device), "dtype": str(m.model.dtype).replace("torch.", ""),
                 "layers": m.num_layers, "context_length": m.context_length, "groups": self.groups,
                 "router": {"mode": cfg.mode, "temperature": cfg.temperature, "pooling": cfg.pooling,
                            "granularity": cfg.granularity, "trained": bool(m.router.trained)}}
@@ -131,13 +140,13 @@ class Service:
     def experts_table(self) -> pd.DataFrame:
         rows = []
         for name in self.experts:
-            e = self.model.expert(name)
+            e = expert(self.model, name)
             rows.append({"expert": name, "group": e.group, "rank": e.rank, "targets": ", ".join(e.target_modules),
                          "parameters": e.num_parameters, "description": e.description})
         return pd.DataFrame(rows)
 
     def expert_card(self, name: str) -> dict[str, Any]:
-        e = self.model.expert(name)
+        e = expert(self.model, name)
         return {"card": dict(e.card), "config": {k: v for k, v in e.config.items() if not isinstance(v, dict)}}
 
     # ------------------------------------------------------------------ overrides

@@ -12,7 +12,7 @@ import streamlit as st
 
 from app import state
 from app.service import Answer, Service
-from atmoe.analysis.attribution import Attribution, attribute, layer_ranges
+from atmoe.analysis.attribution import Attribution, layer_ranges
 
 
 def delta_matrix(a: Attribution) -> go.Figure:
@@ -43,37 +43,11 @@ def token_html(tokens: list[str], delta: np.ndarray) -> str:
     return '<div style="line-height: 1.9; font-family: monospace">' + "".join(spans) + "</div>"
 
 
-def _answer_ids(svc: Service, prompt: str, note: str, ans: Answer) -> list[int]:
-    """The answer's token ids: generated again with its own settings and overrides (seeded, so the same tokens),
-    cut where it stopped, and checked against the text on screen."""
-    g = svc.model.generate(prompt, input=note, settings=ans.settings, overrides=ans.overrides)
-    ids = g.token_ids[:ans.new_tokens]
-    if svc.model.tokenizer.decode(ids, skip_special_tokens=True) != ans.text:
-        raise ValueError("generating the answer again gave another text, so its tokens are unknown; generate it "
-                         "again in the Prompt & routing tab")
-    return ids
-
-
-def _asked(ans: Answer) -> tuple[str, str] | None:
-    """(instruction, note) the answer was generated for: the request of the trace on show while that trace is the
-    answer's own (`trace_of` is a (prompt, input, granularity) tuple or an object with those fields)."""
-    ss = st.session_state
-    if ss.get("answer_of"):
-        return tuple(ss.answer_of)
-    request = ss.get("trace_of")
-    if request is None or ss.get("trace") is not ans.trace:
-        return None
-    return (request.prompt, request.input) if hasattr(request, "prompt") else (request[0], request[1])
-
-
 def _run(svc: Service, ans: Answer, prompt: str, note: str, parts: int, targets: list[str], first: bool) -> None:
     ss = st.session_state
     try:
         with st.spinner("Removing each target on each layer range…"):
-            ids = _answer_ids(svc, prompt, note, ans)
-            result = attribute(svc.model, prompt, ids, input=note, targets=targets,
-                               ranges=layer_ranges(svc.num_layers, parts), overrides=ans.overrides,
-                               first_order=first, granularity=ans.trace.granularity)
+            result = svc.attribute(prompt, note, ans, targets, layer_ranges(svc.num_layers, parts), first)
     except state.ERRORS as e:
         st.error(f"Cannot attribute this answer: {e}")
         return
@@ -89,12 +63,7 @@ def render(svc: Service) -> None:
     if ans is None or not ans.new_tokens:
         st.info("Generate an answer in the **Prompt & routing** tab first.")
         return
-    asked = _asked(ans)
-    if asked is None:
-        st.info("The routing on screen is no longer this answer's (a **Route only** or **Apply** since): generate "
-                "again in the **Prompt & routing** tab to attribute an answer.")
-        return
-    prompt, note = asked
+    prompt, note = ss.answer_of   # what the answer was generated for (the trace on show may be a later routing)
     c = st.columns([1, 3, 1])
     parts = c[0].number_input("Layer ranges", 1, min(svc.num_layers, 8), min(3, svc.num_layers), key="attr_parts")
     choices = [f"expert:{e}" for e in svc.experts] + [f"group:{g}" for g in svc.groups]
