@@ -1,8 +1,9 @@
-"""Command line: `atmoe route|generate|sweep|attribute|train-expert|train-router`.
+"""Command line: `atmoe route|generate|sweep|attribute|atlas|train-expert|train-router`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
     atmoe route --dataset rows.jsonl --out routes/      # every row's routing as .npy + index + balance (analysis.md)
     atmoe attribute --dataset rows.jsonl --first-order  # Δ answer log-prob per removed expert, per row
+    atmoe atlas routes/                                  # the export's PCA plane and how its labels separate
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
     atmoe sweep "List the vital signs." --input "..." --target group:style --steps 5 --csv sweep.csv
@@ -172,6 +173,25 @@ def cmd_attribute(a: argparse.Namespace) -> None:
         print("first-order vs exact over all cells: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
 
 
+def cmd_atlas(a: argparse.Namespace) -> None:
+    """`atlas ROUTES`: the PCA plane of an export's routing, with how well its `experts` labels separate there."""
+    from .analysis.atlas import atlas, separation
+    from .analysis.routes import load_routes
+    from .layout import GroupLayout
+
+    alpha, beta, index, meta = load_routes(a.routes)
+    layout = GroupLayout(meta["groups"], meta["experts"], meta["expert_groups"])
+    labels = ["+".join(r["experts"]) or "—" if isinstance(r.get("experts"), list) else "—" for r in index]
+    frame, fit = atlas(alpha, beta, layout, labels=labels, kind=a.kind)
+    frame.insert(0, "id", [r["id"] for r in index])
+    sep = separation(frame[["x", "y"]].to_numpy(), frame["label"])
+    if a.csv:
+        frame.to_csv(a.csv, index=False)
+    print(f"{len(frame)} rows, features {a.kind}: the plane holds {fit.explained[0]:.1%} + {fit.explained[1]:.1%} of "
+          f"the variance; leave-one-out nearest-centroid accuracy of the {sep['labels']} labels "
+          f"{sep['accuracy']:.3f} over {sep['points']} rows (chance {sep['chance']:.3f})")
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     from .generation import GenerationSettings
     from .model import Generation
@@ -302,6 +322,12 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
     p.add_argument("--limit", type=int, default=0, help="only the first N rows")
     p.add_argument("--csv", default=None, help="write one line per (row, target, range)")
     p.set_defaults(func=cmd_attribute)
+    p = sub.add_parser("atlas", help="the PCA plane of a `route --dataset` export and how its labels separate")
+    p.add_argument("routes", metavar="DIR", help="a folder written by `route --dataset … --out DIR`")
+    p.add_argument("--kind", choices=["mean", "full"], default="mean",
+                   help="mean: layer-mean α and β; full: every layer's α·β")
+    p.add_argument("--csv", default=None, help="write id, x, y, label per row")
+    p.set_defaults(func=cmd_atlas)
     # Subcommands with their own parsers, imported only when called.
     delegated = {"train-expert": "atmoe.train.expert", "train-router": "atmoe.train.router"}
     summaries = {"train-expert": "train one LoRA expert (PEFT adapter) on a JSONL file",

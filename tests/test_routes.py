@@ -142,3 +142,19 @@ def test_cli_exports_a_dataset_and_refuses_half_arguments(demo, rows: Path, tmp_
     assert main(["route", "--out", str(tmp_path / "d"), "--manifest", str(path)]) == 2
     assert main(["route", "--manifest", str(path)]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+def test_cli_atlas_reads_an_export(demo, rows: Path, tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    from atmoe.analysis.atlas import atlas
+
+    _, m = demo
+    export_routes(m, rows, tmp_path / "r")
+    assert main(["atlas", str(tmp_path / "r"), "--csv", str(tmp_path / "a.csv")]) == 0
+    assert "nearest-centroid accuracy" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "a.csv", keep_default_na=False)
+    assert list(frame.label) == ["vitals", "—", "labs+bullets", "—", "—"]
+    alpha, beta, _, _ = load_routes(tmp_path / "r")
+    assert np.allclose(frame[["x", "y"]], atlas(alpha, beta, m.layout)[0][["x", "y"]])
+    assert main(["atlas", str(tmp_path / "nothing")]) == 2
