@@ -145,10 +145,6 @@ class ATMoE:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def __getattr__(self, name: str) -> Any:
         """The methods this release moved out of the class (training and call plumbing) keep working one release,
         with a DeprecationWarning naming their new home."""
@@ -235,6 +231,11 @@ class ATMoE:
         """One routed forward of `call` (the HF output)."""
         with self._hold(call):
             return self.model(**kwargs)
+
+    def encode(self, instruction: str, input: str = "") -> list[int]:
+        """Token ids of a request as the model reads it: the tokenizer's chat template when it has one, else the
+        plain text (what `score(input_ids=...)` takes)."""
+        return self._encode(instruction, input).ids
 
     def _encode(self, prompt: str, input: str = "") -> EncodedPrompt:
         """The chat-templated prompt's token ids, and where the instruction's tokens are (what the router reads)."""
@@ -411,7 +412,7 @@ class ATMoE:
         if buffers is None or not buffers.fits(batch, length):
             self._decode_buffers = None            # free the old cache before allocating the new one
             buffers = self._decode_buffers = DecodeBuffers(self.model.config, batch, cache_length(length), self.device,
-                                                           self.dtype)
+                                                           self.model.dtype)
         return buffers
 
     def _trace(self, call: RoutingCall, row: int, token_ids: list[int]) -> RoutingTrace:
@@ -470,11 +471,6 @@ def enable_gradient_checkpointing(m: ATMoE) -> None:
         gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": m._checkpoint_context})
 
 
-def encode(m: ATMoE, instruction: str, input: str = "") -> list[int]:
-    """Token ids of a request as `m` reads it: the tokenizer's chat template when it has one, else the plain text."""
-    return m._encode(instruction, input).ids
-
-
 def encode_prompt(m: ATMoE, instruction: str, input: str = "") -> EncodedPrompt:
     """`encode`, plus where the instruction's tokens are (what the router reads)."""
     return m._encode(instruction, input)
@@ -489,13 +485,17 @@ def router_config(m: ATMoE) -> RouterConfig:
     return m.router.config
 
 
+def dtype(m: ATMoE) -> torch.dtype:
+    return m.model.dtype
+
+
 def _save_router(m: ATMoE, path: str | Path, router: GroupedRouter | None = None) -> Path:
     return save_router(router or m.router, path)
 
 
 _MOVED = {"new_call": new_call, "forward_routed": forward_routed, "new_router": new_router,
           "save_experts": save_experts, "gradient_checkpointing_enable": enable_gradient_checkpointing,
-          "encode": encode, "encode_prompt": encode_prompt, "expert": expert, "router_config": router_config,
+          "encode_prompt": encode_prompt, "expert": expert, "router_config": router_config, "dtype": dtype,
           "save_router": _save_router}
-_MOVED_PROPERTIES = {"router_config"}
+_MOVED_PROPERTIES = {"router_config", "dtype"}
 

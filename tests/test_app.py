@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_session import NOTE, PROMPT, at, manifest, new_page  # noqa: F401 (at, manifest: fixtures)
+from app_session import (  # noqa: F401 (at, manifest: fixtures)
+    NOTE,
+    PROMPT,
+    at,
+    manifest,
+    new_page,
+)
 from app_session import ok as _ok
 from app_session import z_values as _z
 from streamlit.testing.v1 import AppTest
@@ -22,6 +28,7 @@ from app import batch_data, examples, figures, presets
 from app.service import Service
 from app.text import md_escape, word_diff
 from atmoe import ATMoE, GenerationSettings, Overrides, RoutingTrace
+from atmoe.model import expert
 
 
 def _generate(at: AppTest, prompt: str = PROMPT, note: str = NOTE, tokens: int = 6, granularity: str = "sequence"):
@@ -359,7 +366,7 @@ def test_experts_view_lists_what_is_loaded(at, manifest):
     table = next(d.value for d in at.dataframe if "expert" in d.value.columns)
     assert table["expert"].tolist() == m.experts
     assert table["group"].tolist() == [m.expert_groups[e] for e in m.experts]
-    assert table["rank"].tolist() == [m.expert(e).rank for e in m.experts]
+    assert table["rank"].tolist() == [expert(m, e).rank for e in m.experts]
     metrics = {x.label: x.value for x in at.metric}
     assert metrics["Decoder layers"] == str(m.num_layers)
     assert metrics["Router"] == f"{m.router.config.mode} · trained"

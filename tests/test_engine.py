@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import TARGETS, save_adapter, tiny_model
 
 from atmoe import ATMoE, Overrides
-from atmoe.router import load_router
-from tiny_models import TARGETS, save_adapter, tiny_model
+from atmoe.model import enable_gradient_checkpointing, forward_routed, new_router
+from atmoe.router import load_router, save_router
 
 IDS = torch.tensor([5, 17, 33, 2, 99, 64, 7, 21, 40, 11])
 
@@ -163,7 +164,7 @@ def test_router_save_load_round_trip(tmp_path):
     m, _ = build(tmp_path)
     randomize(m.router)
     before = m.score(input_ids=IDS).trace
-    path = m.save_router(tmp_path / "router.safetensors")
+    path = save_router(m.router, tmp_path / "router.safetensors")
     loaded = load_router(path, expected=m.router.config)
     after = m.score(input_ids=IDS, router=loaded).trace
     assert loaded.trained
@@ -200,7 +201,7 @@ def _router_grads(m, checkpointing):
     ids = IDS[None].repeat(2, 1)
     prompt = torch.zeros_like(ids)
     prompt[:, :4] = 1
-    out, _ = m.forward_routed(ids, torch.ones_like(ids), prompt, labels=ids, use_cache=False)
+    out, _ = forward_routed(m, ids, torch.ones_like(ids), prompt, labels=ids, use_cache=False)
     out.loss.backward()
     m.model.eval()
     return {n: p.grad.clone() for n, p in m.router.named_parameters()}
@@ -210,7 +211,7 @@ def test_router_trains_under_gradient_checkpointing(tmp_path):
     m, _ = build(tmp_path)
     randomize(m.router)
     plain = _router_grads(m, False)
-    m.gradient_checkpointing_enable()
+    enable_gradient_checkpointing(m)
     runs = []
     for f in m.fused:
         f.register_forward_hook(lambda *_: runs.append(1))
@@ -235,8 +236,8 @@ def test_merged_decode_matches_the_fused_path(tmp_path):
     mask = torch.ones_like(ids)
     before = [p.clone() for p in m.model.parameters()]
     with torch.inference_mode():
-        a, _ = m.forward_routed(ids, mask, mask, overrides=ov)
-        b, _ = m.forward_routed(ids, mask, mask, overrides=ov, merge=True)
+        a, _ = forward_routed(m, ids, mask, mask, overrides=ov)
+        b, _ = forward_routed(m, ids, mask, mask, overrides=ov, merge=True)
     assert (a.logits - b.logits).abs().max().item() <= 1e-4
     assert all(torch.equal(p, q) for p, q in zip(before, m.model.parameters()))   # the shared base is never written
     assert m.merge_bytes == sum(f.base_layer.weight.nbytes for f in m.fused) > 0
@@ -270,20 +271,21 @@ def test_overrides_checked_once_are_used_as_compiled(tmp_path):
     assert a.token_ids == b.token_ids
     np.testing.assert_array_equal(a.trace.effective_weights, b.trace.effective_weights)
     with pytest.raises(ValueError, match="another model or router mode"):
-        m.route("List the vital signs.", overrides=compiled, router=m.new_router(mode="sigmoid"))
+        m.route("List the vital signs.", overrides=compiled, router=new_router(m, mode="sigmoid"))
 
 
 def test_the_model_class_is_the_user_api_and_moved_methods_still_work_with_a_warning(tmp_path):
     """ATMoE's public members are the user API (≤ 12); the training and call plumbing moved to functions in
     atmoe.model, and the old method names keep working one release with a DeprecationWarning naming the new home."""
-    from atmoe.model import encode, new_router
     from tiny_models import tiny_demo
+
+    from atmoe.model import encode_prompt
     public = [n for n in dir(ATMoE) if not n.startswith("_")]
     assert len(public) <= 12 and {"load", "route", "score", "stream", "generate", "explain"} <= set(public)
     m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
-    with pytest.warns(DeprecationWarning, match=r"atmoe\.model\.encode\(m"):
-        old = m.encode("List the vital signs.")
-    assert old == encode(m, "List the vital signs.")
+    with pytest.warns(DeprecationWarning, match=r"atmoe\.model\.encode_prompt\(m"):
+        old = m.encode_prompt("List the vital signs.")
+    assert old == encode_prompt(m, "List the vital signs.")
     with pytest.warns(DeprecationWarning, match="new_router"):
         assert m.new_router(mode="sigmoid").config == new_router(m, mode="sigmoid").config
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):

@@ -10,6 +10,7 @@ from tiny_models import tiny_demo
 
 from atmoe import ATMoE
 from atmoe.explain import _words
+from atmoe.model import encode_prompt, new_router
 
 PROMPT = "List the vital signs. Flag each as low, normal or high."
 NOTE = "72 yo M. Vitals: HR 135, SpO2 88."
@@ -21,7 +22,7 @@ def m(tmp_path_factory, one_torch_thread) -> ATMoE:
 
 
 def _router(m: ATMoE, **config):
-    router = m.new_router(**config)
+    router = new_router(m, **config)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in router.parameters():
@@ -89,7 +90,7 @@ def test_contributions_add_up_to_the_routers_logits_and_weights(m, mode, reads, 
         assert "group" not in set(c.level) and all(t.startswith("expert:") for t in ex.targets)
 
     # The tokens explained are the ones the router reads.
-    encoded = m.encode_prompt(PROMPT, NOTE)
+    encoded = encode_prompt(m, PROMPT, NOTE)
     span = range(*encoded.instruction) if reads == "instruction" else range(len(encoded.ids))
     assert ex.token_positions == list(span)
     if reads == "instruction":

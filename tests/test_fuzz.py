@@ -16,10 +16,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_demo
 
 from atmoe import ATMoE, Overrides, RoutingTrace
 from atmoe.generation import MAX_NEW_TOKENS, GenerationSettings
-from tiny_models import tiny_demo
+from atmoe.model import new_router
 
 CONTEXT_MESSAGE = re.compile(r"the prompt is (\d+) tokens and (\d+) new tokens were asked for, but the model's "
                              r"context is 512: shorten the prompt by (\d+) tokens")
@@ -263,7 +264,7 @@ def test_override_fuzz_keeps_the_invariants(mode, model, sigmoid_model):
     m = sigmoid_model if mode == "sigmoid" else model
     router = None
     if mode == "flat":
-        router = m.new_router(mode="flat")
+        router = new_router(m, mode="flat")
         torch.manual_seed(0)
         with torch.no_grad():
             for p in router.parameters():

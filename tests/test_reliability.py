@@ -16,20 +16,22 @@ import shutil
 import threading
 import time
 import tomllib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import save_adapter, tiny_demo, tiny_llama, tiny_tokenizer
 
 from atmoe import ATMoE, Generation, Overrides, RoutingTrace
 from atmoe.generation import MAX_NEW_TOKENS, GenerationSettings
 from atmoe.load.base import BaseModelError, load_base
 from atmoe.load.files import atomic_directory, atomic_write_json
+from atmoe.model import new_router
 from atmoe.router import GroupedRouter, RouterConfig, save_router
 from atmoe.train.data import DataError, Example, encode_dataset, load_jsonl
-from tiny_models import save_adapter, tiny_demo, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "List the lab results. Use bullet points."
@@ -213,7 +215,7 @@ def _empty_group(m: Path) -> list[str]:
 
 def _router_for(m: Path, **change) -> None:
     good = ATMoE.load(m, device="cpu").router.config
-    cfg = {**good.__dict__, **change}
+    cfg = {**asdict(good), **change}
     save_router(GroupedRouter(RouterConfig(**cfg)), m.parent / "router.safetensors")
 
 
@@ -455,7 +457,7 @@ def test_leftover_of_a_crashed_swap_does_not_block_later_writes(writer, tmp_path
 
 @pytest.mark.parametrize("mode", ["softmax", "sigmoid", "flat"])
 def test_router_never_returns_nan_weights(model, mode):
-    router = model.new_router(mode=mode)
+    router = new_router(model, mode=mode)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in router.parameters():

@@ -13,6 +13,7 @@ import torch
 from tiny_models import randomize, tiny_demo, tiny_tokenizer
 
 from atmoe import ATMoE
+from atmoe.model import forward_routed, new_router
 from atmoe.tokens import encode_prompt
 from atmoe.train.data import Example, PadCollator, encode_example
 
@@ -33,7 +34,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> ATMoE:
 
 def random_router(m: ATMoE, seed: int = 0, **config):  # noqa: ANN201
     """A router of the given config with random heads, marked trained (an untrained one is uniform: reads nothing)."""
-    return randomize(m.new_router(**config), seed)
+    return randomize(new_router(m, **config), seed)
 
 
 def max_difference(a, b) -> float:  # noqa: ANN001
@@ -63,7 +64,7 @@ def test_reading_the_prompt_the_note_changes_the_routing(model):
         for j in range(i + 1, len(traces)):
             assert max_difference(traces[i], traces[j]) > 1e-3, (i, j)
     # The same heads reading the instruction: the notes no longer matter.
-    reader = model.new_router(reads="instruction")
+    reader = new_router(model, reads="instruction")
     reader.load_state_dict(router.state_dict())
     reader.trained = True
     same = [model.route(instruction, input=note, router=reader) for note in NOTES]
@@ -108,7 +109,7 @@ def test_training_reads_the_same_tokens_as_serving(model):
     features = [encode_example(model.tokenizer, ex, 512) for ex in examples]
     batch = PadCollator(model.tokenizer.pad_token_id, with_prompt_mask=True)(features)
     with torch.no_grad():
-        _, call = model.forward_routed(batch["input_ids"], batch["attention_mask"], batch["prompt_mask"],
+        _, call = forward_routed(model, batch["input_ids"], batch["attention_mask"], batch["prompt_mask"],
                                        instruction_mask=batch["instruction_mask"], router=router)
     for row, ex in enumerate(examples):
         served = model.route(ex.instruction, input=NOTES[0], router=router)

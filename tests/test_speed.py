@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo as dynamo
+from launches import count, qwen2_experts
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from atmoe import ATMoE, Overrides
 from atmoe.generation import DecodeBuffers
-from launches import count, qwen2_experts
+from atmoe.model import new_call, new_router
 
 PROMPT_TOKENS = 50
 
@@ -23,7 +24,7 @@ def shapes(tmp_path_factory):
     for layers in (2, 6):
         path, pristine = qwen2_experts(tmp_path_factory.mktemp(f"qwen{layers}"), layers)
         m = ATMoE.load(path, device="cpu")
-        router = m.new_router()
+        router = new_router(m)
         torch.manual_seed(0)
         with torch.no_grad():
             for p in router.parameters():
@@ -60,7 +61,7 @@ def _launches(m: ATMoE | None, pristine: torch.nn.Module, step: bool, **call) ->
             if step:
                 model(**_prefill_kwargs(ids, buffers))
             return count(lambda: model(**(_step_kwargs(buffers) if step else _prefill_kwargs(ids, buffers))))
-        c = m.new_call(mask, call.get("overrides"), None, call.get("granularity"), call.get("merge", False))
+        c = new_call(m, mask, call.get("overrides"), None, call.get("granularity"), call.get("merge", False))
         with m._hold(c):
             if not step:
                 return count(lambda: model(**_prefill_kwargs(ids, buffers)))
@@ -116,7 +117,7 @@ def test_no_host_sync_is_added_inside_the_forward(shapes, step, call):
 def _explain(m: ATMoE, step: bool):  # noqa: ANN202
     ids, mask = _ids()
     buffers = DecodeBuffers(m.model.config, 1, 256, torch.device("cpu"))
-    with torch.inference_mode(), m._hold(m.new_call(mask, Overrides(groups={"style": 0.4}))):
+    with torch.inference_mode(), m._hold(new_call(m, mask, Overrides(groups={"style": 0.4}))):
         buffers.reset(mask)
         if not step:
             return dynamo.explain(lambda: m.model(**_prefill_kwargs(ids, buffers)))()
@@ -140,8 +141,8 @@ def test_new_prompts_overrides_and_routers_never_recompile_the_full_graph(shapes
     routers at the same shapes run the same compiled code, with the eager model's logits."""
     m, _ = shapes[2]
     compiled = torch.compile(m.model, backend="eager", fullgraph=True, dynamic=False)
-    buffers = DecodeBuffers(m.model.config, 1, 256, torch.device("cpu"), m.dtype)
-    other = m.new_router(mode="softmax")
+    buffers = DecodeBuffers(m.model.config, 1, 256, torch.device("cpu"), m.model.dtype)
+    other = new_router(m, mode="softmax")
     torch.manual_seed(3)
     with torch.no_grad():
         for p in other.parameters():
@@ -149,7 +150,7 @@ def test_new_prompts_overrides_and_routers_never_recompile_the_full_graph(shapes
 
     def run(model, seed, overrides, router):  # noqa: ANN001, ANN202
         ids, mask = _ids(seed)
-        with torch.inference_mode(), m._hold(m.new_call(mask, overrides, router)):
+        with torch.inference_mode(), m._hold(new_call(m, mask, overrides, router)):
             buffers.reset(mask)
             first = model(**_prefill_kwargs(ids, buffers)).logits
             m.state.route_now = False

@@ -138,7 +138,8 @@ def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: i
     path = manifest.save(folder / "experts.json")
     if trained:
         m = ATMoE.load(path, device="cpu")
-        router = randomize(m.new_router(mode=mode, pooling=pooling), seed)
+        from atmoe.model import new_router
+        router = randomize(new_router(m, mode=mode, pooling=pooling), seed)
         save_router(router, folder / "router.safetensors")
         manifest.router = "router.safetensors"
         manifest.save(path)

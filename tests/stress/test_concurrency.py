@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_demo
 
 from atmoe import ATMoE
-from tiny_models import tiny_demo
+from atmoe.model import new_router
 
 THREADS, REQUESTS = 8, 50
 PROMPTS = ["List the lab results.", "List the vital signs. Flag each as low, normal or high.",
@@ -99,7 +100,7 @@ def hammer(m: ATMoE, routers: dict, n: int) -> tuple[dict, float]:
 
 def test_threads_never_see_each_others_sessions(model):
     torch.manual_seed(0)
-    routers = {"sigmoid": model.new_router(mode="sigmoid")}
+    routers = {"sigmoid": new_router(model, mode="sigmoid")}
     with torch.no_grad():
         for p in routers["sigmoid"].parameters():
             p.normal_(0, 0.5)
