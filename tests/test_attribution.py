@@ -179,10 +179,14 @@ def test_attribution_tab_shows_the_engines_numbers_and_reacts(at, manifest: Path
                          ranges=layer_ranges(m.num_layers, 2))
     assert np.allclose(z_values(_chart(at, "attr_matrix")["data"][0]), expected.total, atol=1e-3)
     assert a.targets == [f"expert:{e}" for e in m.experts] + [f"group:{x}" for x in m.groups]
-    coloured = [x.value for x in at.markdown if "Δ log p" in x.value]
-    assert len(coloured) == 1 and coloured[0].count("<span") == len(g.token_ids)
+    def coloured() -> np.ndarray:
+        z = z_values(_chart(at, "attr_tokens")["data"][0]).ravel()
+        return z[~np.isnan(z)]
+    first = at.selectbox(key="attr_target").value
+    assert np.allclose(coloured(), expected.delta[expected.targets.index(first), 0], atol=1e-3)
     at.selectbox(key="attr_target").set_value("group:style").run()
-    assert [x.value for x in at.markdown if "Δ log p" in x.value] != coloured   # another expert, other colours
+    at.selectbox(key="attr_range").set_value(1).run()
+    assert np.allclose(coloured(), expected.delta[expected.targets.index("group:style"), 1], atol=1e-3)
     assert not at.warning
     _app_generate(at, "Summarize this case in one line.")
     assert any("earlier answer" in w.value for w in at.warning)                 # the old attribution is marked

@@ -4,8 +4,6 @@ and the answer's tokens coloured by the selected cell's per-token change."""
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -29,18 +27,22 @@ def delta_matrix(a: Attribution) -> go.Figure:
     return fig
 
 
-def token_html(tokens: list[str], delta: np.ndarray) -> str:
-    """The answer's tokens, each on a background whose colour is its Δ log p (red < 0 < blue), with the value as a
-    tooltip. Line breaks of the answer are kept."""
+def token_figure(tokens: list[str], delta: np.ndarray, per_line: int = 12) -> go.Figure:
+    """The answer's tokens in reading order, `per_line` to a row, each cell coloured by its Δ log p (red < 0 < blue)
+    with the token written in it; hover gives the value. A plotly figure, not HTML: the page never renders raw HTML."""
+    T = len(tokens)
+    rows = max(1, -(-T // per_line))
+    z = np.full((rows, per_line), np.nan)
+    text = np.full((rows, per_line), "", dtype=object)
+    z.ravel()[:T] = delta
+    text.ravel()[:T] = [t.replace("\n", "↵") for t in tokens]
     bound = float(np.abs(delta).max()) or 1.0
-    spans = []
-    for tok, d in zip(tokens, delta):
-        strength = min(abs(float(d)) / bound, 1.0)
-        rgb = "214,39,40" if d < 0 else "31,119,180"
-        text = html.escape(tok).replace("\n", "↵<br>")
-        spans.append(f'<span title="Δ log p {d:+.3f}" style="background: rgba({rgb},{0.85 * strength:.2f}); '
-                     f'padding: 1px 0; border-radius: 2px">{text}</span>')
-    return '<div style="line-height: 1.9; font-family: monospace">' + "".join(spans) + "</div>"
+    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", zmin=-bound, zmax=bound, zmid=0,
+                               colorscale="RdBu", colorbar=dict(title="Δ log p"), xgap=2, ygap=2,
+                               hovertemplate="“%{text}”: Δ log p %{z:+.3f}<extra></extra>"))
+    fig.update_layout(margin=dict(l=10, r=10, t=10, b=10), height=60 + 34 * rows,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"))
+    return fig
 
 
 def _run(svc: Service, ans: Answer, prompt: str, note: str, parts: int, targets: list[str], first: bool) -> None:
@@ -86,7 +88,7 @@ def render(svc: Service) -> None:
     span = c[1].selectbox("on layers", list(range(len(a.ranges))), key="attr_range",
                           format_func=lambda r: f"{a.ranges[r][0]}–{a.ranges[r][1]}")
     k, r = a.targets.index(target), min(int(span), len(a.ranges) - 1)
-    st.markdown(token_html(a.tokens, a.delta[k, r]), unsafe_allow_html=True)
+    st.plotly_chart(token_figure(a.tokens, a.delta[k, r]), key="attr_tokens", width="stretch")
     st.caption(f"Red: removing {target} on layers {a.ranges[r][0]}–{a.ranges[r][1]} makes that token less likely; "
                f"blue: more likely. Total Δ log p {a.total[k, r]:+.3f} over {len(a.tokens)} tokens.")
     if a.estimate is not None:
