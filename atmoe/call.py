@@ -93,13 +93,13 @@ def build_plan(router: GroupedRouter, overrides: CompiledOverrides | None, read_
     plan = {k: v.to(device) for k, v in ov.items()}
     mask = read_mask.to(device, torch.float32)                                          # [B, T]
     plan.update(head_weight=weight, router_bias=bias, head_bias=bias + plan["logit_mask"],
-                eps_d=torch.tensor(EPS * cfg.hidden_size, device=device), eps=torch.tensor(EPS, device=device))
+                eps_d=torch.tensor(EPS * cfg.hidden_size, device=device))
     if cfg.pooling == "mean":
         plan["pool"] = (mask / mask.sum(1, keepdim=True).clamp(min=1.0))[:, None, :]   # [B, 1, T]
     elif cfg.pooling == "last":
         positions = torch.arange(mask.shape[1], device=device)
         plan["pool"] = torch.nn.functional.one_hot((mask * positions).argmax(-1), mask.shape[1]).float()[:, None]
     else:
-        plan["query"] = router.query.float()
+        plan["query"] = router.query.float() * cfg.hidden_size ** 0.5                  # [L, G, D]  (√D: state.read)
         plan["read_bias"] = torch.where(mask > 0, 0.0, float("-inf"))[:, None, :]       # [B, 1, T]
     return plan

@@ -116,9 +116,13 @@ def read(hidden: torch.Tensor, plan: dict[str, torch.Tensor], layer: int, poolin
     pooling weights) or [B, G, D] (attention: each group's softmax over the tokens read)."""
     if pooling != "attention":
         return torch.bmm(plan["pool"], hidden.float())                                   # [B, 1, D]
+    # q·RMSNorm(h_t) = (q·h_t)·rsqrt(Σh_t² + εD)·√D, √D folded into the call's query: one GEMM for every group's
+    # scores, one batched GEMV for every token's Σh², then the scale and the read mask in one addcmul.
     h = hidden.float()
-    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + plan["eps"])
-    scores = torch.einsum("btd,gd->bgt", normed, plan["query"][layer]) + plan["read_bias"]   # −inf off the read
+    B, T, D = h.shape
+    tokens = h.reshape(B * T, 1, D)
+    rs = torch.baddbmm(plan["eps_d"], tokens, tokens.transpose(1, 2)).rsqrt().view(B, 1, T)   # [B, 1, T]
+    scores = torch.addcmul(plan["read_bias"], torch.matmul(plan["query"][layer], h.transpose(1, 2)), rs)  # [B, G, T]
     a = torch.nan_to_num(scores.softmax(-1))               # a row that reads no token weighs nothing
     return torch.bmm(a, h)                                                                  # [B, G, D]
 
