@@ -6,6 +6,7 @@
 $ATMOE_TEST_RECORD (a folder): each process appends to `calls-<rank>.jsonl` one line per training forward (the data
 rows it trained on, router only), one per output it writes and, with --shard-base, the base elements it holds. $ATMOE_TEST_CRASH_AT=k: the k-th forward raises, as a
 killed run would stop.
+`kill_while_writing_checkpoint` does the same in-process, inside a checkpoint write (`test_train_*.py`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def instrument(folder: Path, crash_at: int = 0) -> None:
     train_router.RouterTrainingModule.forward = recording_forward
     train_router.save_router = recording("router", save_router)
     train_expert.save_expert = recording("expert", save_expert)
+
+
+def kill_while_writing_checkpoint(monkeypatch, nth: int = 2) -> None:
+    """Raise (as a kill would stop the run) when the Trainer writes its `nth` trainer_state.json: that checkpoint has
+    its weights but no trainer state, and the one before it is not yet rotated away."""
+    from transformers.trainer_callback import TrainerState
+
+    saves, original = [], TrainerState.save_to_json
+
+    def killed(self, path):
+        saves.append(path)
+        if len(saves) == nth:
+            raise KeyboardInterrupt(f"simulated kill while writing trainer state {nth}")
+        return original(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", killed)
 
 
 def main() -> None:

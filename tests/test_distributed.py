@@ -108,10 +108,10 @@ def router_runs(work: Path) -> tuple[Path, Path]:
     return work / "one" / "router.safetensors", work / "two" / "router.safetensors"
 
 
-def test_two_processes_take_the_one_process_steps(work: Path, router_runs: tuple[Path, Path]) -> None:
-    one, two = router_runs
-    # each step, the two processes train on the two halves of the one process's batch
-    single, ranks = _rows(work / "rec1", 0), [_rows(work / "rec2", r) for r in (0, 1)]
+def _same_steps(work: Path, one: Path, record: Path, two: Path, what: str) -> float:
+    """Assert the two-process run (`record`, router `two`) took the one-process run's steps (`rec1`, `one`): each
+    step the two halves of its batch, the same losses; returns the routers' max |Δ| (printed with `what`)."""
+    single, ranks = _rows(work / "rec1", 0), [_rows(record, r) for r in (0, 1)]
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 6
     for rows, r0, r1 in zip(single, *ranks):
         assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(rows)
@@ -121,7 +121,12 @@ def test_two_processes_take_the_one_process_steps(work: Path, router_runs: tuple
     for key in ("loss", "lm_loss", "aux_loss"):
         a, b = [e[key] for e in log1 if key in e], [e[key] for e in log2 if key in e]
         assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL * max(map(abs, a)), (key, a, b)
-    assert _max_diff(load_file(one), load_file(two), "router, 2 processes vs 1") < WEIGHT_TOL
+    return _max_diff(load_file(one), load_file(two), what)
+
+
+def test_two_processes_take_the_one_process_steps(work: Path, router_runs: tuple[Path, Path]) -> None:
+    one, two = router_runs
+    assert _same_steps(work, one, work / "rec2", two, "router, 2 processes vs 1") < WEIGHT_TOL
 
 
 def test_only_the_main_process_writes(work: Path, router_runs: tuple[Path, Path]) -> None:
@@ -267,15 +272,7 @@ def test_a_sharded_base_takes_the_one_process_steps(work: Path, router_runs: tup
         [(local, total)] = _shares(work / "rec10", r)
         print(f"measured: rank {r} holds {local}/{total} base elements ({local / total:.3f})")
         assert 0.45 <= local / total <= 0.55
-    single, ranks = _rows(work / "rec1", 0), [_rows(work / "rec10", r) for r in (0, 1)]
-    for rows, r0, r1 in zip(single, *ranks):
-        assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(rows)
-    log1, log2 = _log(one), _log(sharded_run)
-    assert _steps(log1) == _steps(log2) == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "lm_loss", "aux_loss"):
-        a, b = [e[key] for e in log1 if key in e], [e[key] for e in log2 if key in e]
-        assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL * max(map(abs, a)), (key, a, b)
-    assert _max_diff(load_file(one), load_file(sharded_run), "router, sharded base × 2 vs 1 process") <= 1e-5
+    assert _same_steps(work, one, work / "rec10", sharded_run, "router, sharded base × 2 vs 1 process") <= 1e-5
     assert _writes(work / "rec10", 0) == ["router"] and _writes(work / "rec10", 1) == []
     assert sorted(p.name for p in sharded_run.parent.iterdir()) == ["router.log.jsonl", "router.safetensors"]
 

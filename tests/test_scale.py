@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from atmoe import ATMoE
 from atmoe.load.base import BaseModelError, load_base
@@ -132,22 +131,9 @@ MIX = {"a": 0.7, "b": 0.3, "c": 0.45}    # sigmoid gates: a fixed routing PEFT's
 Q4_TOL = 1e-4
 
 
-def _stackable_unless_quantized(base: torch.nn.Module) -> bool:
-    """`load/experts.py::_stackable` with the one change the engine needs for quantized bases (docs/scale.md):
-    bitsandbytes' Linear4bit / Linear8bitLt *are* nn.Linear, resident and unhooked, but their packed integer weight
-    (a Parameter subclass) cannot become a row block of a float [W0; A] — without this the load fails in
-    `ProjectionGroup` ("Sizes of tensors must match")."""
-    return (isinstance(base, (torch.nn.Linear, Conv1D)) and type(base.weight) is torch.nn.Parameter
-            and base.weight.is_floating_point() and base.weight.device.type != "meta" and not hasattr(base, "_hf_hook"))
-
-
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (docs/scale.md: quantized bases)")
-    from atmoe.load import experts
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(experts, "_stackable", _stackable_unless_quantized)   # until the engine has it (see above)
     from transformers import BitsAndBytesConfig
 
     from tiny_models import save_adapter, tiny_model, tiny_tokenizer
@@ -165,8 +151,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory):
         return load_base(str(root / "base"), device="cpu", quantization_config=quantization_config)
 
     model, tok = load()
-    yield ATMoE.from_experts(model, tok, specs, router_mode="sigmoid"), specs, load
-    patch.undo()
+    return ATMoE.from_experts(model, tok, specs, router_mode="sigmoid"), specs, load
 
 
 def _peft_mix(load, specs):
@@ -220,16 +205,8 @@ def test_a_4bit_base_decodes_like_peft(quantized) -> None:
     assert diff <= Q4_TOL
 
 
-def test_merge_never_writes_into_a_4bit_base(quantized) -> None:
-    """A LoRA cannot be merged into 4-bit weights exactly: `merge=True` must not give a merged call (today the
-    engine silently runs the experts beside the base instead; see the next test for the refusal it should give)."""
-    m, _, _ = quantized
-    g = m.generate("List the lab results.", max_new_tokens=2, overrides={"groups": MIX}, merge=True)
-    assert g.path == "separate" and not g.merged
-
-
-@pytest.mark.xfail(reason="needs the refusal in ATMoE.new_call (model.py, engine core): docs/scale.md", strict=False)
 def test_merge_on_a_4bit_base_is_refused_with_a_clear_message(quantized) -> None:
+    """A LoRA cannot be merged into 4-bit weights exactly: `merge=True` is refused, naming why and what to do."""
     m, _, _ = quantized
-    with pytest.raises(ValueError, match="merge=True .* 4-bit"):
+    with pytest.raises(ValueError, match=r"merge=True needs plain, resident base weights.*4-bit.*decode without merge"):
         m.generate("List the lab results.", max_new_tokens=2, merge=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_worker import kill_while_writing_checkpoint
 from tiny_models import tiny_llama, tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -87,8 +88,6 @@ def test_a_relaunch_resumes_by_default_skipping_a_checkpoint_cut_short(data: Pat
                                                                        capsys) -> None:
     """The same behaviour as `train-router`: relaunching the command resumes (no `--resume` needed) from the last
     complete checkpoint; one killed while its trainer state was being written is named and skipped."""
-    from transformers.trainer_callback import TrainerState
-
     texts = [f"{e.instruction} {e.input} {e.output}" for e in load_jsonl(data)]
     tok = tiny_tokenizer(texts)
     cfg = _cfg(data, tmp_path / "labs", steps=8, save_steps=3, logging_steps=1, dtype_out="float32")
@@ -96,18 +95,10 @@ def test_a_relaunch_resumes_by_default_skipping_a_checkpoint_cut_short(data: Pat
     train_expert(_cfg(data, tmp_path / "full", steps=8, save_steps=3, logging_steps=1, dtype_out="float32"),
                  tiny_llama(len(tok)), tok)
 
-    saves, original = [], TrainerState.save_to_json
-
-    def killed_at_the_second_state(self, path):
-        saves.append(path)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("simulated kill while writing checkpoint-6")
-        return original(self, path)
-
-    monkeypatch.setattr(TrainerState, "save_to_json", killed_at_the_second_state)
+    kill_while_writing_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_expert(cfg, tiny_llama(len(tok)), tok)
-    monkeypatch.setattr(TrainerState, "save_to_json", original)
+    monkeypatch.undo()
     assert sorted(p.name for p in cfg.checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
     capsys.readouterr()
     train_expert(cfg, tiny_llama(len(tok)), tok)

@@ -12,6 +12,7 @@ from atmoe import ATMoE
 from atmoe.router import load_router
 from atmoe.train.router import RouterTrainConfig, RouterTrainingModule, train_router
 from demo.suite import complex_rows
+from dist_worker import kill_while_writing_checkpoint
 from tiny_models import tiny_demo
 
 
@@ -143,23 +144,13 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_relaunch(setup, tmp_path
     """Killed while writing checkpoint-6 (weights written, trainer_state.json not: the Trainer writes it last, then
     rotates checkpoint-3 away): the relaunch of the same command resumes from checkpoint-3, says so, and ends with the
     router an uninterrupted run trains."""
-    from transformers.trainer_callback import TrainerState
-
     manifest, data = setup
     full, _ = train_router(_cfg(manifest, data, steps=8, update_manifest=False, out=str(tmp_path / "full.safetensors")))
     cfg = _cfg(manifest, data, steps=8, update_manifest=False, out=str(tmp_path / "cut.safetensors"))
-    saves, original = [], TrainerState.save_to_json
-
-    def killed_at_the_second_state(self, path):
-        saves.append(path)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("simulated kill while writing checkpoint-6")
-        return original(self, path)
-
-    monkeypatch.setattr(TrainerState, "save_to_json", killed_at_the_second_state)
+    kill_while_writing_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_router(cfg)
-    monkeypatch.setattr(TrainerState, "save_to_json", original)
+    monkeypatch.undo()
     ckpt = tmp_path / "cut.checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-3", "checkpoint-6"]
     assert not (ckpt / "checkpoint-6" / "trainer_state.json").exists()

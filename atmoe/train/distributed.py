@@ -66,9 +66,10 @@ _engine_stackable = expert_loading._stackable
 
 
 @contextmanager
-def _sharded_weights_not_stacked() -> Iterator[None]:
-    """Stopgap until the engine's `load/experts.py::_stackable` refuses parameter subclasses itself (FSDP2's sharded
-    DTensor, bitsandbytes' packed weights): a sharded base layer must run as it is, never be stacked into [W0; A]."""
+def plain_weights_stacked_only() -> Iterator[None]:
+    """Stopgap until the engine's `load/experts.py::_stackable` refuses FSDP2's sharded weights itself: a sharded
+    Linear keeps its class and a floating-point dtype, but its weight is a DTensor shard, never to be stacked into
+    [W0; A]; the layer must run as it is. Wrap the `ATMoE` construction in it."""
     expert_loading._stackable = _plain_stackable
     try:
         yield
@@ -86,10 +87,10 @@ def load_sharded(manifest: str | Path, base: str | None = None, device: str = "c
     if m.base_signature:
         check_signature(m.base_signature, model, what=f"experts of manifest {m.root}")
     shard_base(model)
-    with _sharded_weights_not_stacked():
+    with plain_weights_stacked_only():
         return ATMoE.from_experts(model, tokenizer, [(g, e.name, m.expert_source(e), e.description)
                                                      for g, e in m.experts],
                                   groups=[g.name for g in m.groups], router=m.router_path(), manifest=m)
 
 
-__all__ = ["base_share", "load_sharded", "shard_base"]
+__all__ = ["base_share", "load_sharded", "plain_weights_stacked_only", "shard_base"]

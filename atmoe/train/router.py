@@ -39,7 +39,8 @@ from ..cliargs import dataclass_parser
 from ..load.files import atomic_write_bytes
 from ..load.manifest import ExpertEntry, GroupEntry, Manifest
 from ..fused import contiguous_state
-from ..model import ATMoE
+from ..model import ATMoE, enable_gradient_checkpointing, forward_routed, new_router, save_experts
+from ..model import expert as expert_details
 from ..router import GroupedRouter, MODES, POOLINGS, load_router, save_router
 from .checkpoints import resume_point
 from .data import PadCollator, encode_dataset, load_jsonl
@@ -194,7 +195,7 @@ class RouterTrainingModule(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
         """Called by the Trainer; our own kwargs replace its (the recompute must re-enter the routing call)."""
-        self.atmoe.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(self.atmoe)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 prompt_mask: torch.Tensor, instruction_mask: torch.Tensor, expert_labels: torch.Tensor,
@@ -204,8 +205,8 @@ class RouterTrainingModule(nn.Module):
         if self.training and self.pool_dropout > 0:
             prompt_mask, instruction_mask = (drop_tokens(mask, self.pool_dropout) for mask in (prompt_mask,
                                                                                                instruction_mask))
-        out, call = self.atmoe.forward_routed(input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
-                                              router=self.router, use_cache=False)
+        out, call = forward_routed(self.atmoe, input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
+                                   router=self.router, use_cache=False)
         targets = labels[:, 1:]                                   # position t predicts token t + 1
         n_tokens = sum_over_processes((targets != -100).sum()).clamp(min=1)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
@@ -285,7 +286,7 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
         f["experts"] = ex.experts
     print(f"router training: {len(features)} rows ({n_truncated} answers truncated to {cfg.max_length} tokens)")
     torch.manual_seed(cfg.seed)
-    router = m.new_router(mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads, pooling=cfg.pooling)
+    router = new_router(m, mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads, pooling=cfg.pooling)
     if cfg.init_router:
         start = load_router(cfg.init_router, expected=router.config)
         was, now = start.config, router.config
@@ -321,7 +322,7 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
     state.wait_for_everyone()
     if state.is_main_process:  # data parallel, every process holds the same router: one writes, the others wait
         if cfg.train_experts:  # the experts first: the manifest naming them and the router is written last
-            m.save_experts(Path(cfg.experts_out) / "experts", {"coadapted": {
+            save_experts(m, Path(cfg.experts_out) / "experts", {"coadapted": {
                 "with_router": Path(path).name, "data": cfg.data, "steps": cfg.steps, "expert_lr": cfg.expert_lr}},
                 OUT_DTYPES[cfg.experts_dtype])
         path = save_router(router, path)
@@ -344,7 +345,7 @@ def coadapted_manifest(m: ATMoE, root: Path, router: Path) -> Manifest:
     if base and not Path(base).is_absolute() and (src.root / base).is_dir():  # a base folder beside the source
         base = str(src.resolve(base, "base model"))
     return Manifest(
-        [GroupEntry(g, [ExpertEntry(e, f"experts/{e}", description=m.expert(e).description)
+        [GroupEntry(g, [ExpertEntry(e, f"experts/{e}", description=expert_details(m, e).description)
                         for e in m.layout.experts_of(g)]) for g in m.groups],
         base_model=base, base_signature=src.base_signature if src else None,
         description=((src.description + " — " if src and src.description else "") + "co-adapted with its router"),
