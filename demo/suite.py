@@ -22,6 +22,10 @@ Splits (every row {"instruction", "input", "output", "experts", "meta"}; same se
     coadapt.jsonl         the same, in wider wordings (training phrasings + ROUTER_PHRASES): stage 2's data
     eval.jsonl            held-out phrasings for every complex combination, incl. the held-out combinations
     gate/<name>.jsonl     fresh single-skill rows: an expert is trained when it passes these alone
+    abstain_requests.jsonl  requests that need no expert (experts: []), from the *training* families of
+                          `everyday.py` only: everyday requests (output "" until the build's `abstain` stage writes
+                          the base model's own answer) and clinical requests outside the skills, the note in either
+                          box (output: the note's lines). The held-out families never reach a training file.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from atmoe.load.files import atomic_write_bytes
+
+from .everyday import everyday_rows, outside_rows
 
 GROUPS: dict[str, list[str]] = {
     "task": ["labs", "vitals"],
@@ -351,16 +357,29 @@ def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float 
     return rows
 
 
+def abstention_rows(n_everyday: int, n_outside: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Training rows that need no expert: `n_everyday` everyday requests and `n_outside` clinical requests outside
+    the skills (half with the note in the instruction box, half in the input box), training families only."""
+    half = n_outside // 2
+    rows = (everyday_rows("train", n_everyday, seed) + outside_rows("train", n_outside - half, seed, where="input")
+            + [{**r, "meta": {**r["meta"], "where": "instruction"}} for r in
+               outside_rows("train", half, seed + 1, where="instruction")])
+    random.Random(f"atmoe-demo:{seed}:abstain").shuffle(rows)
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     import json
     return atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate: int = 50, n_router: int = 1200,
-                n_coadapt: int = 2400, n_eval: int = 64) -> dict[str, Path]:
+                n_coadapt: int = 2400, n_eval: int = 64, n_abstain_everyday: int = 480, n_abstain_outside: int = 160
+                ) -> dict[str, Path]:
     """Write every split under `out_dir` (each file atomically); returns {split: path}."""
     for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_coadapt", n_coadapt),
-                     ("n_eval", n_eval)):
+                     ("n_eval", n_eval), ("n_abstain_everyday", n_abstain_everyday),
+                     ("n_abstain_outside", n_abstain_outside)):
         if n < 1:
             raise ValueError(f"{label} must be >= 1, got {n}")
     out = Path(out_dir)
@@ -375,4 +394,11 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
     written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", complex_rows(n_coadapt, seed, off_topic=0.1, wide=True))
     written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
     written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
+    written["abstain_requests"] = write_abstention_requests(out, seed, n_abstain_everyday, n_abstain_outside)
     return written
+
+
+def write_abstention_requests(out_dir: str | Path, seed: int = 0, n_everyday: int = 480, n_outside: int = 160
+                              ) -> Path:
+    """abstain_requests.jsonl alone (the `abstain` stage writes it into a suite built before it existed)."""
+    return _write_jsonl(Path(out_dir) / "abstain_requests.jsonl", abstention_rows(n_everyday, n_outside, seed))

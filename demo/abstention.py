@@ -1,0 +1,281 @@
+"""Does the router stay out of what it has no skill for, and does an answer never invent a value?
+
+    python -m demo.abstention [--manifest M] [--everyday-n 120] [--same-n 24] [--outside-n 12] [--inskill-n 64]
+
+Four measurements, on held-out requests only (`demo/everyday.py`: families never used in training):
+
+    stays out      everyday requests: share whose every group gate is ≤ 0.3 on every layer (a routing pass, no
+                   generation), with the highest gate per domain
+    do no harm     on the first `same_n` of them: share whose greedy answer is token-identical to the base model's
+                   (every expert disabled), over `max_new_tokens`
+    never invented clinical requests outside the six skills (medications, allergies, diagnoses), the note in the
+                   instruction box and in the input box: share of greedy answers with no number absent from the note
+                   (`invented_values`); the same on in-skill held-out rows (assets/data/eval.jsonl), where the
+                   reference ranges are allowed on rows that ask for them
+    needed gates   in-skill held-out rows: recall of needed groups (gate > 0.5 on some layer, as `gate_hits`)
+
+Writes a JSON report (every answer, every invented value) and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import REPO, SHIPPED_MANIFEST
+from .everyday import everyday_rows, outside_rows
+from .suite import MEASURES
+
+# The request of issue 24 that invented "systolic blood pressure 120 / blood sugar 120 / creatinine 120", both boxes.
+_ISSUE_REQUEST = "Explain this patient's medications in plain words, as a bulleted list."
+_ISSUE_NOTE = "Note: 58-year-old man on metformin 500 mg twice daily and lisinopril 10 mg daily."
+ISSUE_EXAMPLE = [{"instruction": f"{_ISSUE_REQUEST}\n{_ISSUE_NOTE}", "input": "", "experts": []},
+                 {"instruction": _ISSUE_REQUEST, "input": _ISSUE_NOTE, "experts": []}]
+
+STAY_OUT = 0.3     # a gate at most this on every layer: the group stays out
+NEEDED = 0.5       # a needed group's gate opens above this on some layer (`evaluate.gate_hits`)
+
+# A number as written: not part of a word (SpO2, B12) nor of a longer number; "1.2-1.7" gives 1.2 and 1.7.
+_NUMBER = re.compile(r"(?<![A-Za-z0-9.])\d+(?:\.\d+)?(?![0-9])")
+_ORDINAL = re.compile(r"^\s*\d+[.)]\s", re.M)     # "1. " / "2) " list markers are not values
+
+
+def numbers(text: str) -> list[str]:
+    """Every value written in `text`, as written (list ordinals at the start of a line left out)."""
+    return _NUMBER.findall(_ORDINAL.sub(" ", text))
+
+
+def _canonical(value: str) -> str:
+    return repr(float(value))   # "10" and "10.0" are the same value
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """One answer against its source: `invented` lists the values it writes that the source does not hold;
+    `degenerate` names an answer that says nothing of its own ("empty", "echo" of the source, "repeated" line)."""
+
+    invented: tuple[str, ...]
+    degenerate: str | None
+
+    @property
+    def ok(self) -> bool:   # incomplete is allowed, invented is not
+        return not self.invented
+
+
+def _lines(text: str) -> list[str]:
+    return [" ".join(x.lower().split()) for x in text.splitlines() if x.strip()]
+
+
+def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> ValueCheck:
+    """The values of `answer` absent from `source` (the note and instruction as the user gave them) and from
+    `allowed` (knowledge the request asks for, e.g. reference ranges)."""
+    known = {_canonical(v) for v in numbers(source)} | {_canonical(v) for v in allowed}
+    invented = tuple(dict.fromkeys(v for v in numbers(answer) if _canonical(v) not in known))
+    lines = _lines(answer)
+    flat = " ".join(" ".join(answer.split()).lower().split())
+    if not lines:
+        degenerate = "empty"
+    elif flat in " ".join(source.lower().split()):
+        degenerate = "echo"
+    elif len(lines) >= 3 and len(set(lines)) <= len(lines) / 2:
+        degenerate = "repeated"
+    else:
+        degenerate = None
+    return ValueCheck(invented, degenerate)
+
+
+def range_numbers(note: str) -> tuple[str, ...]:
+    """The reference ranges of the suite's measurements that `note` holds: what the `ranges` expert may add."""
+    return tuple(v for a, m in MEASURES.items() if re.search(rf"\b{a}\b", note) for v in (m.fmt(m.low), m.fmt(m.high)))
+
+
+def check_row(answer: str, row: dict[str, Any]) -> ValueCheck:
+    source = f"{row['instruction']}\n{row['input']}"
+    allowed = range_numbers(source) if "ranges" in row.get("experts", []) else ()
+    return invented_values(answer, source, allowed)
+
+
+# ---------------------------------------------------------------- measurements on a model
+def stays_out(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[str, Any]:
+    """Routing only: per row the highest group gate over layers; share with every gate ≤ STAY_OUT."""
+    highest = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        for tr in m.route_batch([r["instruction"] for r in chunk], inputs=[r["input"] for r in chunk]):
+            highest.append(tr.group_weights.max(0))            # [G]: each group's highest gate over layers
+    top = np.array(highest)                                    # [N, G]
+    closed = top.max(1) <= STAY_OUT
+    domains: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        domains.setdefault(r["meta"]["domain"], []).append(i)
+    return {"n": len(rows), "threshold": STAY_OUT, "share_closed": float(closed.mean()),
+            "highest_gate": {g: float(top[:, j].max()) for j, g in enumerate(m.groups)},
+            "mean_highest_gate": {g: float(top[:, j].mean()) for j, g in enumerate(m.groups)},
+            "by_domain": {d: {"n": len(ix), "share_closed": float(closed[ix].mean()),
+                              "highest_gate": float(top[ix].max())} for d, ix in sorted(domains.items())},
+            "rows": [{"instruction": r["instruction"], "family": r["meta"]["family"],
+                      "highest": dict(zip(m.groups, map(float, t)))} for r, t in zip(rows, top)]}
+
+
+def _generate(m: Any, rows: list[dict[str, Any]], max_new_tokens: int, overrides: Any = None,
+              batch_size: int = 8) -> list[Any]:
+    out = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        out += m.generate_batch([r["instruction"] for r in chunk], inputs=[r["input"] for r in chunk],
+                                max_new_tokens=max_new_tokens, overrides=overrides)
+    return out
+
+
+def same_as_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers routed vs with every expert disabled: share token-identical over `max_new_tokens`."""
+    from atmoe.overrides import Overrides
+
+    routed = _generate(m, rows, max_new_tokens)
+    base = _generate(m, rows, max_new_tokens, Overrides(disabled=m.experts))
+    same = [a.token_ids == b.token_ids for a, b in zip(routed, base)]
+    return {"n": len(rows), "max_new_tokens": max_new_tokens, "share_identical": float(np.mean(same)),
+            "rows": [{"instruction": r["instruction"], "identical": s, "routed": a.text, "base": b.text}
+                     for r, s, a, b in zip(rows, same, routed, base)]}
+
+
+def never_invented(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
+    checks = [check_row(a, r) for a, r in zip(answers, rows)]
+    degenerate: dict[str, int] = {}
+    for c in checks:
+        if c.degenerate:
+            degenerate[c.degenerate] = degenerate.get(c.degenerate, 0) + 1
+    return {"n": len(rows), "share_ok": float(np.mean([c.ok for c in checks])),
+            "with_invented": sum(not c.ok for c in checks), "degenerate": degenerate,
+            "rows": [{"instruction": r["instruction"], "input": r["input"], "answer": a,
+                      "invented": list(c.invented), "degenerate": c.degenerate}
+                     for r, a, c in zip(rows, answers, checks)]}
+
+
+def needed_recall(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[str, Any]:
+    hits = total = 0
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        for tr, r in zip(m.route_batch([x["instruction"] for x in chunk], inputs=[x["input"] for x in chunk]),
+                         chunk):
+            top = tr.group_weights.max(0)
+            for g in {tr.layout.group_of(e) for e in r["experts"]}:
+                total += 1
+                hits += bool(top[tr.groups.index(g)] > NEEDED)
+    return {"n_rows": len(rows), "needed_groups": total, "recall": hits / total if total else None}
+
+
+@dataclass
+class AbstentionConfig:
+    """What `python -m demo.abstention` measures, and on how many rows."""
+
+    manifest: str = str(REPO / SHIPPED_MANIFEST)
+    everyday_n: int = 120          # held-out everyday requests, routing only
+    same_n: int = 24               # of them, answered twice (routed, base)
+    outside_n: int = 12            # clinical requests outside the skills, per box (instruction, input)
+    inskill_n: int = 64            # held-out in-skill rows (assets/data/eval.jsonl)
+    max_new_tokens: int = 48       # do-no-harm comparison
+    answer_tokens: int = 80        # clinical answers
+    inskill_answers: str = ""      # a results.json whose shipped system's answers stand in for generating them
+    out: str = "runs/abstention/report.json"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for k in ("everyday_n", "outside_n", "inskill_n", "max_new_tokens", "answer_tokens"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0 <= self.same_n <= self.everyday_n:
+            raise ValueError(f"same_n must be in [0, everyday_n], got {self.same_n}")
+
+
+def measure(cfg: AbstentionConfig) -> dict[str, Any]:
+    from atmoe.model import ATMoE
+
+    from .evaluate import read_rows
+
+    t0 = time.perf_counter()
+    m = ATMoE.load(cfg.manifest, device=cfg.device)
+    everyday = everyday_rows("heldout", cfg.everyday_n)
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "device")}}
+    report["config"]["manifest"] = str(Path(cfg.manifest).resolve().relative_to(REPO)) \
+        if Path(cfg.manifest).resolve().is_relative_to(REPO) else Path(cfg.manifest).name
+    report["stays_out"] = stays_out(m, everyday)
+    report["same_as_base"] = same_as_base(m, everyday[:cfg.same_n], cfg.max_new_tokens) if cfg.same_n else None
+    report["outside"] = {}
+    for where in ("instruction", "input"):
+        rows = outside_rows("heldout", cfg.outside_n, where=where)
+        answers = [g.text for g in _generate(m, rows, cfg.answer_tokens)]
+        report["outside"][where] = never_invented(rows, answers)
+    report["issue_example"] = never_invented(ISSUE_EXAMPLE, [g.text for g in _generate(m, ISSUE_EXAMPLE,
+                                                                                         cfg.answer_tokens)])
+    inskill = read_rows(REPO / "assets" / "data" / "eval.jsonl")[:cfg.inskill_n]
+    if cfg.inskill_answers:   # the stored table's answers of its shipped system (the build checks they regenerate)
+        table = json.loads(Path(cfg.inskill_answers).read_text(encoding="utf-8"))
+        answers = table["answers"][table["shipped"]][:cfg.inskill_n]
+        report["inskill_source"] = f"{Path(cfg.inskill_answers).name}: {table['shipped']}, max_new_tokens " \
+                                   f"{table['max_new_tokens']}"
+    else:
+        answers = [g.text for g in _generate(m, inskill, cfg.answer_tokens)]
+        report["inskill_source"] = f"generated, max_new_tokens {cfg.answer_tokens}"
+    report["inskill"] = never_invented(inskill, answers)
+    report["needed"] = needed_recall(m, inskill)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    s, lines = report["stays_out"], []
+    lines.append(f"stays out: {s['share_closed']:.3f} of {s['n']} held-out everyday requests keep every gate "
+                 f"<= {s['threshold']} on every layer; highest gate per group {_fmt(s['highest_gate'])}, "
+                 f"mean of each row's highest {_fmt(s['mean_highest_gate'])}")
+    lines += [f"    {d}: {v['share_closed']:.2f} closed of {v['n']}, highest gate {v['highest_gate']:.2f}"
+              for d, v in s["by_domain"].items()]
+    if report["same_as_base"]:
+        b = report["same_as_base"]
+        lines.append(f"do no harm: {b['share_identical']:.3f} of {b['n']} greedy answers token-identical to the base "
+                     f"model's over {b['max_new_tokens']} tokens")
+    for where, o in report["outside"].items():
+        lines.append(f"outside the skills, note in the {where} box: {o['share_ok']:.3f} of {o['n']} answers invent "
+                     f"no value ({o['with_invented']} invent; degenerate {o['degenerate'] or 'none'})")
+    for row in report["issue_example"]["rows"]:
+        where = "input" if row["input"] else "instruction"
+        lines.append(f"issue example, note in the {where} box: {row['answer']!r} invented {row['invented'] or 'none'}")
+    i = report["inskill"]
+    lines.append(f"in-skill held-out rows ({report['inskill_source']}): {i['share_ok']:.3f} of {i['n']} answers "
+                 f"invent no value ({i['with_invented']} invent; degenerate {i['degenerate'] or 'none'})")
+    n = report["needed"]
+    lines.append(f"needed-group recall on in-skill held-out rows: {n['recall']:.3f} of {n['needed_groups']} groups")
+    lines.append(f"({report['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in d.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = AbstentionConfig()
+    for k, v in vars(d).items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    try:
+        cfg = AbstentionConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = measure(cfg)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(summary(report))
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main()
