@@ -74,7 +74,7 @@ def show_flash() -> None:
 def settings() -> GenerationSettings:
     """The generation settings form's values: the object the engine runs with."""
     ss = st.session_state
-    return GenerationSettings(max_new_tokens=int(ss.get("max_new_tokens", 64)),
+    return GenerationSettings(max_new_tokens=int(ss.get("max_new_tokens", GenerationSettings().max_new_tokens)),
                               temperature=float(ss.get("temperature", 0.0)), top_p=float(ss.get("top_p", 1.0)),
                               seed=int(ss.get("seed", 0)), granularity=ss.get("granularity", "sequence"),
                               merge=bool(ss.get("merge", False)))

@@ -16,6 +16,8 @@ import torch
 from transformers import StaticCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from .router import GRANULARITIES
+
 MAX_NEW_TOKENS = 4096
 
 
@@ -44,7 +46,7 @@ class GenerationSettings:
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {s!r}")
-        if self.granularity not in (None, "sequence", "token"):
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'sequence', 'token' or None, got {self.granularity!r}")
         for name in ("merge", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):

@@ -9,11 +9,11 @@ The object is safe to share between threads: every call carries its own routing 
 from __future__ import annotations
 
 import inspect
-import warnings
-from contextlib import contextmanager, nullcontext
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -31,7 +31,7 @@ from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, rea
 from .load.files import LoadError
 from .load.manifest import Manifest
 from .overrides import CompiledOverrides, Overrides, compile_overrides
-from .router import GroupedRouter, RouterConfig, load_router, save_router
+from .router import GRANULARITIES, GroupedRouter, RouterConfig, load_router, save_router
 from .state import RoutingState, add_routing_hooks
 from .tokens import EncodedPrompt, check_text
 from .tokens import encode_prompt as tokenize
@@ -222,7 +222,7 @@ class ATMoE:
         if router.config.reads == "instruction" and instruction_mask is not None:
             prompt_mask = instruction_mask
         granularity = granularity or router.config.granularity
-        if granularity not in ("sequence", "token"):
+        if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
         return RoutingCall(router, prompt_mask.to(self.device), granularity, self.check_overrides(overrides, router),
                            merge=bool(merge) and prompt_mask.shape[0] == 1)

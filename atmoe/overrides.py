@@ -92,7 +92,7 @@ class CompiledOverrides:
     expert_value: torch.Tensor  # [E] float
     group_slices: tuple[slice, ...]
     competitive_groups: bool   # True when α is a budget (softmax/flat), False for sigmoid gates
-    source: dict[str, Any]     # the user's overrides, as a dict, for the trace
+    source: Overrides          # the user's overrides, as given (the trace keeps them)
 
     def apply(self, layer: int, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights α [..., G], β [..., E] at `layer` → the weights actually used."""
@@ -211,7 +211,7 @@ def compile_overrides(ov: Overrides, *, layout: GroupLayout, num_layers: int, co
     a, b = ov.layers if ov.layers is not None else (0, num_layers - 1)
     layer_mask[a:b + 1] = True
     return CompiledOverrides(layer_mask, group_fixed, group_value, expert_fixed, expert_value, layout.slices,
-                             competitive_groups, ov.to_dict())
+                             competitive_groups, ov)
 
 
 def identity_tensors(num_layers: int, num_groups: int, num_experts: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .layout import GroupLayout
+from .overrides import Overrides
 from .tokens import token_labels
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class RoutingTrace:
     mode: str
     granularity: str = "sequence"
     router_trained: bool = True
-    overrides: dict[str, Any] | None = None
+    overrides: Overrides | None = None          # what the user fixed (a dict only in to_dict / JSON)
     group_overridden: np.ndarray | None = None   # [L, G] bool
     expert_overridden: np.ndarray | None = None  # [L, E] bool
     fallback_layers: list[int] = field(default_factory=list)
@@ -137,7 +138,7 @@ class RoutingTrace:
         out: dict[str, Any] = {}
         for k in (f.name for f in fields(self)):
             v = getattr(self, k)
-            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
+            out[k] = v.tolist() if isinstance(v, np.ndarray) else v.to_dict() if isinstance(v, Overrides) else v
         out["effective_weights"] = self.effective_weights.tolist()
         return out
 
@@ -147,6 +148,8 @@ class RoutingTrace:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoutingTrace:
         d = {k: v for k, v in d.items() if k != "effective_weights"}
+        if d.get("overrides") is not None:
+            d["overrides"] = Overrides.from_dict(d["overrides"])
         for k in ("router_group_weights", "router_expert_weights", "group_weights", "expert_weights",
                   "group_overridden", "expert_overridden", "token_group_weights", "token_expert_weights"):
             if d.get(k) is not None:

@@ -14,15 +14,15 @@ import streamlit as st
 
 from app import presets, state
 from app.service import Service
-from atmoe import RoutingTrace
+from atmoe import Overrides, RoutingTrace
 
 
 def slider_notes(trace: RoutingTrace, layers: tuple[int, int]) -> dict[str, str]:
     """Per slider ('g:…' / 'e:…'), means over `layers` (inclusive) of `trace`: the router's value, the value fixed
     and the value in use — e.g. 'router 0.74 · in use 0.00 (renormalised)' or 'fixed 1.00 · router 0.12'."""
     rows = slice(layers[0], layers[1] + 1)
-    source = trace.overrides or {}
-    fixed_groups, disabled = source.get("groups") or {}, set(source.get("disabled") or [])
+    source = trace.overrides or Overrides()
+    fixed_groups, disabled = source.groups, set(source.disabled)
 
     def mean(weights: np.ndarray, i: int) -> float:
         return float(np.mean(weights[rows, i]))

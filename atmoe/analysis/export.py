@@ -86,7 +86,7 @@ def export_adapter(m: ATMoE, trace: RoutingTrace, out_dir: str | Path, *, use: s
     with atomic_directory(out_dir) as tmp:
         atomic_write_json(tmp / "adapter_config.json", config)
         atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata=meta)
-        atomic_write_json(tmp / "atmoe_routing.json", {"use": use, "overrides": trace.overrides,
+        atomic_write_json(tmp / "atmoe_routing.json", {"use": use, "overrides": trace.to_dict()["overrides"],
                                                        "groups": trace.groups, "experts": trace.experts,
                                                        "effective_weights": w.tolist()})
     return out_dir
