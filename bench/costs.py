@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 
-from atmoe.call import use_call
-
-from .inference import random_batch
+from .inference import random_batch, routed
 from .models import TARGETS, build_atmoe, nbytes, write_experts
 from .timing import interleaved
 
@@ -32,13 +30,13 @@ def _free(ctx: Any) -> None:
 
 
 def _overhead(ctx: Any, n: int, rank: int, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    """AT-MoE ÷ base prefill on a fresh copy of the base holding n experts of `rank`."""
+    """AT-MoE ÷ pristine base prefill, AT-MoE on a fresh copy of the base holding n experts of `rank`."""
     experts = write_experts(ctx.base, ctx.tmp / "scaling", n, rank)
     m = build_atmoe(copy.deepcopy(ctx.base), ctx.tokenizer, experts)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     routed_kw = dict(use_cache=False, logits_to_keep=1)
     with torch.inference_mode():
-        t = interleaved({"base": lambda: m.model(**kw),
+        t = interleaved({"base": lambda: ctx.base(**kw),
                          "atmoe": lambda: m.forward_routed(ids, mask, mask, **routed_kw)},
                         warmup=ctx.cfg.warmup, repeats=ctx.cfg.repeats, device=ctx.device)
     del m
@@ -62,15 +60,20 @@ def scaling(ctx: Any) -> dict:
 
 
 def _call_state_bytes(ctx: Any, batch: int, merge: bool) -> int:
-    """Bytes one routed call holds for its whole life (weights, trace records, prepared factors), after a prefill:
-    the per-request memory beyond activations. Counted exactly from the call's own tensors."""
+    """Bytes one routed call holds for its whole life (its plan: router head, overrides, pooling weights; what each
+    router read; per-layer weights on the rows path), after a prefill: the per-request memory beyond activations.
+    Counted exactly from the call's own tensors. Merged weights are not the call's: they live in buffers the model
+    keeps across calls (`merge_bytes`, allocated by the first merge=True call)."""
     m = ctx.atmoe
     ids, mask = random_batch(ctx, batch, 64, seed=13)
-    call = m.new_call(mask, merge=merge)
-    with torch.inference_mode(), use_call(call):
-        m.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-    tensors = [*call.weights.values(), *(t for _, t in call.prepared.values() if t is not None),
-               *(t for rec in call.records.values() for part in vars(rec).values() for t in part)]
+    with torch.inference_mode():
+        if merge:
+            with routed(m, mask, merge=True) as (forward, call):
+                forward(input_ids=ids, attention_mask=mask, use_cache=False)
+        else:
+            _, call = m.forward_routed(ids, mask, mask, use_cache=False, logits_to_keep=1)
+    records = [t for rec in call.records for t in (rec if isinstance(rec, list) else [rec]) if t is not None]
+    tensors = [*call.plan.values(), *(w for w in call.weights if w is not None), *records]
     return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
 
 
@@ -88,13 +91,15 @@ def memory(ctx: Any) -> dict:
                unit="ratio = (AT-MoE bytes − base bytes) ÷ experts' own A,B bytes (1.0 = no overhead)")
     out["call_state_bytes"] = {f"batch {b}{' merge' if merge else ''}": _call_state_bytes(ctx, b, merge)
                                for b, merge in ((1, False), (8, False), (1, True))}
+    out["merged_buffer_bytes"] = sum(g.merged.nbytes for layer in m.state.layers for g in layer.groups
+                                     if g.merged is not None)   # kept by the model after a merge=True call
     if ctx.device.type == "cuda":  # activation peak of one prefill, base vs routed
-        ids, mask = random_batch(ctx, max(ctx.cfg.prefill_batches), max(ctx.cfg.prefill_tokens), seed=5)
+        ids, mask = random_batch(ctx, *max(ctx.prefill_grid, key=lambda bt: bt[0] * bt[1]), seed=5)
         kw = dict(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
         routed_kw = dict(use_cache=False, logits_to_keep=1)
         peaks = {}
         with torch.inference_mode():
-            for name, fn in (("base", lambda: m.model(**kw)),
+            for name, fn in (("base", lambda: base(**kw)),
                              ("atmoe", lambda: m.forward_routed(ids, mask, mask, **routed_kw))):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

@@ -1,7 +1,9 @@
 """What the benchmarks run on: a base model, random PEFT experts written to disk, AT-MoE and its PEFT peers.
 
-Every peer is built from its own deepcopy of the pristine base, so no two share wrapped modules. AT-MoE wraps the
-original; "base" is that same wrapped model called outside a routing call (the engine's documented base path).
+"base" is the pristine checkpoint: loaded by transformers on its own (`build_base` called once for it) and never
+wrapped by atmoe. AT-MoE wraps a second load of the same checkpoint; every PEFT peer is built on its own deepcopy of
+the pristine base, so no two peers share modules. "atmoe_unrouted" is AT-MoE's model called outside a routing call
+(the wrapped base): its distance from "base" is what the wrappers alone cost.
 """
 
 from __future__ import annotations
@@ -29,16 +31,26 @@ QWEN_SHAPES = {
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2),
 }
-PEERS = ("base", "atmoe", "peft_one", "peft_all", "peft_cat", "xlora")
+PEFT_PEERS = ("peft_one", "peft_all", "peft_cat", "xlora")
+PEERS = ("base", "atmoe", "atmoe_merged", "atmoe_unrouted", *PEFT_PEERS)
 PEER_LABELS = {
-    "base": "base model alone",
+    "base": "pristine base (transformers, never wrapped)",
     "atmoe": "AT-MoE (grouped router, fused experts)",
-    "atmoe_merged": "AT-MoE, merge=True (per-call merged weights, batch 1)",
+    "atmoe_merged": "AT-MoE, merge=True (merged weights, batch 1)",
+    "atmoe_unrouted": "AT-MoE model outside a routing call (wrapped base)",
+    "atmoe_override": "AT-MoE with one group override",
+    "atmoe_token": "AT-MoE, token routing",
     "peft_one": "PEFT, one LoRA active",
     "peft_all": "PEFT, all experts active (plain sum)",
     "peft_cat": "PEFT add_weighted_adapter(cat), one merged LoRA",
     "xlora": "PEFT X-LoRA",
 }
+
+
+def label(peer: str) -> str:
+    """A peer's label; "<peer>+compile" is that peer run through torch.compile."""
+    name, _, compiled = peer.partition("+")
+    return PEER_LABELS[name] + (" + torch.compile" if compiled else "")
 
 
 def build_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
@@ -102,12 +114,16 @@ def _peft(base: nn.Module, experts: list[tuple[str, str, str, str]]) -> PeftMode
     return pm.eval()
 
 
-def build_peers(base: nn.Module, experts: list[tuple[str, str, str, str]]) -> tuple[dict[str, nn.Module], dict]:
-    """The PEFT peers of AT-MoE ({peer: model}), and {peer: error} for any that cannot be built in this version."""
+def build_peers(base: nn.Module, experts: list[tuple[str, str, str, str]], which: tuple[str, ...] = PEFT_PEERS
+                ) -> tuple[dict[str, nn.Module], dict]:
+    """The PEFT peers of AT-MoE named in `which` ({peer: model}), and {peer: error} for any that cannot be built in
+    this version."""
     peers, errors = {}, {}
     names = [name for _, name, _, _ in experts]
 
     def attempt(peer: str, fn) -> None:
+        if peer not in which:
+            return
         try:
             peers[peer] = fn()
         except Exception as e:  # a peer that cannot run is recorded, never faked

@@ -32,7 +32,9 @@ class Timings:
 
 def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
                 device: torch.device | str) -> Timings:
-    """Run every fn `warmup` times, then `repeats` rounds; the order rotates each round so no peer always goes first."""
+    """Run every fn `warmup` times, then `repeats` rounds; the order rotates each round so no peer always goes first.
+    A fn that returns a float has timed itself (e.g. only the decode steps after an untimed prefill): that float is
+    its sample; any other return value is ignored and the call's wall time is the sample."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -43,7 +45,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: i
         for name in names[r % len(names):] + names[: r % len(names)]:
             sync(device)
             t0 = time.perf_counter()
-            fns[name]()
+            own = fns[name]()
             sync(device)
-            out.samples[name].append(time.perf_counter() - t0)
+            out.samples[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
     return out
