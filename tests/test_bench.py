@@ -237,3 +237,30 @@ def test_grid_flags() -> None:
                 ["--new-tokens", "1"], ["--peers", "lora"]):
         with pytest.raises((SystemExit, ValueError)):
             parse_args(bad)
+
+
+def test_bench_decode_is_the_engines(tmp_path: Path) -> None:
+    """What the bench times as AT-MoE's decode is what `ATMoE.generate` runs: the same tokens and the same path
+    ("folded" by default, "merged" with merge=True) through the bench's own hold of a routed call."""
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    from atmoe.generation import DecodeBuffers, GenerationSettings, decode
+    from bench.inference import routed
+    from bench.launches import randomise_router
+    from bench.models import build_atmoe, write_experts
+
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok))
+    m = build_atmoe(base, tok, write_experts(base, tmp_path, 7, 8))
+    randomise_router(m.router)
+    row = m.encode_prompt("Triage this patient.", "HR 88, BP 142/90")
+    ids = torch.tensor([row.ids])
+    read = torch.zeros_like(ids)
+    read[0, row.instruction[0]:row.instruction[1]] = 1     # the router reads the instruction, as generate's does
+    for merge in (False, True):
+        want = m.generate("Triage this patient.", input="HR 88, BP 142/90", max_new_tokens=6, merge=merge)
+        with torch.inference_mode(), routed(m, read, merge=merge) as (forward, call):
+            got = [int(t) for t in decode(forward, ids, torch.ones_like(ids), GenerationSettings(max_new_tokens=6),
+                                          set(), 0, DecodeBuffers(m.model.config, 1, 256, ids.device))]
+        assert call.path == want.path == ("merged" if merge else "folded")
+        assert got[:len(want.token_ids)] == want.token_ids and len(want.token_ids) > 0
