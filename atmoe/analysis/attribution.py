@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..model import encode_prompt, forward_routed
 from ..overrides import Overrides
 from ..tokens import EncodedPrompt, token_labels
 from ..trace import RoutingTrace
@@ -129,7 +130,7 @@ def _answer_logprobs(m: ATMoE, rows: Sequence[tuple[EncodedPrompt, list[int]]], 
                      reads: str, granularity: str | None, router: Any = None) -> tuple[list[torch.Tensor], Any]:
     """One teacher-forced forward of `rows` → per row the log-prob of each answer token [T_b], and the call."""
     ids, mask, read, instruction = _batch(m, rows, reads)
-    out, call = m.forward_routed(ids, mask, read, instruction_mask=instruction, overrides=overrides, router=router,
+    out, call = forward_routed(m, ids, mask, read, instruction_mask=instruction, overrides=overrides, router=router,
                                  granularity=granularity, use_cache=False)
     logprobs = []
     for b, (p, a) in enumerate(rows):
@@ -141,7 +142,7 @@ def _answer_logprobs(m: ATMoE, rows: Sequence[tuple[EncodedPrompt, list[int]]], 
 
 
 def _encode(m: ATMoE, prompt: str, input: str, answer: Sequence[int]) -> tuple[EncodedPrompt, list[int]]:
-    p = m.encode_prompt(prompt, input)
+    p = encode_prompt(m, prompt, input)
     answer = [int(t) for t in answer]
     if not answer:
         raise ValueError("the answer is empty: nothing to attribute")
@@ -257,7 +258,7 @@ def teacher_forced(m: ATMoE, prompt: str, answer: Sequence[int], *, input: str =
     p, a = _encode(m, prompt, input, answer)
     with torch.inference_mode():
         ids, mask, read, instruction = _batch(m, [(p, a)], reads)
-        out, call = m.forward_routed(ids, mask, read, instruction_mask=instruction, overrides=overrides,
+        out, call = forward_routed(m, ids, mask, read, instruction_mask=instruction, overrides=overrides,
                                      granularity=granularity, use_cache=False)
         logits = out.logits[0, len(p.ids) - 1:len(p.ids) - 1 + len(a)].float().log_softmax(-1)
         logprobs = logits.gather(-1, torch.tensor(a, device=logits.device)[:, None])[:, 0]
