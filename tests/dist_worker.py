@@ -4,9 +4,9 @@
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py router --manifest ... (the module's own flags)
 
 $ATMOE_TEST_RECORD (a folder): each process appends to `calls-<rank>.jsonl` one line per training forward (the data
-rows it trained on, router only), one per output it writes and, with --shard-base, the base elements it holds. $ATMOE_TEST_CRASH_AT=k: the k-th forward raises, as a
-killed run would stop.
-`kill_while_writing_checkpoint` does the same in-process, inside a checkpoint write (`test_train_*.py`).
+rows it trained on, router only), one per output it writes and, with --shard-base, the base elements it holds.
+$ATMOE_TEST_CRASH_AT=k: the k-th forward raises, as a killed run would stop. `kill_while_writing_checkpoint` stops a
+run in-process inside a checkpoint write (`test_train_*.py`).
 """
 
 from __future__ import annotations

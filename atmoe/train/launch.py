@@ -5,8 +5,8 @@
     torchrun --nproc-per-node 2 -m atmoe.train.router ...   the same workers, started by hand
 
 A refusal (a bad flag value, a malformed data row, a wrong base: every ValueError) ends the command with one line on
-stderr — `<file>: line N: why` for a data row — printed by the main process only, exit status 2. Without this each of
-N processes prints its own traceback.
+stderr — `<file>: line N: why` for a data row — printed by the main process only (another process speaks only when
+the main one had nothing to say), exit status 2. Without this each of N processes prints its own traceback.
 
 Under a bare `torchrun`, torchrun adds its own `ChildFailedError` report whenever a worker exits non-zero, and no
 worker can silence it (the launcher prints it after the workers are gone). `--nproc-per-node` avoids it for what can
@@ -41,15 +41,17 @@ def is_main_process() -> bool:
 
 def refuse(prog: str, error: ValueError) -> NoReturn:
     """End the command on `error`: one line on stderr from the main process, exit status 2 on every process."""
+    line = error.one_line() if isinstance(error, DataError) else (str(error).splitlines() or [repr(error)])[0]
     if is_main_process():
-        line = error.one_line() if isinstance(error, DataError) else (str(error).splitlines() or [repr(error)])[0]
         print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     if is_worker():
         sys.stdout.flush()
         if not is_main_process():
-            # the launcher stops every worker as soon as one exits: the silent ones give the main one time to say why
+            # the launcher stops every worker as soon as one exits: the others give the main one time to say why,
+            # and speak only if it did not (then the fault was theirs alone)
             time.sleep(GRACE_S)
-        os._exit(2)   # no process-group teardown or atexit output from the N − 1 silent processes
+            print(f"{prog}: error (rank {os.environ.get('RANK')}): {line}", file=sys.stderr, flush=True)
+        os._exit(2)   # no process-group teardown or atexit output from the workers
     raise SystemExit(2)
 
 
@@ -70,8 +72,8 @@ def split_nproc(argv: list[str]) -> tuple[int, list[str]]:
 
 def run_command(prog: str, module: str, argv: list[str] | None, parse: Callable[[list[str]], Any],
                 train: Callable[[Any], str]) -> None:
-    """Parse `argv` into a config, then `train(config)` here, or — with `--nproc-per-node N > 1` outside a launcher —
-    check the config's data and `exec` torchrun on `module` with the same flags. `train` returns what the main process
+    """Parse `argv` into a config and `train(config)` here; with `--nproc-per-node N > 1` outside a launcher, check the
+    config's data instead and `exec` torchrun on `module` with the same flags. `train` returns what the main process
     says on success."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
