@@ -16,6 +16,7 @@ SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu"
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies.
 CATEGORICAL = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+TOKEN_TICK_SIZE = 14   # token labels under the per-token heatmap: plotly's default 12 px is too small to read
 MARK = dict(symbol="circle", size=9, color="white", line=dict(color="black", width=2))
 
 
@@ -131,7 +132,8 @@ def token_heatmap(trace: RoutingTrace, prompt_tokens: int, layers: tuple[int, in
                       annotation_text="answer →", annotation_position="top right")
     fig.update_layout(title=f"Per-token weights (layers {a}–{b})", height=160 + 40 * len(rows),
                       margin=dict(l=10, r=10, t=50, b=10),
-                      xaxis=dict(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60))
+                      xaxis=dict(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60,
+                                 tickfont=dict(size=TOKEN_TICK_SIZE)))
     return fig
 
 

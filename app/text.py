@@ -24,20 +24,42 @@ def _word(text: str) -> str:
     return md_escape(text).replace("  \n", " ↵ ")
 
 
+def _words(text: str) -> list[str]:
+    """The words of `text`, each line break kept as a word of its own ("\n") so that the diff keeps the lines."""
+    return re.findall(r"\n|[^\s]+", text)
+
+
+def _lines(words: list[str], mark: str = "") -> str:
+    """Words as Markdown, line breaks as hard breaks; `mark` ("~~" or "**") puts each line's part of a changed run in
+    its coloured span (a directive cannot span a line break)."""
+    lines: list[list[str]] = [[]]
+    for w in words:
+        if w == "\n":
+            lines.append([])
+        else:
+            lines[-1].append(_word(w))
+    parts = [" ".join(line) for line in lines]
+    if mark:
+        span = {"~~": ":orange-background[~~{}~~]", "**": ":blue-background[**{}**]"}[mark]
+        parts = [span.format(p) if p else p for p in parts]
+    return "  \n".join(parts)
+
+
 def word_diff(old: str, new: str) -> tuple[str, str, float]:
     """Side-by-side word diff as Markdown: removed words struck through on an orange background in `old`, added words
-    bold on a blue background in `new` (colour-blind-safe pair, plus non-colour cues). Returns (old_md, new_md, ratio)."""
-    a, b = old.split(), new.split()
+    bold on a blue background in `new` (colour-blind-safe pair, plus non-colour cues); line breaks kept. Returns
+    (old_md, new_md, ratio)."""
+    a, b = _words(old), _words(new)
     sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
     left: list[str] = []
     right: list[str] = []
     for op, i1, i2, j1, j2 in sm.get_opcodes():
         if op == "equal":
-            left.append(" ".join(_word(w) for w in a[i1:i2]))
-            right.append(" ".join(_word(w) for w in b[j1:j2]))
+            left.append(_lines(a[i1:i2]))
+            right.append(_lines(b[j1:j2]))
             continue
         if i2 > i1:
-            left.append(":orange-background[~~" + " ".join(_word(w) for w in a[i1:i2]) + "~~]")
+            left.append(_lines(a[i1:i2], "~~"))
         if j2 > j1:
-            right.append(":blue-background[**" + " ".join(_word(w) for w in b[j1:j2]) + "**]")
-    return " ".join(left) or "_(empty)_", " ".join(right) or "_(empty)_", sm.ratio()
+            right.append(_lines(b[j1:j2], "**"))
+    return " ".join(left).strip() or "_(empty)_", " ".join(right).strip() or "_(empty)_", sm.ratio()

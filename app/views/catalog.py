@@ -5,16 +5,19 @@ from __future__ import annotations
 import streamlit as st
 
 from app.service import Service
+from app.text import md_escape
 
 
 def render(svc: Service) -> None:
     info = svc.info()
     r = info["router"]
-    c = st.columns(4)
-    c[0].metric("Base model", info["base_model"])
-    c[1].metric("Device / dtype", f"{info['device']} / {info['dtype']}")
+    c = st.columns([3, 2, 1, 2])
+    # Text values as wrapped Markdown: a metric card cuts long ones ("embedded S…", "sigmoid · trai…").
+    for col, label, value in ((c[0], "Base model", info["base_model"]),
+                              (c[1], "Device / dtype", f"{info['device']} / {info['dtype']}"),
+                              (c[3], "Router", f"{r['mode']} · {'trained' if r['trained'] else 'untrained'}")):
+        col.markdown(f"**{label}**  \n{md_escape(str(value))}")
     c[2].metric("Decoder layers", info["layers"])
-    c[3].metric("Router", f"{r['mode']} · {'trained' if r['trained'] else 'untrained'}")
     st.caption(f"Manifest `{info['manifest']}` · context {info['context_length']} tokens · router temperature "
                f"{r['temperature']} · pooling {r['pooling']} · default granularity {r['granularity']}")
     if not r["trained"]:

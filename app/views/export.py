@@ -3,10 +3,22 @@ routing as one PEFT LoRA adapter."""
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import streamlit as st
 
 from app import presets, state
 from app.service import Service
+
+
+def page_link() -> str:
+    """The page's full link: its address and every query parameter it carries now (`q`, `note`, `preset`), the
+    same `state.sync_url` writes; "" while it carries none."""
+    params = st.query_params.to_dict()
+    if not params:
+        return ""
+    base = (getattr(st.context, "url", None) or "").split("?")[0]
+    return f"{base}?{urlencode(params)}"
 
 
 def _load_preset(svc: Service) -> None:
@@ -47,9 +59,11 @@ def render(svc: Service) -> None:
     st.download_button("Save preset (JSON)", presets.to_json(ss.get("ov")), "atmoe_preset.json", "application/json",
                        key="dl_preset")
     _load_preset(svc)
-    if ss.get("ov"):
-        st.caption("The preset is in this page's URL (`?preset=…`): share the link to reproduce the view.")
-        st.code(f"?preset={presets.encode_url(ss.ov)}", language=None)
+    link = page_link()
+    if link:
+        st.caption("This view's link (instruction, note and override preset, as in the page's URL): share it to "
+                   "reproduce the view.")
+        st.code(link, language=None)
 
     st.subheader("Freeze this routing into one LoRA adapter")
     st.caption("Bakes the per-layer weights w[l, e] = α·β into one standard PEFT LoRA (exact for sequence-level "

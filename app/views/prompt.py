@@ -91,11 +91,21 @@ def _generate(svc: Service, prompt: str, note: str) -> None:
     state.adopt_pending()
 
 
+def _short(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def _show_answer(text: bool = True) -> None:
     ans: Answer | None = st.session_state.get("answer")
     if ans is None:
         st.info("Type an instruction (or pick an example) and press **Generate**.")
         return
+    ss = st.session_state
+    asked, request = tuple(ss.get("answer_of") or ("", "")), ss.get("trace_of")
+    if (request is not None and (request.prompt, request.input) != asked) or ans.overrides != ss.get("ov"):
+        st.info(f"**Earlier answer**: generated for “{md_escape(_short(asked[0]))}” with overrides "
+                f"{md_escape(presets.describe(ans.overrides))}. The heatmaps below are the routing of the current "
+                "instruction and overrides; press **Generate** for their answer.")
     if text:  # (just streamed answers are already on the page)
         with st.container(border=True):
             st.markdown(md_escape(ans.text) if ans.text.strip() else "_(empty answer)_")

@@ -39,4 +39,5 @@ def render(svc: Service) -> None:
         parts.append(f":{colour[group]}-background[{text}]" if text.strip() else text)
     with st.container(border=True):
         st.markdown("".join(parts) if parts else "_(no answer tokens)_")
-    st.caption("Hover the heatmap for each token's values; the dashed line separates the prompt from the answer.")
+    shown = "" if answer_only else "; the dashed line separates the prompt from the answer"
+    st.caption(f"Hover the heatmap for each token's values{shown}.")
