@@ -12,7 +12,7 @@ import inspect
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -114,17 +114,27 @@ class ATMoE:
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, manifest: str | Path | Manifest, *, base: str | None = None, device: str = "auto",
-             dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> ATMoE:
+             dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+             device_map: str | dict[str, Any] | None = None, offload_folder: str | Path | None = None,
+             quantization_config: Any = None, prepare_base: Callable[[nn.Module], None] | None = None) -> ATMoE:
         """Load base model, experts and router from a manifest. `base` overrides the manifest's base model; experts
-        are still checked against the manifest's recorded base signature and their own shapes."""
+        are still checked against the manifest's recorded base signature and their own shapes.
+
+        Bases larger than one device (docs/scale.md): `device_map` / `offload_folder` place the decoder layers with
+        accelerate, `quantization_config` loads the base quantized (the experts then run beside the base layers,
+        unmerged), and `prepare_base(model)` runs on the loaded base before the experts are fused into it (e.g.
+        `atmoe.train.distributed.shard_base` for FSDP2)."""
         m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         base = base if base is not None else m.base_model
         if base and not Path(base).is_absolute() and (m.root / base).is_dir():
             base = str(m.resolve(base, "base model"))  # a base folder shipped next to the manifest
-        model, tokenizer = load_base(base, device=device, dtype=dtype,
-                                     trust_remote_code=trust_remote_code)
+        model, tokenizer = load_base(base, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     device_map=device_map, offload_folder=offload_folder,
+                                     quantization_config=quantization_config)
         if m.base_signature:
             check_signature(m.base_signature, model, what=f"experts of manifest {m.root}")
+        if prepare_base is not None:
+            prepare_base(model)
         router_path = m.router_path()
         return cls.from_experts(model, tokenizer, [(g, e.name, m.expert_source(e), e.description)
                                                    for g, e in m.experts],

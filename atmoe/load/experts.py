@@ -201,16 +201,16 @@ def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str
         if isinstance(base, FusedLoRA):
             raise LoadError(f"module '{module_name}' already holds experts; load all experts in one call")
         in_f, out_f = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
-        rank = sum(A.shape[0] for _, A, _, _ in parts)
+        to = dict(device=_execution_device(base, param.device), dtype=param.dtype)   # beside this layer's weights
         layer = FusedLoRA(
             base, layer_of[module_name],
             lora_A=torch.cat([A for _, A, _, _ in parts]).to(**to) if parts else torch.zeros(0, in_f, **to),
             lora_B=(torch.cat([B * s for _, _, B, s in parts], dim=1).to(**to) if parts
                     else torch.zeros(out_f, 0, **to)),
-            rank_expert=torch.cat([torch.full((A.shape[0],), ei) for ei, A, _, _ in parts]).to(param.device)
-            if parts else torch.zeros(0, dtype=torch.long, device=param.device),
-            rank_scale=torch.cat([torch.full((A.shape[0],), s) for _, A, _, s in parts]).to(param.device)
-            if parts else torch.zeros(0, device=param.device))
+            rank_expert=torch.cat([torch.full((A.shape[0],), ei) for ei, A, _, _ in parts]).to(to["device"])
+            if parts else torch.zeros(0, dtype=torch.long, device=to["device"]),
+            rank_scale=torch.cat([torch.full((A.shape[0],), s) for _, A, _, s in parts]).to(to["device"])
+            if parts else torch.zeros(0, device=to["device"]))
         layer.__dict__["state"] = state
         setattr(parent, child, layer)
         fused[module_name] = layer
@@ -221,11 +221,21 @@ def fuse_experts(model: nn.Module, experts: Sequence[Expert], layer_of: dict[str
     return list(fused.values())
 
 
+def _execution_device(base: nn.Module, default: torch.device) -> torch.device:
+    """Where a base layer computes: its weight's device, or accelerate's execution device for an offloaded one."""
+    hook = getattr(base, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return base.weight.device if base.weight.device.type != "meta" else default
+
+
 def _stackable(base: nn.Module) -> bool:
     """A base layer whose weight can become a view into a stacked tensor: a plain Linear or Conv1D (not a subclass
-    such as bitsandbytes' Linear4bit, whose packed weight is no matrix), floating point, resident, not hooked."""
-    return (type(base) in (nn.Linear, Conv1D) and base.weight.dtype.is_floating_point
-            and base.weight.device.type != "meta" and not hasattr(base, "_hf_hook"))
+    such as bitsandbytes' Linear4bit, whose packed weight is no matrix) with a plain floating-point weight (not a
+    sharded DTensor), resident, not hooked by accelerate."""
+    return (type(base) in (nn.Linear, Conv1D) and type(base.weight) is nn.Parameter   # not an FSDP2 DTensor shard
+            and base.weight.dtype.is_floating_point and base.weight.device.type != "meta"
+            and not hasattr(base, "_hf_hook"))
 
 
 def _group(fused: dict[str, FusedLoRA], state: RoutingState, num_experts: int) -> None:

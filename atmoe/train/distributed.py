@@ -22,8 +22,6 @@ on its "separate" path (base layer as it is, LoRA beside it) — the path every 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,10 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..load import experts as expert_loading
-from ..load.base import check_signature, load_base
 from ..load.experts import decoder_layers
-from ..load.manifest import Manifest
 from ..model import ATMoE
 
 
@@ -58,39 +53,10 @@ def base_share(model: nn.Module) -> tuple[int, int]:
     return local, total
 
 
-def _plain_stackable(base: nn.Module) -> bool:
-    return type(base.weight) is nn.Parameter and _engine_stackable(base)
-
-
-_engine_stackable = expert_loading._stackable
-
-
-@contextmanager
-def plain_weights_stacked_only() -> Iterator[None]:
-    """Stopgap until the engine's `load/experts.py::_stackable` refuses FSDP2's sharded weights itself: a sharded
-    Linear keeps its class and a floating-point dtype, but its weight is a DTensor shard, never to be stacked into
-    [W0; A]; the layer must run as it is. Wrap the `ATMoE` construction in it."""
-    expert_loading._stackable = _plain_stackable
-    try:
-        yield
-    finally:
-        expert_loading._stackable = _engine_stackable
-
-
 def load_sharded(manifest: str | Path, base: str | None = None, device: str = "cpu") -> ATMoE:
-    """`ATMoE.load` with the base sharded before the experts are fused into it (so no layer is ever stacked)."""
-    m = Manifest.load(manifest)
-    base = base if base is not None else m.base_model
-    if base and not Path(base).is_absolute() and (m.root / base).is_dir():
-        base = str(m.resolve(base, "base model"))
-    model, tokenizer = load_base(base, device=device)
-    if m.base_signature:
-        check_signature(m.base_signature, model, what=f"experts of manifest {m.root}")
-    shard_base(model)
-    with plain_weights_stacked_only():
-        return ATMoE.from_experts(model, tokenizer, [(g, e.name, m.expert_source(e), e.description)
-                                                     for g, e in m.experts],
-                                  groups=[g.name for g in m.groups], router=m.router_path(), manifest=m)
+    """`ATMoE.load` with the base sharded (FSDP2, per decoder layer) before the experts are fused into it: a sharded
+    layer is never stacked, its experts run beside it."""
+    return ATMoE.load(manifest, base=base, device=device, prepare_base=shard_base)
 
 
-__all__ = ["base_share", "load_sharded", "plain_weights_stacked_only", "shard_base"]
+__all__ = ["base_share", "load_sharded", "shard_base"]
