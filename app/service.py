@@ -207,6 +207,16 @@ class Service:
         return attribute(self.model, prompt, answer.token_ids, input=input, targets=targets, ranges=ranges,
                          overrides=answer.overrides, first_order=first_order, granularity=answer.trace.granularity)
 
+    def sweep_set(self, prompts: Sequence[str], inputs: Sequence[str], target: str, steps: int,
+                  settings: GenerationSettings, scorer: Any = None, progress: Any = None) -> tuple[pd.DataFrame, float]:
+        """The controllability curve over a set (one line per row and weight, `atmoe.analysis.sweep.sweep_rows`) and
+        the router's own mean weight of `target` over the same rows."""
+        from atmoe.analysis.sweep import router_weight, sweep_rows
+
+        frame = sweep_rows(self.model, prompts, target, inputs=inputs, steps=steps, scorer=scorer, progress=progress,
+                           batch_size=BATCH_CHUNK, settings=GenerationSettings.of(settings, granularity="sequence"))
+        return frame, router_weight(self.model, prompts, target, inputs=inputs)
+
     def export_adapter_zip(self, trace: RoutingTrace, use: str = "used") -> bytes:
         """The routing frozen into one PEFT LoRA adapter (see `atmoe.analysis.export`), zipped in memory."""
         from atmoe.analysis.export import export_adapter

@@ -146,3 +146,34 @@ def test_dataset_sweep_lines_are_plain_generations_and_the_curve_averages_them(m
     out = capsys.readouterr().out
     assert "exact" in out and "router's own mean weight of group:style" in out
     assert len(pd.read_csv(tmp_path / "s.csv")) == 4
+
+
+def test_atlas_tab_draws_the_controllability_curve_over_the_held_out_set(at, manifest: Path) -> None:  # noqa: ANN001
+    from app.views.atlas import reference_rows
+    from atmoe.analysis.sweep import curve, router_weight, sweep_rows
+    from demo.metrics import score
+
+    at.selectbox(key="curve_target").set_value("group:style")
+    at.number_input(key="curve_steps").set_value(2)
+    at.number_input(key="curve_rows").set_value(3)
+    at.button(key="curve_run").click().run()
+    ok(at)
+    res = at.session_state["curve"]
+    m = ATMoE.load(manifest, device="cpu")
+    rows = reference_rows()[:3]
+    prompts, inputs = [r["instruction"] for r in rows], [r.get("input", "") for r in rows]
+    tokens = int(at.session_state["max_new_tokens"])                          # the page's generation settings
+    frame = sweep_rows(m, prompts, "group:style", inputs=inputs, steps=2, max_new_tokens=tokens,
+                       scorer=lambda i, text: score(text, rows[i]))
+    assert list(res["frame"].text) == list(frame.text)
+    expected = curve(frame)
+    assert res["curve"].equals(expected) and list(expected.columns) == ["weight", "rows", "new_tokens", "f1", "exact"]
+    fig = _chart(at, "curve_chart")
+    assert [t["name"] for t in fig["data"]] == ["f1", "exact"]
+    assert np.allclose(z_values({"z": fig["data"][0]["y"]}), expected.f1)
+    own = router_weight(m, prompts, "group:style", inputs=inputs)
+    assert fig["layout"]["shapes"][0]["x0"] == pytest.approx(own) and res["own"] == pytest.approx(own)
+    at.number_input(key="curve_steps").set_value(11)
+    at.number_input(key="curve_rows").set_value(64)
+    at.run()
+    assert at.button(key="curve_run").disabled                      # 704 generations: over the dashboard's cap

@@ -1,5 +1,6 @@
 """The Atlas tab: a set of instructions placed in 2-D by their routing (PCA, `atmoe.analysis.atlas`), coloured by
-their labelled skills, and how the set's load spreads over experts and layers (`atmoe.analysis.routes.balance`)."""
+their labelled skills; how the set's load spreads over experts and layers (`atmoe.analysis.routes.balance`); and the
+controllability curve over the held-out set (`atmoe.analysis.sweep.sweep_rows`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import state
-from app.examples import heldout_rows
+from app.examples import EVAL_PATH, heldout_rows
 from app.service import BATCH_CHUNK, Service
 from atmoe.analysis.atlas import FEATURES, atlas, separation, stack
 from atmoe.analysis.routes import balance
+from atmoe.analysis.sweep import curve
+from demo.metrics import score
 
 CATEGORICAL = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 MAX_ROWS = 2000
+CURVE_CAP = 400   # rows × weights one curve may generate from the dashboard
 
 
 def scatter(frame: pd.DataFrame, explained: np.ndarray) -> go.Figure:
@@ -85,6 +89,61 @@ def _route(svc: Service, df: pd.DataFrame) -> list:
     return traces
 
 
+def reference_rows() -> list[dict]:
+    """The held-out rows with their reference answers (`output`): the shipped file, else the seeded generator."""
+    if EVAL_PATH.is_file():
+        return [json.loads(x) for x in EVAL_PATH.read_text(encoding="utf-8").splitlines() if x.strip()]
+    from demo.suite import complex_rows
+
+    return complex_rows(64, seed=0, heldout=True)
+
+
+def curve_figure(curve: pd.DataFrame, own: float, target: str) -> go.Figure:
+    """Mean score per weight, one line per metric, the router's own mean weight dashed."""
+    fig = go.Figure()
+    for i, metric in enumerate(c for c in curve.columns if c not in ("weight", "rows", "new_tokens")):
+        fig.add_trace(go.Scatter(x=curve["weight"], y=curve[metric], mode="lines+markers", name=metric,
+                                 line=dict(color=CATEGORICAL[i % len(CATEGORICAL)])))
+    fig.add_vline(x=own, line=dict(color="black", dash="dash"), annotation_text="router's own mean")
+    fig.update_layout(title=f"Mean score over the set vs {target} fixed", margin=dict(l=10, r=10, t=40, b=10),
+                      height=380, xaxis=dict(title=f"{target} weight", range=[-0.02, 1.02]),
+                      yaxis=dict(title="mean score", range=[0, 1.02]))
+    return fig
+
+
+def _curve(svc: Service) -> None:
+    """The controllability curve over the held-out set: every row at every weight, scored against its reference."""
+    ss = st.session_state
+    st.subheader("Controllability over the set")
+    rows = reference_rows()
+    c = st.columns([2, 1, 1])
+    target = c[0].selectbox("Fix", [f"group:{g}" for g in svc.groups] + [f"expert:{e}" for e in svc.experts],
+                            key="curve_target")
+    steps = int(c[1].number_input("Weights", 2, 11, 3, key="curve_steps"))
+    n = int(c[2].number_input("Rows", 1, len(rows), min(16, len(rows)), key="curve_rows"))
+    st.caption(f"{n} held-out rows × {steps} weights = {n * steps} generations (at most {CURVE_CAP}), with the "
+               "generation settings of the Prompt & routing tab; each answer scored against the row's reference "
+               "(line F1 and exact match).")
+    if st.button("Run the curve", key="curve_run", disabled=n * steps > CURVE_CAP):
+        bar = st.progress(0.0, text="Generating…")
+        part = rows[:n]
+        try:
+            frame, own = svc.sweep_set([r["instruction"] for r in part], [r.get("input", "") for r in part], target,
+                                       steps, state.settings(), scorer=lambda i, text: score(text, part[i]),
+                                       progress=lambda done, total: bar.progress(done / total,
+                                                                                 text=f"Generated {done} / {total}"))
+            ss.curve = {"frame": frame, "curve": curve(frame), "own": own, "target": target}
+        except state.ERRORS as e:
+            st.error(f"Cannot run the curve: {e}")
+        bar.empty()
+    res = ss.get("curve")
+    if res:
+        st.plotly_chart(curve_figure(res["curve"], res["own"], res["target"]), key="curve_chart", width="stretch")
+        st.dataframe(res["curve"], hide_index=True, width="stretch")
+        st.download_button("Download the lines (CSV)", res["frame"].to_csv(index=False), "atmoe_curve.csv",
+                           "text/csv", key="dl_curve")
+
+
 def render(svc: Service) -> None:
     ss = st.session_state
     st.markdown("Each instruction placed by its routing (the router alone, no overrides): instructions routed alike "
@@ -103,8 +162,12 @@ def render(svc: Service) -> None:
             alpha, beta = stack(traces)
             ss.atlas = {"alpha": alpha, "beta": beta, "rows": df.reset_index(drop=True), "name": name}
     res = ss.get("atlas")
-    if not res:
-        return
+    if res:
+        _atlas(svc, res, kind)
+    _curve(svc)
+
+
+def _atlas(svc: Service, res: dict, kind: str) -> None:
     frame, fit = atlas(res["alpha"], res["beta"], svc.layout, labels=res["rows"]["category"].tolist(), kind=kind)
     frame["instruction"] = res["rows"]["instruction"]
     st.plotly_chart(scatter(frame, fit.explained), key="atlas_scatter", width="stretch")
