@@ -312,7 +312,7 @@ class ATMoE:
         self._check_length(ids.shape[1])
         mask = torch.ones_like(ids)
         with torch.inference_mode():
-            out, call = self.forward_routed(ids, mask, mask, overrides=overrides, router=router,
+            out, call = forward_routed(self, ids, mask, mask, overrides=overrides, router=router,
                                             granularity=granularity, use_cache=False)
         return Score(out.logits[0].float(), self._trace(call, 0, ids[0].tolist()))
 

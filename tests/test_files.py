@@ -113,3 +113,20 @@ def test_successful_writes_replace_the_file_and_leave_nothing_else(tmp_path):
     atomic_save_safetensors({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
     assert torch.equal(load_file(tmp_path / "w.safetensors")["w"], torch.arange(3.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "w.safetensors"]
+
+
+def test_atomic_writes_get_the_modes_plain_writes_would(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700; a written file or folder must be readable as a plain write's would be."""
+    import stat
+
+    from atmoe.load.files import atomic_directory, atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_bytes(tmp_path / "a.json", b"{}")
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

@@ -10,6 +10,8 @@ from app import figures, presets, state
 from app.examples import examples
 from app.service import DEMO_SCOPE, Answer, Service
 from app.text import md_escape
+from atmoe import GenerationSettings
+from atmoe.router import GRANULARITIES
 
 
 def _use_example(ex: dict[str, str]) -> None:
@@ -33,11 +35,11 @@ def _form(svc: Service) -> str | None:
         st.text_area("Input (optional clinical note)", key="note", height=90)
         with st.expander("Generation settings"):
             c = st.columns(5)
-            c[0].number_input("Max new tokens", 1, 1024, 64, key="max_new_tokens")
+            c[0].number_input("Max new tokens", 1, 1024, GenerationSettings().max_new_tokens, key="max_new_tokens")
             c[1].slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.05, key="temperature")
             c[2].slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
             c[3].number_input("Seed", 0, 2**31 - 1, 0, key="seed")
-            c[4].radio("Routing granularity", ["sequence", "token"], key="granularity", horizontal=True,
+            c[4].radio("Routing granularity", list(GRANULARITIES), key="granularity", horizontal=True,
                        help="sequence: one routing per prompt (the paper's); token: re-routed at every token, "
                             "for the per-token view")
             st.checkbox("Fast decode (merged weights)", value=svc.merge_default, key="merge",

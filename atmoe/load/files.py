@@ -28,6 +28,12 @@ class LoadError(ValueError):
     """A file that cannot be used: the message names the file and what is wrong with it."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary file name next to `path`; on success it is synced and renamed over `path`."""
@@ -39,6 +45,7 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; the file gets the mode a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -92,6 +99,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())       # mkdtemp makes 0700; the folder gets the mode mkdir would give
     old = None
     try:
         yield tmp
