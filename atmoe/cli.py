@@ -1,8 +1,9 @@
-"""Command line: `atmoe route|generate|sweep|attribute|atlas|train-expert|train-router`.
+"""Command line: `atmoe route|generate|sweep|attribute|counterfactual|atlas|train-expert|train-router`.
 
     atmoe route "List the lab results. Flag each as low, normal or high." --input "Labs: Na 128, K 4.1."
     atmoe route --dataset rows.jsonl --out routes/      # every row's routing as .npy + index + balance (analysis.md)
     atmoe attribute --dataset rows.jsonl --first-order  # Δ answer log-prob per removed expert, per row
+    atmoe counterfactual --dataset rows.jsonl             # does deleting the top-attributed word lower its group?
     atmoe atlas routes/                                  # the export's PCA plane and how its labels separate
     atmoe generate "List the vital signs." --input "Vitals: HR 132, SpO2 88." --override style=0 \
         --override expert:bullets=1 --layers 0-11
@@ -173,6 +174,23 @@ def cmd_attribute(a: argparse.Namespace) -> None:
         print("first-order vs exact over all cells: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
 
 
+def cmd_counterfactual(a: argparse.Namespace) -> None:
+    """Per row: the chosen group's weight drop when its top-attributed word is deleted, against a random word."""
+    from .analysis.counterfactual import counterfactual
+    from .analysis.routes import read_rows
+
+    rows = list(read_rows(a.dataset))[: a.limit or None]
+    m = _load(a)
+    frame, s = counterfactual(m, [(r["instruction"], r.get("input", "")) for r in rows], seed=a.seed,
+                              progress=lambda n, total: print(f"checked {n}/{total}", file=sys.stderr, flush=True))
+    if a.out:
+        frame.to_csv(a.out, index=False)
+    low, high = s["interval"]
+    print(f"deleting the top word lowers the chosen group's weight more than deleting a random word: {s['wins']}/"
+          f"{s['rows']} rows = {s['rate']:.3f} (95% Wilson {low:.3f}–{high:.3f}); mean drop: top word "
+          f"{s['mean_drop_top']:.4f}, random word {s['mean_drop_random']:.4f}")
+
+
 def cmd_atlas(a: argparse.Namespace) -> None:
     """`atlas ROUTES`: the PCA plane of an export's routing, with how well its `experts` labels separate there."""
     from .analysis.atlas import atlas, separation
@@ -322,6 +340,16 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
     p.add_argument("--limit", type=int, default=0, help="only the first N rows")
     p.add_argument("--csv", default=None, help="write one line per (row, target, range)")
     p.set_defaults(func=cmd_attribute)
+    p = sub.add_parser("counterfactual", help="per row of a data set: does deleting the word that contributes most "
+                                              "to the chosen group lower its weight more than a random word?")
+    p.add_argument("--dataset", required=True, metavar="FILE.jsonl", help="rows with `instruction` (optional `input`)")
+    p.add_argument("--manifest", default=None, help="expert manifest (default $ATMOE_MANIFEST)")
+    p.add_argument("--base", default=None, help="override the manifest's base model (name or folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, default=0, help="only the first N rows")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random word of each row")
+    p.add_argument("--out", default=None, metavar="CSV", help="write one line per row")
+    p.set_defaults(func=cmd_counterfactual)
     p = sub.add_parser("atlas", help="the PCA plane of a `route --dataset` export and how its labels separate")
     p.add_argument("routes", metavar="DIR", help="a folder written by `route --dataset … --out DIR`")
     p.add_argument("--kind", choices=["mean", "full"], default="mean",
