@@ -13,6 +13,7 @@ import streamlit as st
 from app import presets
 from app.service import Answer, Service
 from atmoe import GenerationSettings, Overrides
+from atmoe.router import GRANULARITIES
 
 STOP_WAIT_S = 30.0
 ERRORS = (ValueError, OSError)  # engine input errors (LoadError, BaseModelError are ValueErrors) and file errors
@@ -27,8 +28,17 @@ class Request:
     granularity: str
 
 
+def embedded() -> bool:
+    """`?embed=true` (Streamlit's own embed flag, which also drops its toolbar and padding; the page reads it through
+    `st.context`, as `st.query_params` hides it): the link's view alone (no title, no sidebar, no prompt form)."""
+    return bool(st.context.is_embedded)
+
+
 def init() -> None:
-    """Session defaults; on the first run, the prompt and override preset come from the URL (a shared link)."""
+    """Session defaults; on the first run, the view comes from the URL (a shared link): instruction `q`, note
+    `note`, override preset `preset`, routing granularity `gran`; a link with an instruction is routed as soon as
+    the model is loaded (`route_link`), so it opens on that routing's heatmaps. (`tab` and `model` are read by
+    `app.main`.)"""
     ss = st.session_state
     if ss.get("_init"):
         return
@@ -50,6 +60,21 @@ def init() -> None:
             ss.ov = None if ov.is_empty() else ov
         except ValueError as e:
             flash("error", f"The override preset in the link was ignored: {e}")
+    if qp.get("gran") in GRANULARITIES:
+        ss["granularity"] = qp["gran"]
+    ss._link_route = bool(str(qp.get("q", "")).strip())
+
+
+def route_link(svc: Service) -> None:
+    """Once per session, right after the first model is loaded: route the link's instruction with its overrides."""
+    ss = st.session_state
+    if not ss.pop("_link_route", False) or ss.get("trace_of") is not None:
+        return
+    prompt, note, granularity = ss.get("prompt", ""), ss.get("note", ""), ss.get("granularity", "sequence")
+    try:
+        set_trace(svc.route(prompt, note, ss.get("ov"), granularity), prompt, note, granularity)
+    except ERRORS as e:
+        flash("error", f"The instruction in the link could not be routed: {e}")
 
 
 def reset_results(keep_overrides: bool) -> None:
@@ -106,8 +131,15 @@ def adopt_pending() -> None:
 
 
 def sync_url() -> None:
-    """Encode the current preset (and a short prompt) in the URL, so the link reproduces the view."""
+    """Encode the current preset, the routed prompt (when short), its granularity (when not the default) and the
+    model (by its launch name, when the server offers several; never a path) in the URL, so the link reproduces the
+    view. The tab is bound to the URL by the tabs themselves (`app.main`)."""
     ss, qp = st.session_state, st.query_params
+    model = ss.get("_model_name")
+    if model:
+        qp["model"] = model
+    elif "model" in qp:
+        del qp["model"]
     if ss.get("ov"):
         qp["preset"] = presets.encode_url(ss.ov)
     elif "preset" in qp:
@@ -118,6 +150,10 @@ def sync_url() -> None:
                 qp[key] = value
             elif key in qp:
                 del qp[key]
+        if ss.trace_of.granularity != "sequence":
+            qp["gran"] = ss.trace_of.granularity
+        elif "gran" in qp:
+            del qp["gran"]
 
 
 def set_overrides(svc: Service, overrides: Overrides | None) -> str | None:

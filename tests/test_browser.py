@@ -117,3 +117,56 @@ def test_generate_override_and_apply_in_browser(server):
             expect(page.get_by_text(re.compile(r"finished: stopped"))).to_be_visible()
         finally:
             browser.close()
+
+
+def _group_heatmap(page) -> list[list[float]]:
+    """The group heatmap's values as plotly drew them (its full data: typed arrays decoded)."""
+    from playwright.sync_api import expect
+
+    plot = page.locator(".st-key-group_heatmap .js-plotly-plot")
+    expect(plot).to_be_visible()
+    return plot.evaluate("el => Array.from(el._fullData[0].z, row => Array.from(row))")
+
+
+def test_a_copied_link_opens_the_same_heatmap_in_a_fresh_browser(server):
+    """Issue 23 §5: the page's URL after Route only + Apply, opened in a fresh context (no cookies, no session), and
+    embedded (`embed=true`: no sidebar, no form), shows the same heatmap values."""
+    import numpy as np
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            expect.set_options(timeout=60_000)
+            page = browser.new_page(viewport={"width": 1500, "height": 1400})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.get_by_role("textbox", name="Instruction", exact=True).fill(
+                "Summarise the labs in one sentence. Keep it formal.")
+            page.get_by_role("textbox", name="Input (optional clinical note)").fill("Na 128, K 4.1, Hb 9.2.")
+            page.get_by_role("button", name="Route only").click()
+            _group_heatmap(page)
+            slider = page.get_by_test_id("stSlider").filter(has_text="α style").get_by_role("slider")
+            slider.focus()
+            slider.press("Home")
+            page.get_by_role("button", name="Apply").click()
+            expect(page.get_by_text("style α (mean) = 0.00")).to_be_visible()
+            page.wait_for_url(re.compile(r".*preset="))
+            link, shown = page.url, _group_heatmap(page)
+            assert "q=" in link and "note=" in link
+
+            fresh = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+            fresh.set_default_timeout(60_000)
+            fresh.goto(link)
+            expect(fresh.get_by_text("style α (mean) = 0.00")).to_be_visible()
+            np.testing.assert_allclose(_group_heatmap(fresh), shown, atol=1e-6)
+
+            fresh.goto(link + "&embed=true")
+            np.testing.assert_allclose(_group_heatmap(fresh), shown, atol=1e-6)
+            expect(fresh.get_by_role("textbox", name="Instruction", exact=True)).to_have_count(0)
+            expect(fresh.get_by_test_id("stSidebar")).to_have_count(0)
+            expect(fresh.get_by_test_id("stSlider")).to_have_count(0)
+        finally:
+            browser.close()

@@ -12,8 +12,8 @@ from app.service import Service
 
 
 def page_link() -> str:
-    """The page's full link: its address and every query parameter it carries now (`q`, `note`, `preset`), the
-    same `state.sync_url` writes; "" while it carries none."""
+    """The page's full link: its address and every query parameter it carries now (`q`, `note`, `preset`, `gran`,
+    `model`, as `state.sync_url` writes them, and `tab`); "" while it carries none."""
     params = st.query_params.to_dict()
     if not params:
         return ""
@@ -61,9 +61,11 @@ def render(svc: Service) -> None:
     _load_preset(svc)
     link = page_link()
     if link:
-        st.caption("This view's link (instruction, note and override preset, as in the page's URL): share it to "
-                   "reproduce the view.")
+        st.caption("This view's link (instruction, note, override preset and tab, as in the page's URL): share it "
+                   "to reproduce the view; it opens routed.")
         st.code(link, language=None)
+        st.caption("Add `&embed=true` for the view alone (no sidebar, no form), e.g. in a paper's supplementary "
+                   "page or a notebook: `IPython.display.IFrame(link + '&embed=true', width=1000, height=600)`.")
 
     st.subheader("Freeze this routing into one LoRA adapter")
     st.caption("Bakes the per-layer weights w[l, e] = α·β into one standard PEFT LoRA (exact for sequence-level "
