@@ -73,11 +73,24 @@ def _lines(text: str) -> list[str]:
     return [" ".join(x.lower().split()) for x in text.splitlines() if x.strip()]
 
 
+def _names(m: Any) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    # the abbreviation as written (case matters: "T", "K", "Ca"), the lay name in any case
+    return re.compile(rf"(?<![\w]){re.escape(m.abbrev)}(?![\w])"), re.compile(rf"\b{re.escape(m.lay)}\b", re.I)
+
+
+def measurements(text: str) -> list[str]:
+    """The suite's measurements `text` names (by abbreviation or lay name), as lay names."""
+    return [m.lay for m in MEASURES.values() if any(p.search(text) for p in _names(m))]
+
+
 def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> ValueCheck:
     """The values of `answer` absent from `source` (the note and instruction as the user gave them) and from
-    `allowed` (knowledge the request asks for, e.g. reference ranges)."""
+    `allowed` (knowledge the request asks for, e.g. reference ranges); then the measurements it names that the
+    source does not ("creatinine 10" where the note has no creatinine: a note's number under an invented name)."""
     known = {_canonical(v) for v in numbers(source)} | {_canonical(v) for v in allowed}
-    invented = tuple(dict.fromkeys(v for v in numbers(answer) if _canonical(v) not in known))
+    named = set(measurements(source))
+    invented = tuple(dict.fromkeys([*(v for v in numbers(answer) if _canonical(v) not in known),
+                                    *(n for n in measurements(answer) if n not in named)]))
     lines = _lines(answer)
     flat = " ".join(" ".join(answer.split()).lower().split())
     if not lines:
@@ -188,9 +201,11 @@ class AbstentionConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for k in ("everyday_n", "outside_n", "inskill_n", "max_new_tokens", "answer_tokens"):
+        for k in ("everyday_n", "inskill_n", "max_new_tokens", "answer_tokens"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.outside_n < 0:
+            raise ValueError(f"outside_n must be >= 0 (0: skip), got {self.outside_n}")
         if not 0 <= self.same_n <= self.everyday_n:
             raise ValueError(f"same_n must be in [0, everyday_n], got {self.same_n}")
 
@@ -209,7 +224,7 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
     report["stays_out"] = stays_out(m, everyday)
     report["same_as_base"] = same_as_base(m, everyday[:cfg.same_n], cfg.max_new_tokens) if cfg.same_n else None
     report["outside"] = {}
-    for where in ("instruction", "input"):
+    for where in ("instruction", "input") if cfg.outside_n else ():
         rows = outside_rows("heldout", cfg.outside_n, where=where)
         answers = [g.text for g in _generate(m, rows, cfg.answer_tokens)]
         report["outside"][where] = never_invented(rows, answers)
@@ -227,6 +242,20 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
     report["inskill"] = never_invented(inskill, answers)
     report["needed"] = needed_recall(m, inskill)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def rescore(report: dict[str, Any]) -> dict[str, Any]:
+    """The never-invented sections again, from the answers a report stored (no model): for a changed check."""
+    from .evaluate import read_rows
+
+    for where, part in report.get("outside", {}).items():
+        rows = [{**r, "experts": []} for r in part["rows"]]
+        report["outside"][where] = never_invented(rows, [r["answer"] for r in part["rows"]])
+    rows = [{**r, "experts": []} for r in report["issue_example"]["rows"]]
+    report["issue_example"] = never_invented(rows, [r["answer"] for r in report["issue_example"]["rows"]])
+    inskill = read_rows(REPO / "assets" / "data" / "eval.jsonl")[:report["inskill"]["n"]]
+    report["inskill"] = never_invented(inskill, [r["answer"] for r in report["inskill"]["rows"]])
     return report
 
 
@@ -265,11 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     d = AbstentionConfig()
     for k, v in vars(d).items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    p.add_argument("--rescore", default="", help="a report: score its stored answers again (no model), write --out")
+    a = vars(p.parse_args(argv))
+    again = a.pop("rescore")
     try:
-        cfg = AbstentionConfig(**vars(p.parse_args(argv)))
+        cfg = AbstentionConfig(**a)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    report = measure(cfg)
+    report = rescore(json.loads(Path(again).read_text(encoding="utf-8"))) if again else measure(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
     suite → experts (PEFT LoRA, each gated on fresh rows of its own skill) → manifest → routers
           → co-adaptation (experts and router trained together on composed answers) → evaluation
+    abstain (only when named): co-adaptation again with requests that need no expert mixed in (`abstain.py`)
 
 Each stage skips outputs that already exist (an expert only once its gate passed), and the Trainer resumes an
 interrupted expert or router from its last checkpoint, so rerunning the same command continues where it stopped.
@@ -20,9 +21,11 @@ from typing import Any
 
 from atmoe.load.files import atomic_write_json, read_json
 
-from .config import STAGES, BuildConfig
+from .config import ABSTAIN, STAGES, BuildConfig
+from .abstain import build_abstain
 from .evaluate import evaluate_demo
 from .metrics import score
+from .portable import base_identity, make_portable
 from .routers import build_coadapted, build_routers
 from .suite import EXPERT_DESCRIPTIONS, GROUPS, write_suite
 
@@ -107,12 +110,25 @@ def build_experts(cfg: BuildConfig, suite: Path, out: Path) -> None:
                              "(--expert-steps) and rerun.")
 
 
+def portable_assets(cfg: BuildConfig, *roots: Path) -> None:
+    """The engine's writers record the base's local folder and absolute paths; the shipped files name the base by
+    its portable identity instead (`portable.py`)."""
+    from atmoe.load.base import base_signature, load_base
+
+    model, _ = load_base(cfg.base, device="cpu")
+    identity = base_identity(cfg.base, base_signature(model))
+    for root in roots:
+        changed = make_portable(root, identity) if Path(root).exists() else []
+        if changed:
+            print(f"portable: {len(changed)} file(s) under {root} now name the base by its identity, paths relative")
+
+
 def build(cfg: BuildConfig) -> None:
     out, work = Path(cfg.out), Path(cfg.work)
     suite = work / "suite"
     if "suite" in cfg.stages and (cfg.force or not all((suite / f).exists() for f in ("eval.jsonl", "coadapt.jsonl"))):
         write_suite(suite, seed=0, **cfg.suite_sizes)
-    training = [s for s in ("experts", "routers", "coadapt") if s in cfg.stages]
+    training = [s for s in ("experts", "routers", "coadapt", "abstain") if s in cfg.stages]
     if (suite / "eval.jsonl").exists():
         (out / "data").mkdir(parents=True, exist_ok=True)
         for name in ("eval.jsonl", "off_topic.jsonl"):   # the held-out sets ship (dashboard examples, evaluation)
@@ -126,6 +142,10 @@ def build(cfg: BuildConfig) -> None:
         build_routers(cfg, suite, out)
     if "coadapt" in cfg.stages:
         build_coadapted(cfg, suite, out)
+    if "abstain" in cfg.stages:
+        build_abstain(cfg, suite, out)
+    if training:
+        portable_assets(cfg, out, ABSTAIN.path(cfg))
     if "eval" in cfg.stages:
         evaluate_demo(cfg, out)
 
@@ -137,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default=defaults.work)
     p.add_argument("--base", default=None)
     p.add_argument("--expert-steps", type=float, default=defaults.expert_steps, help="scale of EXPERT_STEPS")
-    for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n"):
+    for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n", "abstain_everyday",
+              "abstain_outside", "abstain_answer_tokens", "abstain_steps"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(defaults, k))
     p.add_argument("--expert-lr", type=float, default=defaults.expert_lr)
     p.add_argument("--router-lr", type=float, default=defaults.router_lr)

@@ -4,6 +4,8 @@ demo's command line and the dashboard.
     assets/experts.json              stage 1: the experts trained apart, with their routers (`ROUTERS`)
     assets/coadapted/experts.json    stage 2, shipped: experts and router trained together (`COADAPTED`);
                                      `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load by default
+    <work>/coadapted_abstain/        stage 2 again with requests that need no expert mixed in (`ABSTAIN`, the
+                                     `abstain` stage, not in the default stages: docs/abstention.md)
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class BuildConfig:
     quick: bool = False
     force: bool = False
     suite_sizes: dict[str, int] = field(default_factory=dict)
+    abstain_everyday: int = 240             # everyday training requests, answered by the base model (do no harm)
+    abstain_outside: int = 160              # clinical training requests outside the skills, half in each box
+    abstain_answer_tokens: int = 96         # the base model's answers; one that does not end by then is left out
+    abstain_steps: int = 350                # one pass over coadapt.jsonl + the requests above at batch 8
 
     def __post_init__(self) -> None:
         unknown = set(self.stages) - set(STAGES)
@@ -44,15 +50,18 @@ class BuildConfig:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
         if not self.expert_steps > 0:
             raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
-        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n"):
+        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n",
+                  "abstain_everyday", "abstain_outside", "abstain_answer_tokens", "abstain_steps"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.quick:
-            self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8}
+            self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8,
+                                "n_abstain_everyday": 8, "n_abstain_outside": 4}
             self.gate_n, self.eval_n = 4, 8
+            self.abstain_everyday, self.abstain_outside, self.abstain_answer_tokens = 8, 4, 8
 
 
-STAGES = ("suite", "experts", "routers", "coadapt", "eval")
+STAGES = ("suite", "experts", "routers", "coadapt", "eval", "abstain")   # the default: all but "abstain"
 
 
 # Routers the demo trains: (name in the table, mode, file). The manifest's default is the first.
@@ -86,6 +95,14 @@ COADAPTED = (Coadapted("coadapted_attention", "sigmoid", "router.safetensors", "
              Coadapted("coadapted_flat_attention", "flat", "routers/flat.safetensors", "coadapted_flat_attention",
                        pooling="attention"))
 
+
+# The dashboard's line for granularity "token" (docs/abstention.md): the shipped router was trained on whole prompts.
+TOKEN_MODE_NOTE = ("The shipped router is trained for sequence routing; token mode is an analysis view of the same "
+                   "router, token by token, not a way to answer: its answers can lose the skills (flags, bullets).")
+
+# Stage 2 again, with requests that need no expert mixed into its data (issue 24): built in the work folder and
+# measured (demo/abstention.py) before it may replace the shipped model.
+ABSTAIN = Coadapted("coadapted_abstain", "sigmoid", "router.safetensors", "coadapted_abstain", pooling="attention")
 
 SHIPPED = next(v for v in COADAPTED if v.shipped)
 SHIPPED_MANIFEST = f"{ASSETS}/{SHIPPED.folder}/experts.json"   # the demo's default model: CLI and dashboard

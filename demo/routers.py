@@ -16,6 +16,7 @@ from atmoe.load.base import base_signature, load_base
 from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
 from .config import COADAPTED, ROUTERS
+from .portable import portable_path
 from .suite import EXPERT_DESCRIPTIONS, GROUPS
 
 
@@ -27,7 +28,7 @@ def write_manifest(cfg: Any, out: Path) -> Path:
                                         for n in names]) for g, names in GROUPS.items()],
                         base_model=cfg.base, base_signature=base_signature(model),
                         description="Clinical demo: 6 LoRA experts (task, knowledge, style) on "
-                                    f"{cfg.base or 'SmolLM2-135M-Instruct'}", root=out)
+                                    f"{portable_path(cfg.base) if cfg.base else 'SmolLM2-135M-Instruct'}", root=out)
     if (out / ROUTERS[0][2]).exists():
         manifest.router = ROUTERS[0][2]
     return manifest.save(path)

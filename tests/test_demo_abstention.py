@@ -12,7 +12,7 @@ NOTE = "Note: 58-year-old man on metformin 500 mg twice daily and lisinopril 10 
 
 def test_the_issue_example_is_caught_and_the_right_answer_passes():
     invented = invented_values("systolic blood pressure 120\nblood sugar 120\ncreatinine 120", NOTE)
-    assert invented.invented == ("120",) and not invented.ok
+    assert invented.invented == ("120", "creatinine", "blood sugar", "systolic blood pressure") and not invented.ok
     right = invented_values("- Metformin 500 mg twice daily\n- Lisinopril 10 mg daily", NOTE)
     assert right.ok and right.degenerate is None
 
@@ -29,6 +29,12 @@ def test_the_issue_example_is_caught_and_the_right_answer_passes():
 def test_degenerate_answers_are_named_and_scored(answer, degenerate, ok):
     check = invented_values(answer, NOTE)
     assert (check.degenerate, check.ok) == (degenerate, ok)
+
+
+def test_a_note_number_under_a_measurement_the_note_lacks_is_invented():
+    assert invented_values("sodium 10", NOTE).invented == ("sodium",)         # 10 is lisinopril's dose
+    assert invented_values("oxygen level 88", "Vitals: SpO2 88.").ok          # a lay name for the note's SpO2
+    assert invented_values("Take it at 8 pm.", NOTE).invented == ("8",)
 
 
 def test_values_are_read_as_written_not_inside_words_or_list_markers():
@@ -59,7 +65,7 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="same_n"):
         AbstentionConfig(everyday_n=10, same_n=11)
     with pytest.raises(ValueError, match="outside_n"):
-        AbstentionConfig(outside_n=0)
+        AbstentionConfig(outside_n=-1)
     assert answer  # the suite's composition rule is what the reference answers above come from
 
 

@@ -53,6 +53,41 @@ def test_quick_build_writes_every_stage(built):
     assert not Path(out, ablation.folder).exists() and Path(built.work, ablation.folder, "experts.json").exists()
 
 
+def test_the_built_files_hold_no_absolute_path(built):
+    """The engine's writers record the base's folder and absolute paths; the build makes them portable."""
+    from demo.portable import absolute_paths
+    cards = sorted(Path(built.out).rglob("atmoe_expert.json"))
+    assert len(cards) == 12
+    assert all(json.loads(c.read_text())["base"]["id"] == "base" for c in cards)   # the tiny base folder's name
+    found = {}
+    for p in Path(built.out).rglob("*.json"):
+        data = json.loads(p.read_text())
+        if p.name == "experts.json":   # a manifest names the base it loads: here a local folder, null when shipped
+            assert data.pop("base_model") == built.base
+        if hits := absolute_paths(data):
+            found[str(p)] = hits
+    assert found == {}
+
+
+def test_the_abstain_stage_mixes_requests_that_need_no_expert_into_a_second_coadaptation(built, capsys):
+    from demo.config import ABSTAIN
+    cfg = dataclasses.replace(built, stages=("abstain",), coadapt_steps=2, abstain_steps=2)
+    build(cfg)
+    suite = Path(built.work) / "suite"
+    answers = [json.loads(x) for x in (suite / "abstain_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and all(a["experts"] == [] and a["meta"]["finish"] in ("eos", "length") for a in answers)
+    mixed = [json.loads(x) for x in (suite / "coadapt_abstain.jsonl").read_text().splitlines()]
+    coadapt = (suite / "coadapt.jsonl").read_text().splitlines()
+    outside = [r for r in mixed if r["meta"].get("topic")]
+    assert len(outside) == 4 and len(mixed) == len(coadapt) + 4 + sum(
+        a["meta"]["finish"] == "eos" and bool(a["output"].strip()) for a in answers)
+    m = ATMoE.load(Path(built.work) / ABSTAIN.folder / "experts.json", device="cpu")
+    assert m.router.trained and m.router.config.pooling == "attention"
+    assert not Path(built.out, ABSTAIN.folder).exists()          # the shipped assets are untouched
+    build(cfg)                                                    # resumable: a second run skips it
+    assert f"{ABSTAIN.name}: exists, skipped" in capsys.readouterr().out
+
+
 def test_rerun_resumes_without_training_again(built, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished stage was run again")
