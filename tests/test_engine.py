@@ -97,7 +97,7 @@ def test_weights_normalise_and_overrides_show_in_trace(tmp_path, mode):
     if mode != "sigmoid":
         np.testing.assert_allclose(t2.group_weights[1:, m.groups.index("task")], 0.8, atol=1e-6)
     assert t2.group_overridden[1:, 1].all() and not t2.group_overridden[0].any()
-    assert t2.overrides == ov.to_dict()
+    assert t2.overrides == ov                      # the trace keeps the Overrides object
     assert (over.logits - plain.logits).abs().max() > 1e-4
 
 
