@@ -44,7 +44,9 @@ def base_answers(cfg: BuildConfig, suite: Path, out: Path, batch_size: int = 16)
 
     requests = _read(suite / "abstain_requests.jsonl")
     target = suite / "abstain_answers.jsonl"
-    done = {r["instruction"]: r for r in _read(target)}
+    # kept: answers that ended, and cut ones already given this budget (a larger budget answers those again)
+    done = {r["instruction"]: r for r in _read(target)
+            if r["meta"].get("finish") == "eos" or r["meta"].get("tokens", 0) >= cfg.abstain_answer_tokens}
     todo = [r for r in requests if r["meta"].get("family") and r["instruction"] not in done]
     if todo:
         m = ATMoE.load(out / "experts.json", base=cfg.base, device="auto")
@@ -54,7 +56,8 @@ def base_answers(cfg: BuildConfig, suite: Path, out: Path, batch_size: int = 16)
             gens = m.generate_batch([r["instruction"] for r in chunk], inputs=[r["input"] for r in chunk],
                                     max_new_tokens=cfg.abstain_answer_tokens, overrides=off)
             for r, g in zip(chunk, gens):
-                done[r["instruction"]] = {**r, "output": g.text, "meta": {**r["meta"], "finish": g.finish_reason}}
+                done[r["instruction"]] = {**r, "output": g.text, "meta": {**r["meta"], "finish": g.finish_reason,
+                                                                          "tokens": cfg.abstain_answer_tokens}}
             atomic_write_bytes(target, _jsonl(list(done.values())))
             print(f"abstain: base answers {min(s + batch_size, len(todo))}/{len(todo)}")
     return target

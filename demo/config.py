@@ -41,7 +41,7 @@ class BuildConfig:
     suite_sizes: dict[str, int] = field(default_factory=dict)
     abstain_everyday: int = 240             # everyday training requests, answered by the base model (do no harm)
     abstain_outside: int = 160              # clinical training requests outside the skills, half in each box
-    abstain_answer_tokens: int = 96         # the base model's answers; one that does not end by then is left out
+    abstain_answer_tokens: int = 256        # the base model's answers; one that does not end by then is left out
     abstain_steps: int = 350                # one pass over coadapt.jsonl + the requests above at batch 8
 
     def __post_init__(self) -> None:
