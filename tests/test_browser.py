@@ -170,3 +170,67 @@ def test_a_copied_link_opens_the_same_heatmap_in_a_fresh_browser(server):
             expect(fresh.get_by_test_id("stSlider")).to_have_count(0)
         finally:
             browser.close()
+
+
+def test_the_dashboard_papercuts_are_gone_in_a_real_browser(server):
+    """Issue 23 §6, as a user meets them in Chromium: an old answer is marked once Route only moved the routing on;
+    Export shows the page's full link; the Experts tab's router card is not cut; per-token labels are readable and
+    the caption names only what is drawn. (Compare's line breaks need an answer with several lines, which the tiny
+    model does not write on demand: tests/test_app_papercuts.py checks them on a given answer.)"""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            expect.set_options(timeout=60_000)
+            page = browser.new_page(viewport={"width": 1500, "height": 1400})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.get_by_role("textbox", name="Instruction", exact=True).fill("List the vital signs. Use bullets.")
+            page.get_by_role("textbox", name="Input (optional clinical note)").fill("HR 135, SpO2 88.")
+            page.get_by_test_id("stExpander").filter(has_text="Generation settings").locator("summary").click()
+            tokens = page.get_by_label("Max new tokens")
+            tokens.fill("12")
+            tokens.press("Tab")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.get_by_text(re.compile(r"\d+ tokens in [\d.]+ s .* fast decode"))).to_be_visible()
+            expect(page.get_by_text("Earlier answer")).to_have_count(0)
+
+            # An answer left on screen after Route only says it belongs to the earlier instruction.
+            page.get_by_role("textbox", name="Instruction", exact=True).fill("Summarise the labs in one line.")
+            page.get_by_role("button", name="Route only").click()
+            expect(page.get_by_text("Earlier answer").first).to_be_visible()
+
+            # Export shows the full link: instruction and note, not only a preset.
+            page.get_by_role("tab", name="Export & presets").click()
+            link = page.locator("code").filter(has_text="q=").first
+            expect(link).to_be_visible()
+            assert "note=" in link.inner_text() and link.inner_text().startswith("http")
+
+            # The router card of the Experts tab is shown whole, not cut to an ellipsis.
+            page.get_by_role("tab", name="Experts").click()
+            card = page.get_by_text(re.compile(r"(softmax|sigmoid|flat) · (un)?trained")).first
+            expect(card).to_be_visible()
+            assert card.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
+
+            # Per token: readable labels, and no dashed line promised while answer tokens only are shown.
+            page.get_by_role("tab", name="Prompt & routing").click()
+            page.get_by_role("textbox", name="Instruction", exact=True).fill("List the vital signs. Use bullets.")
+            radio = page.get_by_test_id("stRadio").filter(has_text="Routing granularity")
+            if not radio.is_visible():
+                page.get_by_test_id("stExpander").filter(has_text="Generation settings").locator("summary").click()
+            radio.get_by_text("token", exact=True).click()
+            expect(radio.get_by_role("radio", name="token")).to_be_checked()
+            page.get_by_role("button", name="Generate").click()
+            # token routing decodes row by row, never merged: this caption is the new answer's, not the first one's
+            expect(page.get_by_text(re.compile(r"\d+ tokens in [\d.]+ s .* fused experts"))).to_be_visible()
+            page.get_by_role("tab", name="Per token").click()
+            plot = page.locator(".js-plotly-plot:visible").first
+            expect(plot).to_be_visible()
+            assert plot.evaluate("el => el._fullLayout.xaxis.tickfont.size") >= 14
+            caption = page.get_by_text(re.compile("Hover the heatmap")).first
+            assert "dashed" not in caption.inner_text()
+        finally:
+            browser.close()
