@@ -124,6 +124,7 @@ def _group_heatmap(page) -> list[list[float]]:
     from playwright.sync_api import expect
 
     plot = page.locator(".st-key-group_heatmap .js-plotly-plot")
+    expect(plot).to_have_count(1)        # a rerun shows the previous run's chart until it has drawn the new one
     expect(plot).to_be_visible()
     return plot.evaluate("el => Array.from(el._fullData[0].z, row => Array.from(row))")
 
