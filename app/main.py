@@ -115,9 +115,7 @@ def main(argv: Sequence[str] = ()) -> None:
     st.set_page_config(page_title="AT-MoE dashboard", page_icon="🧭", layout="wide",
                        initial_sidebar_state="collapsed" if state.embedded() else "auto")
     state.init()
-    if state.embedded():
-        st.html(EMBED_CSS)
-    else:
+    if not state.embedded():   # embedded: Streamlit's embed mode drops its chrome; the page writes no sidebar
         st.title("AT-MoE: which experts answer, layer by layer")
     options = launch_options(argv)
     if options is None:
@@ -151,10 +149,6 @@ def main(argv: Sequence[str] = ()) -> None:
 
 VIEWS = {"Prompt & routing": prompt, "Compare": compare, "Per token": tokens, "Why": explain, "Batch": batch,
          "Attribution": attribution, "Atlas": atlas, "Experts": catalog, "Export & presets": export}
-# Embedded: no header bar, toolbar or sidebar toggle around the view.
-EMBED_CSS = ("<style>[data-testid='stHeader'], [data-testid='stToolbar'], [data-testid='stSidebar'], "
-             "[data-testid='stSidebarCollapsedControl'] {display: none;}</style>")
-
 
 def embed(svc: Service) -> None:
     """The link's tab alone; the routing tab shows just its heatmaps, under one line saying what was routed."""
