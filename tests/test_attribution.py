@@ -211,21 +211,16 @@ def test_cli_attributes_a_data_set_and_reports_the_labelled_rate(manifest: Path,
 
 @pytest.mark.integration
 def test_on_the_shipped_demo_removing_the_labelled_expert_costs_most(one_torch_thread: None) -> None:
-    """A property of a working model, not an identity (docs/analysis.md has the full held-out figure: 64/64). Eight
-    held-out rows, each row's reference answer teacher-forced: removing a labelled expert must cost more than
-    removing an unlabelled one in at least 7 of them."""
+    """A property of a working model, not an identity (docs/analysis.md has the full held-out figure: 64/64). Four
+    held-out rows (every 16th), each row's reference answer teacher-forced: removing a labelled expert must cost more
+    than removing an unlabelled one in all four (by chance: 1 in 16)."""
     import json
 
     root = Path(__file__).resolve().parents[1]
     manifest, data = root / "assets" / "coadapted" / "experts.json", root / "assets" / "data" / "eval.jsonl"
-    if not (manifest.is_file() and data.is_file()):
-        pytest.skip("the shipped demo is not built (make assets)")
-    try:
-        m = ATMoE.load(manifest, device="cpu")
-    except (ValueError, OSError) as e:
-        pytest.skip(f"the embedded base cannot be loaded here: {e}")
-    rows = [json.loads(x) for x in data.read_text().splitlines()[::8]]
+    m = ATMoE.load(manifest, device="cpu")        # shipped in the repo; the base comes with `make install`
+    rows = [json.loads(x) for x in data.read_text().splitlines()[::16]]
     answers = [m.tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in rows]
     result = attribute_rows(m, [r["instruction"] for r in rows], answers, inputs=[r["input"] for r in rows])
     rate = labelled_rate(result, [r["experts"] for r in rows])
-    assert rate["rows"] == 8 and rate["rate"] >= 7 / 8, rate
+    assert rate["rows"] == 4 and rate["rate"] == 1.0, rate
