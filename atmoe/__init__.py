@@ -6,21 +6,27 @@ The path of one request, file by file (the top level of the package is that path
     → router  router.py   at each decoder layer, group weights α and within-group weights β over the experts of a
                           `GroupLayout` (layout.py), from the hidden state pooled over the instruction;
                           overrides.py fixes any of them
-    → fused   fused.py    each wrapped projection adds Σ_e α·β · s_e·B_e·A_e·x
-    → call    call.py     this call's own state carries w = α·β from the router to the fused layers; nothing
-                          stays on the shared model
+    → call    call.py     the call's routing as values (the router's head, the overrides as tensors, what is read)
+    → state   state.py    the model's workspace the call holds while it runs: the router step at every decoder
+                          layer, in tensors at fixed addresses (one graph, no host sync); released afterwards
+    → fused   fused.py    each projection group launches [W0; A] and one expand with w = α·β folded into Bᵀ:
+                          W0·x + Σ_e α·β · s_e·B_e·A_e·x
     → trace   trace.py    what the router proposed and what was used, per layer: a `RoutingTrace`
                           (explain.py: why the router chose it; generation.py: the decode loop's settings and sampling)
 
-model.py (`ATMoE`) is the public API that runs this path: route, score, generate, stream.
+model.py (`ATMoE`) is the public API that runs this path: route, score, generate, stream, explain; training and call
+plumbing are functions beside it (new_call, forward_routed, new_router, ...).
 
 Around the path, each in its folder:
 
     load/      what a request runs on: the base model (base.py), the expert manifest (manifest.py), the LoRA
                experts wrapped into the decoder layers (experts.py), crash-safe file reads and writes (files.py)
     train/     JSONL data (data.py), one LoRA expert (expert.py), a grouped router, optionally co-adapting the
-               experts with it (router.py)
-    analysis/  the controllability curve (sweep.py) and a routing frozen into one PEFT adapter (export.py)
+               experts with it (router.py); checkpoints, launch and FSDP2 sharding (checkpoints.py, launch.py,
+               distributed.py)
+    analysis/  controllability curves (sweep.py), a routing frozen into one PEFT adapter (export.py), what each
+               expert wrote (attribution.py), word-deletion checks (counterfactual.py), routing exports and the
+               atlas over data sets (routes.py, atlas.py)
     cli.py     the `atmoe` command (cliargs.py: dataclass → argparse)
 
 The demo (`demo/` beside this package: clinical suite, build, evaluation) is a client like the dashboard (`app/`):
