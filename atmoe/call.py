@@ -26,7 +26,6 @@ class RoutingCall:
     overrides: CompiledOverrides | None = None
     merge: bool = False       # batch 1, sequence: fold the weighted experts into one weight per group (decode speed)
     keep_inputs: bool = False  # keep the hidden state entering each layer (atmoe.explain)
-    dtype: torch.dtype = torch.float32   # the model's: the pooling weights' precision is the hidden states'
     plan: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[Any] = field(default_factory=list)       # per layer: what its router read (filled by the run)
     weights: list[torch.Tensor | None] = field(default_factory=list)   # per layer: w [B, 1 | T, E] ("rows", "separate")
