@@ -65,6 +65,13 @@ def server(tmp_path_factory):
             proc.wait()
 
 
+def _launch(p):  # noqa: ANN001, ANN202
+    """Debian's chromium, headless, with no background networking (this machine reaches no other host)."""
+    return p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                   "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
 def _style_mean(page) -> str:
     caption = page.get_by_text(re.compile(r"style α \(mean\) = \d\.\d\d")).first
     return re.search(r"style α \(mean\) = (\d\.\d\d)", caption.inner_text()).group(1)
@@ -75,9 +82,7 @@ def test_generate_override_and_apply_in_browser(server):
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1700})
             page.set_default_timeout(60_000)
@@ -136,9 +141,7 @@ def test_a_copied_link_opens_the_same_heatmap_in_a_fresh_browser(server):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         try:
             expect.set_options(timeout=60_000)
             page = browser.new_page(viewport={"width": 1500, "height": 1400})
@@ -181,9 +184,7 @@ def test_the_dashboard_papercuts_are_gone_in_a_real_browser(server):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         try:
             expect.set_options(timeout=60_000)
             page = browser.new_page(viewport={"width": 1500, "height": 1400})
