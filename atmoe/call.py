@@ -26,6 +26,7 @@ class RoutingCall:
     overrides: CompiledOverrides | None = None
     merge: bool = False       # batch 1, sequence: fold the weighted experts into one weight per group (decode speed)
     keep_inputs: bool = False  # keep the hidden state entering each layer (atmoe.explain)
+    gate_floor: float = 0.0    # sigmoid gates at or below it read as 0 (RouterConfig.gate_floor; 0 while training)
     plan: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[Any] = field(default_factory=list)       # per layer: what its router read (filled by the run)
     weights: list[torch.Tensor | None] = field(default_factory=list)   # per layer: w [B, 1 | T, E] ("rows", "separate")
@@ -72,7 +73,7 @@ class RoutingCall:
             if not own:
                 empty = empty + plan["logit_mask"][layer]
             z = torch.where(bad[..., None, None], empty, z)
-            a, b, _ = routing_weights(z, cfg.mode, None if own else plan, layer)
+            a, b, _ = routing_weights(z, cfg.mode, None if own else plan, layer, self.gate_floor)
             alphas.append(a)
             betas.append(b.sum(-2))                                                 # [B, N, E] within-group weights
             fallbacks.append(bad)

@@ -219,12 +219,13 @@ class ATMoE:
 
     def _new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | CompiledOverrides | dict | None = None,
                   router: GroupedRouter | None = None, granularity: str | None = None,
-                  merge: bool = False, instruction_mask: torch.Tensor | None = None) -> RoutingCall:
+                  merge: bool = False, instruction_mask: torch.Tensor | None = None,
+                  gate_floor: float | None = None) -> RoutingCall:
         """A call's routing, as values (`RoutingCall`). `merge` (batch 1, sequence routing): the weighted experts are
         folded into one weight per projection group, W0 + Σ w·s·B·A, written into buffers the model keeps
         (`merge_bytes`, allocated by the first merging call) — base-model decode speed. The base weights are never
         written. The router pools over `instruction_mask` when it reads the instruction and one is given, else
-        `prompt_mask`."""
+        `prompt_mask`. `gate_floor`: None reads the router's (`RouterConfig.gate_floor`); training passes 0."""
         router = router or self.router
         if merge and not self.state.stackable:
             raise ValueError("merge=True needs plain, resident base weights, and this base is quantized or offloaded "
@@ -235,7 +236,8 @@ class ATMoE:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
         return RoutingCall(router, prompt_mask.to(self.device), granularity, self.check_overrides(overrides, router),
-                           merge=bool(merge) and prompt_mask.shape[0] == 1)
+                           merge=bool(merge) and prompt_mask.shape[0] == 1,
+                           gate_floor=router.config.gate_floor if gate_floor is None else float(gate_floor))
 
     def _run(self, call: RoutingCall, **kwargs: Any) -> Any:
         """One routed forward of `call` (the HF output)."""
@@ -457,9 +459,12 @@ def new_call(m: ATMoE, prompt_mask: torch.Tensor, overrides: Overrides | Compile
 def forward_routed(m: ATMoE, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor, *,
                    instruction_mask: torch.Tensor | None = None,
                    overrides: Overrides | CompiledOverrides | dict | None = None, router: GroupedRouter | None = None,
-                   granularity: str | None = None, merge: bool = False, **kwargs: Any) -> tuple[Any, RoutingCall]:
-    """One routed forward pass (the training entry point): the HF output and the call (`call.stacked(...)`)."""
-    call = m._new_call(prompt_mask, overrides, router, granularity, merge, instruction_mask=instruction_mask)
+                   granularity: str | None = None, merge: bool = False, gate_floor: float | None = None,
+                   **kwargs: Any) -> tuple[Any, RoutingCall]:
+    """One routed forward pass (the training entry point): the HF output and the call (`call.stacked(...)`).
+    Training passes `gate_floor=0`: a gate the floor would close still needs its gradient."""
+    call = m._new_call(prompt_mask, overrides, router, granularity, merge, instruction_mask=instruction_mask,
+                       gate_floor=gate_floor)
     return m._run(call, input_ids=input_ids, attention_mask=attention_mask, **kwargs), call
 
 

@@ -60,6 +60,7 @@ class RouterConfig:
     pooling: str = "mean"              # masked mean, the last token read, or a learnt attention per group
     reads: str = "instruction"         # which tokens are pooled: the user's instruction, or the whole prompt
     granularity: str = "sequence"      # "sequence": fixed after the prompt; "token": per token (analysis)
+    gate_floor: float = 0.0            # sigmoid: a gate ≤ this is closed (0) when answering; training reads it unfloored
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +73,10 @@ class RouterConfig:
             raise ValueError(f"router granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"router temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.gate_floor, (int, float)) and 0.0 <= self.gate_floor < 1.0):
+            raise ValueError(f"router gate_floor must be in [0, 1), got {self.gate_floor!r}")
+        if self.gate_floor and self.mode != "sigmoid":
+            raise ValueError(f"router gate_floor needs sigmoid gates (a {self.mode} budget cannot close every group)")
         if self.num_layers < 1 or self.hidden_size < 1:
             raise ValueError("router num_layers and hidden_size must be positive")
         GroupLayout(self.groups, self.experts, self.expert_groups)  # raises unless every group has experts, in order
@@ -151,7 +156,7 @@ class GroupedRouter(nn.Module):
             if cfg.mode == "softmax":
                 group_weights = group_logits.softmax(-1)                                      # Σ_g α = 1
             else:
-                group_weights = group_logits.sigmoid()                                        # gates in [0, 1]
+                group_weights = close_gates(group_logits.sigmoid(), cfg.gate_floor)           # gates in [0, 1]
             within_group_weights = torch.cat(
                 [expert_logits[..., s].softmax(-1) for s in slices], -1)                      # Σ_{e∈g} β = 1
 
@@ -279,8 +284,15 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps_d
     return torch.addcmul(bias.reshape(G * H), z, rs).view(B, N, G, H)
 
 
-def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | None = None, layer: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def close_gates(alpha: torch.Tensor, floor: float) -> torch.Tensor:
+    """Sigmoid gates at or below `floor` read as exactly 0, so a group the router keeps out adds nothing: with every
+    gate under it the answer is that of every expert disabled, token for token (`RouterConfig.gate_floor`). One op,
+    none at 0."""
+    return torch.threshold(alpha, floor, 0.0) if floor > 0 else alpha
+
+
+def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | None = None, layer: int = 0,
+                    gate_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z [..., G, 1+E] → α [..., G], β [..., G, E] (row g: group g's experts, 0 elsewhere), w [..., E].
 
     With a `plan` (a call's overrides as tensors, `overrides.CompiledOverrides.tensors`), fixed weights are applied
@@ -294,7 +306,7 @@ def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | 
     elif mode == "softmax":
         alpha = gate.softmax(-1)                                                   # Σ_g α = 1
     else:
-        alpha = gate.sigmoid()                                                     # gates in [0, 1]
+        alpha = close_gates(gate.sigmoid(), gate_floor)                            # gates in [0, 1]
     beta = expert.softmax(-1)                                                      # Σ_{e∈g} β = 1
     if plan is not None:
         alpha = torch.addcmul(plan["alpha_value"][layer], alpha, plan["alpha_rest"][layer])
@@ -302,5 +314,5 @@ def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | 
     w = torch.matmul(alpha.unsqueeze(-2), beta).squeeze(-2)                         # w[e] = α[g(e)]·β[e]
     return alpha, beta, w
 
-__all__ = ["GroupedRouter", "RouterConfig", "attention_pool", "attention_weights", "effective_weights", "head_logits", "inference_head", "load_router",
+__all__ = ["GroupedRouter", "RouterConfig", "attention_pool", "close_gates", "attention_weights", "effective_weights", "head_logits", "inference_head", "load_router",
            "pool", "routing_weights", "save_router"]

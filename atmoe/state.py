@@ -67,6 +67,7 @@ class RoutingState(nn.Module):
         self.token_mode = False
         self.mode = "softmax"
         self.pooling = "mean"
+        self.gate_floor = 0.0
         self.plan: dict[str, torch.Tensor] = {}  # the call's tensors (RoutingCall.plan)
         self.weights: list[torch.Tensor | None] = [None] * self.num_layers   # w per layer ("rows", "separate")
         self.records: list[Any] = [None] * self.num_layers                   # what each router read
@@ -77,7 +78,7 @@ class RoutingState(nn.Module):
         self.call = call
         self.active, self.route_now, self.path = True, True, path
         self.token_mode = call.granularity == "token"
-        self.mode, self.pooling = cfg.mode, cfg.pooling
+        self.mode, self.pooling, self.gate_floor = cfg.mode, cfg.pooling, call.gate_floor
         self.plan = call.plan
         if not call.records:      # a fresh call (a checkpoint's recompute re-installs one that has run)
             call.weights = [None] * self.num_layers
@@ -100,7 +101,7 @@ class RoutingState(nn.Module):
             self.records[layer] = x if torch.is_grad_enabled() else x.detach()
         z = head_logits(x, plan["head_weight"][layer], plan["head_bias"][layer], plan["eps_d"],
                         per_group=self.pooling == "attention" and not self.token_mode)   # [B, 1 | T, G, 1+E]
-        _, _, w = routing_weights(z, self.mode, plan, layer)                      # [B, 1 | T, E]
+        _, _, w = routing_weights(z, self.mode, plan, layer, self.gate_floor)                  # [B, 1 | T, E]
         if self.path in ("folded", "merged"):
             experts = self.layers[layer]
             experts.fold(w)

@@ -206,7 +206,7 @@ class RouterTrainingModule(nn.Module):
             prompt_mask, instruction_mask = (drop_tokens(mask, self.pool_dropout) for mask in (prompt_mask,
                                                                                                instruction_mask))
         out, call = forward_routed(self.atmoe, input_ids, attention_mask, prompt_mask, instruction_mask=instruction_mask,
-                                   router=self.router, use_cache=False)
+                                   router=self.router, use_cache=False, gate_floor=0.0)
         targets = labels[:, 1:]                                   # position t predicts token t + 1
         n_tokens = sum_over_processes((targets != -100).sum()).clamp(min=1)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
