@@ -18,6 +18,11 @@ from .tokens import token_labels
 if TYPE_CHECKING:
     from .call import RoutingCall
 
+# Issue 24's bar: a group whose weight stays at most this on every layer (and every token) is not engaged.
+STAY_OUT = 0.3
+# What `to_dict` adds that the fields already determine (`from_dict` drops them).
+_DERIVED = ("effective_weights", "stay_out_threshold", "engaged_groups", "stays_out")
+
 
 @dataclass
 class RoutingTrace:
@@ -25,6 +30,9 @@ class RoutingTrace:
 
     `*_weights` are the weights used (after overrides); `router_*` the router's own. In token mode the [L, ·] arrays
     are means over the tokens and `token_*` hold one row per token ([T, L, ·]).
+
+    `stays_out()` says whether the routing kept the experts out (every gate ≤ `STAY_OUT` on every layer, sigmoid
+    router), `engaged_groups()` which groups opened; `to_dict` records both at `STAY_OUT`.
 
     The router at layer l reads the hidden state entering l, so an override on an earlier layer changes what the
     later routers see: `router_*` is what the router proposed *in this call*, not the weights of a call without
@@ -117,6 +125,40 @@ class RoutingTrace:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def _used_group_weights(self) -> np.ndarray:   # [T, L, G] in token mode, [1, L, G] in sequence mode
+        return self.token_group_weights if self.token_group_weights is not None else self.group_weights[None]
+
+    @property
+    def highest_group_weights(self) -> np.ndarray:
+        """[G] each group's highest used weight over layers — and over tokens in token mode (not the [L, G] means:
+        one token that opens a gate engages its group)."""
+        return self._used_group_weights.max(axis=(0, 1))
+
+    def engaged_groups(self, threshold: float = STAY_OUT) -> list[str]:
+        """The groups whose used weight (a gate; with a softmax or flat router, a share of the budget) exceeds
+        `threshold` on some layer (some token, in token mode)."""
+        return [g for g, w in zip(self.groups, self.highest_group_weights) if w > threshold]
+
+    def stays_out(self, threshold: float = STAY_OUT) -> bool:
+        """Whether the routing kept every expert out: no layer (no token, in token mode) gives the experts more than
+        `threshold` of a full update.
+
+        Sigmoid router (independent gates): every group gate is ≤ `threshold` — no group is engaged, issue 24's
+        "every gate ≤ 0.3 on every layer". Softmax and flat routers: α is a budget that sums to 1, so low shares
+        (e.g. 0.25 each over four groups) still add a whole update; there the groups' weights must *sum* to
+        ≤ `threshold`, which only overrides reach (disabling every expert gives 0). Either way the experts still add
+        their updates at these weights unless `effective_weights` is all zero."""
+        if self.mode == "sigmoid":
+            return not self.engaged_groups(threshold)
+        return bool(self._used_group_weights.sum(-1).max() <= threshold)
+
+    @property
+    def experts_off(self) -> bool:
+        """Whether every expert's used weight α·β is 0 on every layer (every token: the means are 0 only if each
+        token's weight is): the experts add nothing, the output is the base model's within float rounding."""
+        return not self.effective_weights.any()
+
     def to_frame(self) -> pd.DataFrame:
         """Tidy table: one row per (layer, group or expert, level, source) with columns
         `layer, group, expert, level, source, weight` (level: group / expert / effective; source: router / used)."""
@@ -140,6 +182,9 @@ class RoutingTrace:
             v = getattr(self, k)
             out[k] = v.tolist() if isinstance(v, np.ndarray) else v.to_dict() if isinstance(v, Overrides) else v
         out["effective_weights"] = self.effective_weights.tolist()
+        out["stay_out_threshold"] = STAY_OUT
+        out["engaged_groups"] = self.engaged_groups()
+        out["stays_out"] = self.stays_out()
         return out
 
     def to_json(self) -> str:
@@ -147,7 +192,7 @@ class RoutingTrace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoutingTrace:
-        d = {k: v for k, v in d.items() if k != "effective_weights"}
+        d = {k: v for k, v in d.items() if k not in _DERIVED}
         if d.get("overrides") is not None:
             d["overrides"] = Overrides.from_dict(d["overrides"])
         for k in ("router_group_weights", "router_expert_weights", "group_weights", "expert_weights",

@@ -10,8 +10,10 @@ from app import figures, presets, state
 from app.examples import examples
 from app.service import DEMO_SCOPE, Answer, Service
 from app.text import md_escape
-from atmoe import GenerationSettings
+from atmoe import GenerationSettings, RoutingTrace
 from atmoe.router import GRANULARITIES
+from atmoe.trace import STAY_OUT
+from demo.config import TOKEN_MODE_NOTE
 
 
 def _use_example(ex: dict[str, str]) -> None:
@@ -117,10 +119,29 @@ def _show_answer(text: bool = True) -> None:
                f"{md_escape(presets.describe(ans.overrides))}")
 
 
+def stays_out_note(trace: RoutingTrace) -> str | None:
+    """The line that says the routing kept every expert out (`RoutingTrace.stays_out`), or None when it did not.
+    Exact about what follows: only weights of exactly 0 give the base model; low gates still add the experts."""
+    if not trace.stays_out():
+        return None
+    where = "on every layer" + (" and every token" if trace.granularity == "token" else "")
+    if trace.experts_off:
+        return (f"**No expert engaged**: every expert's weight is 0 {where}, so the experts add nothing — with this "
+                "routing the model is the base model (within float rounding).")
+    highest = trace.highest_group_weights
+    top = int(highest.argmax())
+    return (f"**No expert engaged**: every group gate stayed ≤ {STAY_OUT} {where} (highest: "
+            f"{md_escape(trace.groups[top])} {highest[top]:.2f}). The experts still add their updates scaled by "
+            "these gates, so the model is not exactly the base model (that needs every weight at 0).")
+
+
 def heatmaps() -> None:
     trace = st.session_state.get("trace")
     if trace is None:
         return
+    note = stays_out_note(trace)
+    if note:
+        st.info(note)
     left, right = st.columns([2, 3])
     with left:
         st.plotly_chart(figures.group_heatmap(trace), key="group_heatmap", width="stretch")
@@ -146,6 +167,8 @@ def render(svc: Service) -> None:
         st.info(DEMO_SCOPE)
     _example_buttons()
     action = _form(svc)
+    if svc.shipped_demo and st.session_state.get("granularity") == "token":   # what the shipped router is for
+        st.info(TOKEN_MODE_NOTE)
     st.button("Stop generating", key="stop", on_click=state.request_stop,
               help="Stops the running generation after the current token")
     ss = st.session_state

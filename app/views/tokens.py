@@ -8,6 +8,7 @@ import streamlit as st
 from app import figures
 from app.service import Service
 from app.text import md_escape
+from demo.config import TOKEN_MODE_NOTE
 
 # Streamlit Markdown colours, in a colour-blind-friendlier order (blue/orange first).
 COLOURS = ["blue", "orange", "violet", "green", "red", "gray"]
@@ -20,6 +21,8 @@ def render(svc: Service) -> None:
         st.info("Generate with **Routing granularity = token** (Generation settings) to see how the router's weights "
                 "change token by token.")
         return
+    if svc.shipped_demo:
+        st.info(TOKEN_MODE_NOTE)
     trace = ans.trace
     L = trace.num_layers
     c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")

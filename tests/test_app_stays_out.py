@@ -1,0 +1,115 @@
+"""The dashboard says plainly when no expert is engaged, and that token mode is an analysis view (issue 24).
+
+AppTest on tiny demos: the softmax one of `app_session`, a sigmoid one (independent gates, which overrides can close
+one by one), and a tiny demo standing in for the shipped default (the token-mode note speaks of the shipped router).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from app_session import NOTE, PROMPT, SCRIPT, at, manifest, new_page, ok  # noqa: F401 (at, manifest: fixtures)
+from streamlit.testing.v1 import AppTest
+from tiny_models import tiny_demo
+
+from app.service import DEFAULT_MANIFESTS
+from demo.config import TOKEN_MODE_NOTE
+
+ENGAGED_NONE = "No expert engaged"
+
+
+def _generate(at: AppTest, granularity: str = "sequence") -> AppTest:
+    at.text_area(key="prompt").input(PROMPT)
+    at.text_area(key="note").input(NOTE)
+    at.number_input(key="max_new_tokens").set_value(4)
+    at.radio(key="granularity").set_value(granularity)
+    at.button(key="FormSubmitter:prompt_form-Generate").click().run()
+    ok(at)
+    return at
+
+
+def _apply(at: AppTest, **widgets: object) -> AppTest:
+    """Set sidebar override widgets (by key) and press Apply."""
+    for key, value in widgets.items():
+        (at.toggle(key=key) if key.startswith("off_") else at.slider(key=key)).set_value(value)
+    at.button(key="FormSubmitter:overrides_form-Apply").click().run()
+    ok(at)
+    return at
+
+
+def _said(at: AppTest) -> list[str]:
+    return [i.value for i in at.info if ENGAGED_NONE in i.value]
+
+
+@pytest.fixture(scope="module")
+def sigmoid_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_demo(tmp_path_factory.mktemp("sigmoid"), mode="sigmoid")
+
+
+@pytest.fixture()
+def sigmoid_at(sigmoid_manifest: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("ATMOE_MANIFEST", str(sigmoid_manifest))
+    return new_page()
+
+
+def test_every_expert_off_says_the_model_is_the_base_model(at: AppTest) -> None:
+    _generate(at)
+    assert not _said(at) and not at.session_state["answer"].trace.stays_out()   # a softmax router always engages
+    experts = list(at.session_state["answer"].trace.experts)
+    _apply(at, **{f"off_{e}": True for e in experts})
+    _generate(at)
+    assert at.session_state["answer"].trace.experts_off
+    said = _said(at)
+    assert len(said) == 1 and "every expert's weight is 0 on every layer" in said[0] and "base model" in said[0]
+
+
+def test_low_gates_are_said_without_claiming_the_base_model_and_one_open_gate_silences_it(sigmoid_at: AppTest) -> None:
+    at = _generate(sigmoid_at)
+    trace = at.session_state["answer"].trace
+    assert trace.engaged_groups() and not _said(at)                 # the random router opens some gate
+    low = {f"ov_g:{g}": 0.2 for g in trace.groups}
+    _apply(at, **low)
+    _generate(at)
+    said = _said(at)
+    assert len(said) == 1 and "every group gate stayed ≤ 0.3 on every layer (highest" in said[0]
+    assert "not exactly the base model" in said[0] and "0.20" in said[0]
+    _generate(at, granularity="token")
+    said = _said(at)
+    assert len(said) == 1 and "on every layer and every token" in said[0]
+    _apply(at, **{**low, "ov_g:style": 0.5})                       # one gate opens: the page no longer says it
+    _generate(at)
+    assert at.session_state["answer"].trace.engaged_groups() == ["style"] and not _said(at)
+
+
+@pytest.fixture()
+def shipped_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A page serving a tiny demo at the shipped default's path (the server started with no arguments)."""
+    from app import main
+
+    monkeypatch.chdir(tmp_path)
+    tiny_demo(Path(next(iter(DEFAULT_MANIFESTS.values()))).parent)
+    monkeypatch.setattr(sys, "argv", [SCRIPT])
+    monkeypatch.delenv("ATMOE_MANIFEST", raising=False)
+    main.load_listed.clear()         # the shipped path is relative: no model cached from another folder
+    yield new_page()
+    main.load_listed.clear()
+
+
+def _token_notes(at: AppTest) -> int:
+    return [i.value for i in at.info].count(TOKEN_MODE_NOTE)
+
+
+def test_token_mode_says_it_is_an_analysis_view_of_the_shipped_router(shipped_at: AppTest) -> None:
+    at = _generate(shipped_at)
+    assert _token_notes(at) == 0
+    _generate(at, granularity="token")
+    assert _token_notes(at) == 2                                    # under the form, and on the Per token tab
+    _generate(at)
+    assert _token_notes(at) == 0
+
+
+def test_a_users_own_model_gets_no_note_about_the_shipped_router(at: AppTest) -> None:
+    _generate(at, granularity="token")
+    assert _token_notes(at) == 0
