@@ -116,14 +116,18 @@ class ATMoE:
     def load(cls, manifest: str | Path | Manifest, *, base: str | None = None, device: str = "auto",
              dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
              device_map: str | dict[str, Any] | None = None, offload_folder: str | Path | None = None,
-             quantization_config: Any = None, prepare_base: Callable[[nn.Module], None] | None = None) -> ATMoE:
+             quantization_config: Any = None, prepare_base: Callable[[nn.Module], None] | None = None,
+             gate_floor: float | None = None) -> ATMoE:
         """Load base model, experts and router from a manifest. `base` overrides the manifest's base model; experts
         are still checked against the manifest's recorded base signature and their own shapes.
 
         Bases larger than one device (docs/scale.md): `device_map` / `offload_folder` place the decoder layers with
         accelerate, `quantization_config` loads the base quantized (the experts then run beside the base layers,
         unmerged), and `prepare_base(model)` runs on the loaded base before the experts are fused into it (e.g.
-        `atmoe.train.distributed.shard_base` for FSDP2)."""
+        `atmoe.train.distributed.shard_base` for FSDP2).
+
+        `gate_floor` replaces the router's (`RouterConfig.gate_floor`: sigmoid gates at or below it read as 0); None
+        keeps the one its file holds. A server setting: every call of this model answers with it."""
         m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         base = base if base is not None else m.base_model
         if base and not Path(base).is_absolute() and (m.root / base).is_dir():
@@ -135,10 +139,11 @@ class ATMoE:
             check_signature(m.base_signature, model, what=f"experts of manifest {m.root}")
         if prepare_base is not None:
             prepare_base(model)
-        router_path = m.router_path()
-        return cls.from_experts(model, tokenizer, [(g, e.name, m.expert_source(e), e.description)
-                                                   for g, e in m.experts],
-                                groups=[g.name for g in m.groups], router=router_path, manifest=m)
+        out = cls.from_experts(model, tokenizer, [(g, e.name, m.expert_source(e), e.description) for g, e in m.experts],
+                               groups=[g.name for g in m.groups], router=m.router_path(), manifest=m)
+        if gate_floor is not None:
+            out.router.config = replace(out.router.config, gate_floor=float(gate_floor))
+        return out
 
     @classmethod
     def from_experts(cls, model: nn.Module, tokenizer: Any, experts: Sequence[tuple[str, str, str | Path, str]],

@@ -92,11 +92,15 @@ def test_training_reads_the_gates_unfloored(model):
     assert router.group_bias.grad[:, 1:].abs().min() > 0
 
 
-def test_the_floor_travels_in_the_router_file_and_old_files_read_as_none(model, tmp_path):
+def test_the_floor_travels_in_the_router_file_and_a_server_may_set_it_at_load(model, tmp_path):
     m = model
     path = save_router(_floored(m, 0.25), tmp_path / "r.safetensors")
     assert load_router(path, expected=m.router.config).config.gate_floor == 0.25
-    assert m.router.config.gate_floor == 0.0                                  # tiny_demo's file predates the field
+    assert m.router.config.gate_floor == 0.0                                  # tiny_demo's file has none
+    manifest = tiny_demo(tmp_path / "sigmoid", mode="sigmoid")
+    assert ATMoE.load(manifest, device="cpu", gate_floor=0.3).router.config.gate_floor == 0.3
+    with pytest.raises(ValueError, match="gate_floor needs sigmoid gates"):
+        ATMoE.load(tiny_demo(tmp_path / "softmax", mode="softmax"), device="cpu", gate_floor=0.3)
 
 
 def test_the_floor_costs_one_op_per_layer_in_a_prefill_and_none_in_decode(model):
