@@ -52,8 +52,9 @@ def numbers(text: str) -> list[str]:
     return _NUMBER.findall(_ORDINAL.sub(" ", text))
 
 
-def _canonical(value: str) -> str:
-    return repr(float(value))   # "10" and "10.0" are the same value
+def canonical(value: str) -> str:
+    """A value as compared: "10" and "10.0" are the same value, "10.1" is another."""
+    return repr(float(value))
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,24 @@ def _lines(text: str) -> list[str]:
     return [" ".join(x.lower().split()) for x in text.splitlines() if x.strip()]
 
 
-def _names(m: Any) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    # the abbreviation as written (case matters: "T", "K", "Ca"), the lay name in any case
+def name_patterns(m: Any) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """How a measurement is named: its abbreviation as written (case matters: "T", "K", "Ca"), its lay name in any
+    case (shared with the facts check, `demo/facts.py`)."""
     return re.compile(rf"(?<![\w]){re.escape(m.abbrev)}(?![\w])"), re.compile(rf"\b{re.escape(m.lay)}\b", re.I)
 
 
 def measurements(text: str) -> list[str]:
     """The suite's measurements `text` names (by abbreviation or lay name), as lay names."""
-    return [m.lay for m in MEASURES.values() if any(p.search(text) for p in _names(m))]
+    return [m.lay for m in MEASURES.values() if any(p.search(text) for p in name_patterns(m))]
 
 
 def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> ValueCheck:
     """The values of `answer` absent from `source` (the note and instruction as the user gave them) and from
     `allowed` (knowledge the request asks for, e.g. reference ranges); then the measurements it names that the
     source does not ("creatinine 10" where the note has no creatinine: a note's number under an invented name)."""
-    known = {_canonical(v) for v in numbers(source)} | {_canonical(v) for v in allowed}
+    known = {canonical(v) for v in numbers(source)} | {canonical(v) for v in allowed}
     named = set(measurements(source))
-    invented = tuple(dict.fromkeys([*(v for v in numbers(answer) if _canonical(v) not in known),
+    invented = tuple(dict.fromkeys([*(v for v in numbers(answer) if canonical(v) not in known),
                                     *(n for n in measurements(answer) if n not in named)]))
     lines = _lines(answer)
     flat = " ".join(" ".join(answer.split()).lower().split())
