@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from atmoe.trace import STAY_OUT   # a gate at most this on every layer: the group stays out
+
 from .config import REPO, SHIPPED_MANIFEST
 from .everyday import everyday_rows, outside_rows
 from .suite import MEASURES
@@ -39,7 +41,6 @@ _ISSUE_NOTE = "Note: 58-year-old man on metformin 500 mg twice daily and lisinop
 ISSUE_EXAMPLE = [{"instruction": f"{_ISSUE_REQUEST}\n{_ISSUE_NOTE}", "input": "", "experts": []},
                  {"instruction": _ISSUE_REQUEST, "input": _ISSUE_NOTE, "experts": []}]
 
-STAY_OUT = 0.3     # a gate at most this on every layer: the group stays out
 NEEDED = 0.5       # a needed group's gate opens above this on some layer (`evaluate.gate_hits`)
 
 # A number as written: not part of a word (SpO2, B12) nor of a longer number; "1.2-1.7" gives 1.2 and 1.7.
@@ -201,6 +202,7 @@ class AbstentionConfig:
     inskill_answers: str = ""      # a results.json whose shipped system's answers stand in for generating them
     out: str = "runs/abstention/report.json"
     device: str = "auto"
+    gate_floor: float = -1.0       # the router's gate floor for this measurement (RouterConfig.gate_floor); < 0: its own
 
     def __post_init__(self) -> None:
         for k in ("everyday_n", "inskill_n", "max_new_tokens", "answer_tokens"):
@@ -208,6 +210,8 @@ class AbstentionConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.outside_n < 0:
             raise ValueError(f"outside_n must be >= 0 (0: skip), got {self.outside_n}")
+        if not self.gate_floor < 1:
+            raise ValueError(f"gate_floor must be < 1 (a gate at or below it reads as 0), got {self.gate_floor}")
         if not 0 <= self.same_n <= self.everyday_n:
             raise ValueError(f"same_n must be in [0, everyday_n], got {self.same_n}")
 
@@ -218,9 +222,10 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
     from .evaluate import read_rows
 
     t0 = time.perf_counter()
-    m = ATMoE.load(cfg.manifest, device=cfg.device)
+    m = ATMoE.load(cfg.manifest, device=cfg.device, gate_floor=cfg.gate_floor if cfg.gate_floor >= 0 else None)
     everyday = everyday_rows("heldout", cfg.everyday_n)
     report: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "device")}}
+    report["config"]["gate_floor"] = m.router.config.gate_floor
     report["config"]["manifest"] = str(Path(cfg.manifest).resolve().relative_to(REPO)) \
         if Path(cfg.manifest).resolve().is_relative_to(REPO) else Path(cfg.manifest).name
     report["stays_out"] = stays_out(m, everyday)

@@ -35,7 +35,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
+    p.add_argument("--gate-floor", type=float, default=None,
+                   help="every router's gate floor for this run (RouterConfig.gate_floor; default: each file's own)")
     a = p.parse_args(argv)
     try:
         specs = [s.partition("=")[::2] for s in a.router]
@@ -393,8 +395,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, path in specs:
             if not Path(path).is_file():
                 raise ValueError(f"router file not found: {path} (--router {name}=...)")
-        m = ATMoE.load(a.manifest, device=a.device)
+        m = ATMoE.load(a.manifest, device=a.device, gate_floor=a.gate_floor)
         routers = {name: load_router(path, expected=m.router_config).to(m.device) for name, path in specs}
+        if a.gate_floor is not None:
+            for r in routers.values():
+                r.config = replace(r.config, gate_floor=a.gate_floor)
         _check_rows(rows, m, Path(a.data))
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -115,3 +115,17 @@ def test_the_floor_costs_one_op_per_layer_in_a_prefill_and_none_in_decode(model)
     assert counts[0.1].total - counts[0.0].total == m.num_layers
     assert counts[0.1].syncs == counts[0.0].syncs
     assert replace(m.router.config, gate_floor=0.1).gate_floor == 0.1
+
+
+def test_the_demo_commands_name_a_bad_floor_in_one_line(tmp_path):
+    from demo.abstention import main as abstention
+    from demo.evaluate import main as evaluate
+
+    softmax = tiny_demo(tmp_path / "softmax", mode="softmax")
+    with pytest.raises(SystemExit, match="^error: router gate_floor needs sigmoid gates"):
+        evaluate(["--manifest", str(softmax), "--data", "assets/data/eval.jsonl", "--gate-floor", "0.3"])
+    sigmoid = tiny_demo(tmp_path / "sigmoid", mode="sigmoid")
+    with pytest.raises(SystemExit, match=r"^error: router gate_floor must be in \[0, 1\)"):
+        evaluate(["--manifest", str(sigmoid), "--data", "assets/data/eval.jsonl", "--gate-floor", "1.5"])
+    with pytest.raises(SystemExit, match="^error: gate_floor must be < 1"):
+        abstention(["--manifest", str(sigmoid), "--gate-floor", "1.5"])

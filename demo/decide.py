@@ -1,0 +1,189 @@
+"""The deciding comparison (issue 24): the shipped router against the same experts routed without its layer dimension
+and without a router, on enough held-out rows that each paired 95 % interval can decide.
+
+    python -m demo.decide [--manifest assets/coadapted/experts.json] [--n 512] [--out runs/decide/shipped.json]
+    python -m demo.decide --check-stored assets/eval/results.json      (how far the shortcut below agrees with greedy)
+
+Score: *fully right*, the answer token for token equal to the reference. It is decided without generating: greedy
+decoding writes the reference, then stops, exactly when — reading prompt + reference + EOS in one forward — the argmax
+after every prefix is the reference's next token and the last one is an end token. Sequence routing reads only the
+prompt, and a causal model's logits at a prefix do not depend on what follows it, so that one forward is what greedy
+decoding would compute step by step (up to the rounding of a prefill against a cached decode, measured with
+`--check-stored` against the stored greedy answers). One forward a row instead of one a token is what makes 512 rows ×
+3 systems a few minutes on a CPU. It is stricter than the table's `exact` (which forgives case and spaces).
+
+Systems, all on the manifest's experts:
+    shipped           its router as it is
+    layer_constant    the router's α and β for the row, averaged over layers and fixed on every layer
+    uniform           every expert at 1/E on every layer (an untrained flat router)
+The flat-router variant is another model (`config.COADAPTED`: its own co-adapted experts): `--manifest` it and run it
+on the same rows (same `--n`, same seed); `--against <report>` then pairs the two reports row by row.
+
+Rows: `complex_rows(n, seed=DECIDE_SEED, heldout=True)`: held-out phrasings of every complex combination, each
+combination equally often, notes never drawn for `assets/data/eval.jsonl` (another seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atmoe.load.files import atomic_write_json
+from atmoe.model import ATMoE, forward_routed
+from atmoe.tokens import encode_prompt, encode_text
+
+from .evaluate import Row, bootstrap_ci, layer_constant
+from .suite import complex_rows
+
+DECIDE_SEED = 24        # not the table's seed (0): other notes, same held-out phrasings
+SYSTEMS = ("shipped", "layer_constant", "uniform")
+
+
+def held_out_rows(n: int) -> list[Row]:
+    return complex_rows(n, seed=DECIDE_SEED, heldout=True)
+
+
+def _overrides(m: ATMoE, system: str, rows: list[Row]) -> tuple[Any, list[Any]]:
+    """(router, overrides per row) of a system."""
+    if system == "shipped":
+        return m.router, [None] * len(rows)
+    if system == "uniform":
+        from atmoe.model import new_router
+        return new_router(m, mode="flat"), [None] * len(rows)
+    traces = m.route_batch([r["instruction"] for r in rows], inputs=[r["input"] for r in rows])
+    return m.router, [layer_constant(t) for t in traces]
+
+
+@torch.inference_mode()
+def fully_right(m: ATMoE, rows: list[Row], system: str, batch_size: int = 8,
+                answers: list[list[int]] | None = None, eos: list[int] | None = None) -> np.ndarray:
+    """[n] bool: would greedy decoding write each row's reference exactly (then stop)? See the module docstring.
+    `answers`: token ids to check instead of the references as training tokenizes them; `eos`: the end tokens
+    (default: the model's, as `ATMoE.generate` stops)."""
+    if answers is None:
+        answers = [encode_text(m.tokenizer, r["output"]) for r in rows]
+    eos = eos or end_tokens(m)
+    out = np.zeros(len(rows), dtype=bool)
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        router, overrides = _overrides(m, system, chunk)
+        for key in {json.dumps(o and o.to_dict(), sort_keys=True) for o in overrides}:   # rows sharing overrides
+            idx = [i for i, o in enumerate(overrides) if json.dumps(o and o.to_dict(), sort_keys=True) == key]
+            out[[s + i for i in idx]] = _check(m, [chunk[i] for i in idx], [answers[s + i] for i in idx], router,
+                                               overrides[idx[0]], eos)
+    return out
+
+
+def _check(m: ATMoE, rows: list[Row], answer_ids: list[list[int]], router: Any, overrides: Any, eos: list[int]
+           ) -> np.ndarray:
+    prompts = [encode_prompt(m.tokenizer, r["instruction"], r["input"]) for r in rows]
+    answers = [list(a) + [eos[0]] for a in answer_ids]
+    width = max(len(p.ids) + len(a) for p, a in zip(prompts, answers))
+    B = len(rows)
+    ids = torch.zeros((B, width), dtype=torch.long)
+    mask, prompt_mask, instruction = (torch.zeros((B, width), dtype=torch.long) for _ in range(3))
+    for b, (p, a) in enumerate(zip(prompts, answers)):       # left-padded, as generation pads prompts
+        left = width - len(p.ids) - len(a)
+        ids[b, left:] = torch.tensor(p.ids + a)
+        mask[b, left:] = 1
+        prompt_mask[b, left:left + len(p.ids)] = 1
+        instruction[b, left + p.instruction[0]:left + p.instruction[1]] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    dev = m.device
+    out, _ = forward_routed(m, ids.to(dev), mask.to(dev), prompt_mask.to(dev), instruction_mask=instruction.to(dev),
+                            overrides=overrides, router=router, position_ids=position_ids.to(dev), use_cache=False)
+    pred = out.logits.argmax(-1).cpu()                                  # [B, T]: the token after each prefix
+    right = np.zeros(B, dtype=bool)
+    for b, a in enumerate(answers):
+        n = len(a)
+        got = pred[b, width - n - 1:width - 1].tolist()                # predictions for each answer token
+        right[b] = got[:-1] == a[:-1] and got[-1] in eos
+    return right
+
+
+def end_tokens(m: ATMoE) -> list[int]:
+    configured = getattr(m.model.generation_config, "eos_token_id", None)
+    configured = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({e for e in [m.tokenizer.eos_token_id, *configured] if e is not None})
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    d = a.astype(float) - b.astype(float)
+    lo, hi = bootstrap_ci(d)
+    return {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo}
+
+
+def decide(manifest: str, n: int, device: str = "auto") -> dict[str, Any]:
+    t0 = time.perf_counter()
+    m = ATMoE.load(manifest, device=device)
+    rows = held_out_rows(n)
+    right = {s: fully_right(m, rows, s) for s in SYSTEMS}
+    return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "score": "fully right (token-exact, greedy)",
+            "fully_right": {s: float(v.mean()) for s, v in right.items()},
+            "shipped_minus": {s: paired(right["shipped"], right[s]) for s in SYSTEMS[1:]},
+            "rows": {s: v.astype(int).tolist() for s, v in right.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def check_stored(results: str, manifest: str, device: str = "auto") -> dict[str, Any]:
+    """The shortcut against real greedy answers: the table's stored answers of its shipped system and its layer-constant
+    system (`coadapted:router_constant`) on the table's rows, text equal to the reference vs `fully_right`."""
+    from .evaluate import read_rows
+
+    table = json.loads(Path(results).read_text(encoding="utf-8"))
+    rows = read_rows(Path(__file__).resolve().parents[1] / "assets" / "data" / "eval.jsonl")[:table["n"]]
+    m = ATMoE.load(manifest, device=device)
+    out = {}
+    for system, stored in (("shipped", table["shipped"]), ("layer_constant", "coadapted:router_constant")):
+        greedy = np.array([t.strip() == r["output"].strip() for t, r in zip(table["answers"][stored], rows)])
+        forced = fully_right(m, rows, system)
+        out[system] = {"n": len(rows), "greedy_exact": int(greedy.sum()), "shortcut": int(forced.sum()),
+                       "agree": int((greedy == forced).sum())}
+    return out
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"n = {report['n']} held-out rows (seed {report['seed']}), {report['score']}, {report['seconds']:.0f} s"]
+    lines += [f"  {s}: {v:.3f}" for s, v in report["fully_right"].items()]
+    lines += [f"  shipped − {s}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (width {d['width']:.3f})"
+              for s, d in report["shipped_minus"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--manifest", default="assets/coadapted/experts.json")
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--out", default="runs/decide/shipped.json")
+    p.add_argument("--against", default="", help="another model's report on the same rows: pair its shipped column")
+    p.add_argument("--check-stored", default="", metavar="RESULTS", help="compare the shortcut with stored answers")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    try:
+        if a.n < 1:
+            raise ValueError(f"--n must be >= 1, got {a.n}")
+        if a.check_stored:
+            print(json.dumps(check_stored(a.check_stored, a.manifest, a.device), indent=1))
+            return
+        report = decide(a.manifest, a.n, a.device)
+        if a.against:
+            other = json.loads(Path(a.against).read_text(encoding="utf-8"))
+            if (other["n"], other["seed"]) != (report["n"], report["seed"]):
+                raise ValueError(f"{a.against} ran other rows (n {other['n']}, seed {other['seed']})")
+            report["shipped_minus"]["against"] = paired(np.array(report["rows"]["shipped"]),
+                                                        np.array(other["rows"]["shipped"]))
+            report["against"] = a.against
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    atomic_write_json(Path(a.out), report)
+    print(summary(report))
+
+
+if __name__ == "__main__":
+    main()

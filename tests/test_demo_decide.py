@@ -1,0 +1,49 @@
+"""The deciding comparison's shortcut (issue 24): one forward over prompt + reference says whether greedy decoding
+would write the reference exactly. Checked against real greedy generation on a tiny demo, for every system."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import tiny_demo
+
+from atmoe import ATMoE
+from demo.decide import SYSTEMS, _overrides, fully_right, held_out_rows, paired
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> ATMoE:
+    return ATMoE.load(tiny_demo(tmp_path_factory.mktemp("decide"), mode="sigmoid"), device="cpu")
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_the_shortcut_agrees_with_greedy_decoding(model, system):
+    """Greedy tokens g of a tiny model: with g[k] taken as the end token, g[:k] is what greedy decoding writes and
+    then stops, so it is fully right; g[:k] with its last token changed, or one token short is not.
+    Alone or in a left-padded batch, the verdict is the same. (A random tiny model rarely ends by itself, hence a
+    chosen end token; the answers are token ids because its text does not re-encode to them.)"""
+    m = model
+    rows = held_out_rows(6)
+    router = _overrides(m, system, rows[:1])[0]
+    gens = [m.generate(r["instruction"], input=r["input"], max_new_tokens=12, router=router,
+                        overrides=_overrides(m, system, [r])[1][0]).token_ids for r in rows]
+    checked = 0
+    for k in (3, 8):
+        cases = [(r, g[:k], g[k]) for r, g in zip(rows, gens) if len(g) > k and g[k] not in g[:k]]
+        for r, a, end in cases:
+            assert fully_right(m, [r], system, answers=[a], eos=[end]).all()
+            assert not fully_right(m, [r], system, answers=[a[:-1] + [(a[-1] + 1) % 100]], eos=[end]).any()
+            assert not fully_right(m, [r], system, answers=[a[:-1]], eos=[end]).any()
+            checked += 1
+        alone = [bool(fully_right(m, [r], system, answers=[a], eos=[cases[0][2]])[0]) for r, a, _ in cases]
+        batch = fully_right(m, [r for r, *_ in cases], system, batch_size=4, answers=[a for _, a, _ in cases],
+                            eos=[cases[0][2]])                             # left-padded together
+        assert batch.tolist() == alone and alone[0]
+    assert checked >= 6
+
+
+def test_the_paired_interval_is_of_the_differences():
+    a, b = np.array([1, 1, 1, 0] * 50, bool), np.array([1, 0, 1, 0] * 50, bool)
+    d = paired(a, b)
+    assert d["diff"] == pytest.approx(0.25) and d["ci95"][0] < 0.25 < d["ci95"][1] and d["width"] < 0.2
+    assert paired(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0], "width": 0.0}
