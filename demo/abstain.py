@@ -5,8 +5,9 @@
     1. requests   <suite>/abstain_requests.jsonl (`suite.abstention_rows`: training families only), written if missing
     2. answers    <suite>/abstain_answers.jsonl: each everyday request with the base model's own greedy answer
                   (every expert disabled), so the loss on it asks the routed model to answer as the base does; an
-                  answer still running after `abstain_answer_tokens` is left out (its end would be cut). Written
-                  batch by batch and resumed. The clinical requests keep their answer: the note's lines, copied.
+                  answer still running after `abstain_answer_tokens` keeps only its routing label (`"output": null`:
+                  a cut answer would teach the model to stop where it was cut). Written batch by batch and resumed.
+                  The clinical requests keep their answer: the note's lines, copied.
     3. data       <suite>/coadapt_abstain.jsonl: coadapt.jsonl + those rows, shuffled (seeded)
     4. training   `config.ABSTAIN` in <work>/coadapted_abstain: from the stage-1 experts and router, as the shipped
                   co-adaptation (`routers.build_coadapted`), `abstain_steps` steps; the Trainer resumes it
@@ -74,13 +75,14 @@ def mixed_data(suite: Path, seed: int = 0) -> tuple[Path, dict[str, int]]:
             a = answered[r["instruction"]]
             if a["meta"].get("finish") == "eos" and a["output"].strip():
                 everyday.append(a)
-            else:
+            else:                       # too long to keep whole: the routing label only, no LM loss
+                everyday.append({**a, "output": None})
                 cut += 1
     rows = _read(suite / "coadapt.jsonl") + everyday + outside
     random.Random(f"atmoe-demo:{seed}:coadapt_abstain").shuffle(rows)
     path = suite / "coadapt_abstain.jsonl"
     atomic_write_bytes(path, _jsonl(rows))
-    return path, {"rows": len(rows), "everyday": len(everyday), "outside": len(outside), "left_out": cut}
+    return path, {"rows": len(rows), "everyday": len(everyday), "outside": len(outside), "labels_only": cut}
 
 
 def build_abstain(cfg: BuildConfig, suite: Path, out: Path) -> None:
@@ -98,8 +100,8 @@ def build_abstain(cfg: BuildConfig, suite: Path, out: Path) -> None:
     base_answers(cfg, suite, out)
     data, counts = mixed_data(suite)
     print(f"abstain: {data} holds {counts['rows']} rows: + {counts['everyday']} everyday (base answers; "
-          f"{counts['left_out']} still running at {cfg.abstain_answer_tokens} tokens left out) + {counts['outside']} "
-          "clinical requests outside the skills")
+          f"{counts['labels_only']} still running at {cfg.abstain_answer_tokens} tokens keep their routing label "
+          f"only) + {counts['outside']} clinical requests outside the skills")
     train_router(RouterTrainConfig(
         manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=ABSTAIN.mode, pooling=ABSTAIN.pooling,
         init_router=str(out / ABSTAIN.init), train_experts=True, experts_out=str(folder), steps=cfg.abstain_steps,

@@ -93,3 +93,16 @@ def test_collator_right_pads() -> None:
         assert (batch["input_ids"][row, length:] == tok.pad_token_id).all()
         assert batch["prompt_mask"][row].tolist() == [1] * n + [0] * (width - n)
     assert "prompt_mask" not in PadCollator(tok.pad_token_id)(feats)
+
+
+def test_a_routing_only_row_has_no_answer_and_no_lm_loss(tmp_path):
+    """`"output": null` with routing labels: the row trains the router only; without labels it is refused, and an
+    expert (which trains on answers) refuses it by name."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "Plan a trip to Lisbon.", "output": null, "experts": []}\n')
+    (ex,) = load_jsonl(path)
+    assert ex.output is None and ex.experts == []
+    f = encode_example(tiny_tokenizer(), ex, 64)
+    assert all(x == IGNORE_INDEX for x in f["labels"]) and not f["truncated"] and len(f["input_ids"]) == f["prompt_length"]
+    with pytest.raises(ValueError, match="output is null, which only a row with routing labels may be"):
+        Example("Plan a trip.", "", None)

@@ -112,3 +112,14 @@ def test_a_relaunch_resumes_by_default_skipping_a_checkpoint_cut_short(data: Pat
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     print(f"measured: expert, cut short and resumed vs uninterrupted max |Δ| = {diff:.2e}")
     assert diff <= 1e-5 and not cfg.checkpoints.exists()
+
+
+def test_an_expert_refuses_routing_only_rows_by_name(tmp_path: Path) -> None:
+    from atmoe.train.expert import train_lora
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "Plan a trip.", "output": "Go.", "experts": []}\n'
+                    '{"instruction": "Plan a trip to Lisbon.", "output": null, "experts": []}\n')
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match=r'row\(s\) \[2\] have "output": null \(routing-only rows\)'):
+        train_lora(tiny_llama(len(tok)), tok, _cfg(path, tmp_path / "out"))

@@ -6,6 +6,9 @@ Loss is taken only on the answer: labels are ``-100`` on every prompt token.
 
 ``"experts"`` labels a row for router training: a list names the experts it needs, and ``[]`` says it needs none
 (an off-topic question: every group gate should stay off); a row without the key is unlabelled.
+A labelled row may have ``"output": null``: it trains the routing only (no answer, no LM loss), for a request whose
+answer is not known or too long to keep whole — a cut answer would teach the model to stop where it was cut.
+Expert training needs answers and refuses such rows.
 """
 
 from __future__ import annotations
@@ -46,13 +49,15 @@ class Example:
 
     instruction: str
     input: str
-    output: str
+    output: str | None                 # None: the row trains the routing only (needs `experts`)
     experts: list[str] | None = None   # None: unlabelled; []: needs no expert
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.output is None and self.experts is None:
+            raise ValueError("output is null, which only a row with routing labels may be (add \"experts\")")
         for name in ("instruction", "input", "output"):
-            if not isinstance(getattr(self, name), str):
+            if not isinstance(getattr(self, name), str) and not (name == "output" and self.output is None):
                 raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         if not self.instruction.strip():
             raise ValueError("instruction must be non-empty")
@@ -122,7 +127,7 @@ def encode_example(tokenizer: Any, ex: Example, max_length: int) -> dict[str, An
         raise ValueError("tokenizer has no eos token")
     prompt = encode_prompt(tokenizer, ex.instruction, ex.input)
     prompt_ids = prompt.ids
-    answer_ids = encode_text(tokenizer, ex.output) + [tokenizer.eos_token_id]
+    answer_ids = [] if ex.output is None else encode_text(tokenizer, ex.output) + [tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"prompt is {len(prompt_ids)} tokens, no room for an answer within max_length={max_length}")

@@ -121,6 +121,10 @@ class TrainResult:
 def train_lora(model: Any, tokenizer: Any, cfg: ExpertTrainConfig) -> TrainResult:
     """Wrap ``model`` with a fresh LoRA adapter and train it on ``cfg.data`` with the HF Trainer."""
     examples = load_jsonl(cfg.data)
+    unanswered = [i for i, ex in enumerate(examples, start=1) if ex.output is None]
+    if unanswered:
+        raise ValueError(f"{cfg.data}: row(s) {unanswered[:5]} have \"output\": null (routing-only rows); an expert "
+                         "trains on answers")
     features, n_truncated = encode_dataset(tokenizer, examples, cfg.max_length)
     if n_truncated:
         print(f"[{cfg.name}] {n_truncated}/{len(features)} answers truncated to max_length={cfg.max_length}")
