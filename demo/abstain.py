@@ -26,7 +26,7 @@ from typing import Any
 
 from atmoe.load.files import atomic_write_bytes
 
-from .config import ABSTAIN, BuildConfig
+from .config import ABSTAIN, BuildConfig, train_bf16
 from .suite import write_abstention_requests
 
 
@@ -86,7 +86,6 @@ def mixed_data(suite: Path, seed: int = 0) -> tuple[Path, dict[str, int]]:
 
 
 def build_abstain(cfg: BuildConfig, suite: Path, out: Path) -> None:
-    import torch
 
     from atmoe.train.router import RouterTrainConfig, train_router
 
@@ -106,6 +105,6 @@ def build_abstain(cfg: BuildConfig, suite: Path, out: Path) -> None:
         manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=ABSTAIN.mode, pooling=ABSTAIN.pooling,
         init_router=str(out / ABSTAIN.init), train_experts=True, experts_out=str(folder), steps=cfg.abstain_steps,
         batch_size=cfg.router_batch, lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr, max_length=320,
-        bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / ABSTAIN.name)))
+        bf16=train_bf16(), checkpoints=str(Path(cfg.work) / "checkpoints" / ABSTAIN.name)))
     print(f"{ABSTAIN.name}: written to {folder}; measure it with python -m demo.abstention --manifest "
           f"{folder / 'experts.json'}")

@@ -21,7 +21,7 @@ from typing import Any
 
 from atmoe.load.files import atomic_write_json, read_json
 
-from .config import ABSTAIN, STAGES, BuildConfig
+from .config import ABSTAIN, STAGES, BuildConfig, train_bf16
 from .abstain import build_abstain
 from .evaluate import evaluate_demo
 from .metrics import score
@@ -91,7 +91,7 @@ def build_experts(cfg: BuildConfig, suite: Path, out: Path) -> None:
                 train_expert(ExpertTrainConfig(
                     name=name, group=group, data=str(suite / "experts" / f"{name}.jsonl"), out=str(target),
                     base=cfg.base, description=EXPERT_DESCRIPTIONS[name],
-                    steps=max(1, round(EXPERT_STEPS[name] * cfg.expert_steps)), bf16=device == "cpu",
+                    steps=max(1, round(EXPERT_STEPS[name] * cfg.expert_steps)), bf16=device == "cpu" and train_bf16(),
                     batch_size=cfg.expert_batch, lr=cfg.expert_lr / 2 ** (rounds - 1), seed=rounds - 1,
                     init_adapter=str(target) if rounds > 1 else None, logging_steps=10, save_steps=25,
                     checkpoint_dir=str(Path(cfg.work) / "checkpoints" / f"{name}-{rounds}"), resume=True),

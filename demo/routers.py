@@ -15,7 +15,7 @@ from typing import Any
 from atmoe.load.base import base_signature, load_base
 from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
-from .config import COADAPTED, ROUTERS
+from .config import COADAPTED, ROUTERS, train_bf16
 from .portable import portable_path
 from .suite import EXPERT_DESCRIPTIONS, GROUPS
 
@@ -35,7 +35,6 @@ def write_manifest(cfg: Any, out: Path) -> Path:
 
 
 def build_routers(cfg: Any, suite: Path, out: Path) -> None:
-    import torch
 
     from atmoe.train.router import RouterTrainConfig, train_router
 
@@ -47,7 +46,7 @@ def build_routers(cfg: Any, suite: Path, out: Path) -> None:
         train_router(RouterTrainConfig(
             manifest=str(manifest), data=str(suite / "router_train.jsonl"), out=str(out / rel), base=cfg.base,
             mode=mode, steps=cfg.router_steps, batch_size=cfg.router_batch, lr=cfg.router_lr, max_length=320,
-            bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / f"router-{name}"),
+            bf16=train_bf16(), checkpoints=str(Path(cfg.work) / "checkpoints" / f"router-{name}"),
             update_manifest=i == 0))
         print(f"router {name}: written to {out / rel}")
 
@@ -56,7 +55,6 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
     """Stage 2, each variant of `config.COADAPTED`: from the stage-1 experts and router, experts and router train
     together on the training combinations in wider wordings (`coadapt.jsonl`; LM loss on the composed answers + the
     same label loss). Writes the variant's folder (experts, router, manifest)."""
-    import torch
 
     from atmoe.train.router import RouterTrainConfig, train_router
 
@@ -70,5 +68,5 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
             manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode, pooling=v.pooling,
             init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps,
             batch_size=cfg.router_batch, lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr, max_length=320,
-            bf16=not torch.cuda.is_available(), checkpoints=str(Path(cfg.work) / "checkpoints" / v.name)))
+            bf16=train_bf16(), checkpoints=str(Path(cfg.work) / "checkpoints" / v.name)))
         print(f"{v.name}: written to {folder}")
