@@ -96,13 +96,15 @@ def _check(m: ATMoE, rows: list[Row], answer_ids: list[list[int]], router: Any, 
         instruction[b, left + p.instruction[0]:left + p.instruction[1]] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     dev = m.device
+    keep = max(len(a) for a in answers) + 1       # left-padded: every answer (and the prefix before it) is at the end
     out, _ = forward_routed(m, ids.to(dev), mask.to(dev), prompt_mask.to(dev), instruction_mask=instruction.to(dev),
-                            overrides=overrides, router=router, position_ids=position_ids.to(dev), use_cache=False)
-    pred = out.logits.argmax(-1).cpu()                                  # [B, T]: the token after each prefix
+                            overrides=overrides, router=router, position_ids=position_ids.to(dev), use_cache=False,
+                            logits_to_keep=keep)
+    pred = out.logits.argmax(-1).cpu()                                  # [B, keep]: the token after each prefix
     right = np.zeros(B, dtype=bool)
     for b, a in enumerate(answers):
         n = len(a)
-        got = pred[b, width - n - 1:width - 1].tolist()                # predictions for each answer token
+        got = pred[b, keep - n - 1:keep - 1].tolist()                  # predictions for each answer token
         right[b] = got[:-1] == a[:-1] and got[-1] in eos
     return right
 
