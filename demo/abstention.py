@@ -125,7 +125,7 @@ def stays_out(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         for tr in m.route_batch([r["instruction"] for r in chunk], inputs=[r["input"] for r in chunk]):
-            highest.append(tr.group_weights.max(0))            # [G]: each group's highest gate over layers
+            highest.append(tr.highest_group_weights)           # [G]: each group's highest gate over layers
     top = np.array(highest)                                    # [N, G]
     closed = top.max(1) <= STAY_OUT
     domains: dict[str, list[int]] = {}
@@ -181,7 +181,7 @@ def needed_recall(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> d
         chunk = rows[s:s + batch_size]
         for tr, r in zip(m.route_batch([x["instruction"] for x in chunk], inputs=[x["input"] for x in chunk]),
                          chunk):
-            top = tr.group_weights.max(0)
+            top = tr.highest_group_weights
             for g in {tr.layout.group_of(e) for e in r["experts"]}:
                 total += 1
                 hits += bool(top[tr.groups.index(g)] > NEEDED)
