@@ -55,7 +55,7 @@ class Example:
 
     def __post_init__(self) -> None:
         if self.output is None and self.experts is None:
-            raise ValueError("output is null, which only a row with routing labels may be (add \"experts\")")
+            raise ValueError("output must be a string (null only on a routing-only row, which needs \"experts\")")
         for name in ("instruction", "input", "output"):
             if not isinstance(getattr(self, name), str) and not (name == "output" and self.output is None):
                 raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
