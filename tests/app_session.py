@@ -32,6 +32,17 @@ def ok(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def generate(at: AppTest, prompt: str = PROMPT, granularity: str = "sequence", max_new_tokens: int = 6) -> AppTest:
+    """Fill the form (prompt, the note, a short budget, a granularity), press Generate, check the page is clean."""
+    at.text_area(key="prompt").input(prompt)
+    at.text_area(key="note").input(NOTE)
+    at.number_input(key="max_new_tokens").set_value(max_new_tokens)
+    at.radio(key="granularity").set_value(granularity)
+    at.button(key="FormSubmitter:prompt_form-Generate").click().run()
+    ok(at)
+    return at
+
+
 def z_values(trace_json: dict) -> np.ndarray:
     """A plotly JSON array: a plain list, or plotly's typed-array form {dtype, bdata (base64), shape}."""
     z = trace_json["z"]

@@ -7,20 +7,13 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from app_session import NOTE, PROMPT, at, manifest, ok  # noqa: F401 (at, manifest: fixtures)
+from app_session import NOTE, PROMPT, at, generate, manifest, ok  # noqa: F401 (at, manifest: fixtures)
 from streamlit.testing.v1 import AppTest
 
 from app.text import word_diff
 
 
-def _generate(at: AppTest, prompt: str = PROMPT, granularity: str = "sequence") -> AppTest:
-    at.text_area(key="prompt").input(prompt)
-    at.text_area(key="note").input(NOTE)
-    at.number_input(key="max_new_tokens").set_value(6)
-    at.radio(key="granularity").set_value(granularity)
-    at.button(key="FormSubmitter:prompt_form-Generate").click().run()
-    ok(at)
-    return at
+_generate = generate
 
 
 def _earlier(at: AppTest) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_session import NOTE, PROMPT, SCRIPT, at, manifest, new_page, ok  # noqa: F401 (at, manifest: fixtures)
+from app_session import NOTE, PROMPT, SCRIPT, at, generate, manifest, new_page, ok  # noqa: F401 (at, manifest: fixtures)
 from streamlit.testing.v1 import AppTest
 from tiny_models import tiny_demo
 
@@ -21,13 +21,7 @@ ENGAGED_NONE = "No expert engaged"
 
 
 def _generate(at: AppTest, granularity: str = "sequence") -> AppTest:
-    at.text_area(key="prompt").input(PROMPT)
-    at.text_area(key="note").input(NOTE)
-    at.number_input(key="max_new_tokens").set_value(4)
-    at.radio(key="granularity").set_value(granularity)
-    at.button(key="FormSubmitter:prompt_form-Generate").click().run()
-    ok(at)
-    return at
+    return generate(at, granularity=granularity, max_new_tokens=4)
 
 
 def _apply(at: AppTest, **widgets: object) -> AppTest:
