@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from atmoe.grounding import unsupported_values
+from atmoe.load.files import atomic_write_json
 from atmoe.trace import STAY_OUT   # a gate at most this on every layer: the group stays out
 
 from .config import REPO, SHIPPED_MANIFEST
@@ -42,21 +44,6 @@ ISSUE_EXAMPLE = [{"instruction": f"{_ISSUE_REQUEST}\n{_ISSUE_NOTE}", "input": ""
                  {"instruction": _ISSUE_REQUEST, "input": _ISSUE_NOTE, "experts": []}]
 
 NEEDED = 0.5       # a needed group's gate opens above this on some layer (`evaluate.gate_hits`)
-
-# A number as written: not part of a word (SpO2, B12) nor of a longer number; "1.2-1.7" gives 1.2 and 1.7.
-_NUMBER = re.compile(r"(?<![A-Za-z0-9.])\d+(?:\.\d+)?(?![0-9])")
-_ORDINAL = re.compile(r"^\s*\d+[.)]\s", re.M)     # "1. " / "2) " list markers are not values
-
-
-def numbers(text: str) -> list[str]:
-    """Every value written in `text`, as written (list ordinals at the start of a line left out)."""
-    return _NUMBER.findall(_ORDINAL.sub(" ", text))
-
-
-def canonical(value: str) -> str:
-    """A value as compared: "10" and "10.0" are the same value, "10.1" is another."""
-    return repr(float(value))
-
 
 @dataclass(frozen=True)
 class ValueCheck:
@@ -90,9 +77,8 @@ def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> 
     """The values of `answer` absent from `source` (the note and instruction as the user gave them) and from
     `allowed` (knowledge the request asks for, e.g. reference ranges); then the measurements it names that the
     source does not ("creatinine 10" where the note has no creatinine: a note's number under an invented name)."""
-    known = {canonical(v) for v in numbers(source)} | {canonical(v) for v in allowed}
     named = set(measurements(source))
-    invented = tuple(dict.fromkeys([*(v for v in numbers(answer) if canonical(v) not in known),
+    invented = tuple(dict.fromkeys([*unsupported_values(answer, source, " ".join(allowed)),
                                     *(n for n in measurements(answer) if n not in named)]))
     lines = _lines(answer)
     flat = " ".join(" ".join(answer.split()).lower().split())
@@ -175,6 +161,18 @@ def never_invented(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, 
                      for r, a, c in zip(rows, answers, checks)]}
 
 
+def routed_and_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`never_invented` of the routed answers and of the base model's (every expert disabled) on the same rows: a
+    value the base model invents too is not the routing's doing, and a closed routing answers exactly as the base."""
+    from atmoe.overrides import Overrides
+
+    routed = _generate(m, rows, max_new_tokens)
+    base = _generate(m, rows, max_new_tokens, Overrides(disabled=m.experts))
+    out = never_invented(rows, [g.text for g in routed])
+    out["same_as_base"] = sum(a.token_ids == b.token_ids for a, b in zip(routed, base))
+    return out, never_invented(rows, [g.text for g in base])
+
+
 def needed_recall(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[str, Any]:
     hits = total = 0
     for s in range(0, len(rows), batch_size):
@@ -230,13 +228,11 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
         if Path(cfg.manifest).resolve().is_relative_to(REPO) else Path(cfg.manifest).name
     report["stays_out"] = stays_out(m, everyday)
     report["same_as_base"] = same_as_base(m, everyday[:cfg.same_n], cfg.max_new_tokens) if cfg.same_n else None
-    report["outside"] = {}
+    report["outside"], report["outside_base"] = {}, {}
     for where in ("instruction", "input") if cfg.outside_n else ():
         rows = outside_rows("heldout", cfg.outside_n, where=where)
-        answers = [g.text for g in _generate(m, rows, cfg.answer_tokens)]
-        report["outside"][where] = never_invented(rows, answers)
-    report["issue_example"] = never_invented(ISSUE_EXAMPLE, [g.text for g in _generate(m, ISSUE_EXAMPLE,
-                                                                                         cfg.answer_tokens)])
+        report["outside"][where], report["outside_base"][where] = routed_and_base(m, rows, cfg.answer_tokens)
+    report["issue_example"], report["issue_example_base"] = routed_and_base(m, ISSUE_EXAMPLE, cfg.answer_tokens)
     inskill = read_rows(REPO / "assets" / "data" / "eval.jsonl")[:cfg.inskill_n]
     if cfg.inskill_answers:   # the stored table's answers of its shipped system (the build checks they regenerate)
         table = json.loads(Path(cfg.inskill_answers).read_text(encoding="utf-8"))
@@ -256,11 +252,15 @@ def rescore(report: dict[str, Any]) -> dict[str, Any]:
     """The never-invented sections again, from the answers a report stored (no model): for a changed check."""
     from .evaluate import read_rows
 
-    for where, part in report.get("outside", {}).items():
+    def again(part: dict[str, Any]) -> dict[str, Any]:
         rows = [{**r, "experts": []} for r in part["rows"]]
-        report["outside"][where] = never_invented(rows, [r["answer"] for r in part["rows"]])
-    rows = [{**r, "experts": []} for r in report["issue_example"]["rows"]]
-    report["issue_example"] = never_invented(rows, [r["answer"] for r in report["issue_example"]["rows"]])
+        return {**part, **never_invented(rows, [r["answer"] for r in part["rows"]])}
+
+    for key in ("outside", "outside_base"):
+        report[key] = {where: again(part) for where, part in report.get(key, {}).items()}
+    for key in ("issue_example", "issue_example_base"):
+        if key in report:
+            report[key] = again(report[key])
     inskill = read_rows(REPO / "assets" / "data" / "eval.jsonl")[:report["inskill"]["n"]]
     report["inskill"] = never_invented(inskill, [r["answer"] for r in report["inskill"]["rows"]])
     return report
@@ -280,6 +280,11 @@ def summary(report: dict[str, Any]) -> str:
     for where, o in report["outside"].items():
         lines.append(f"outside the skills, note in the {where} box: {o['share_ok']:.3f} of {o['n']} answers invent "
                      f"no value ({o['with_invented']} invent; degenerate {o['degenerate'] or 'none'})")
+        if where in report.get("outside_base", {}):
+            b = report["outside_base"][where]
+            lines.append(f"    the base model (every expert disabled) on them: {b['share_ok']:.3f} invent no value "
+                         f"({b['with_invented']} invent); routed answers token-identical to its: "
+                         f"{o.get('same_as_base', '?')} of {o['n']}")
     for row in report["issue_example"]["rows"]:
         where = "input" if row["input"] else "instruction"
         lines.append(f"issue example, note in the {where} box: {row['answer']!r} invented {row['invented'] or 'none'}")
@@ -309,9 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     report = rescore(json.loads(Path(again).read_text(encoding="utf-8"))) if again else measure(cfg)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = atomic_write_json(Path(cfg.out), report)
     print(summary(report))
     print(f"report: {out}")
 

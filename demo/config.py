@@ -4,8 +4,9 @@ demo's command line and the dashboard.
     assets/experts.json              stage 1: the experts trained apart, with their routers (`ROUTERS`)
     assets/coadapted/experts.json    stage 2, shipped: experts and router trained together (`COADAPTED`);
                                      `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load by default
-    <work>/coadapted_abstain/        stage 2 again with requests that need no expert mixed in (`ABSTAIN`, the
-                                     `abstain` stage, not in the default stages: docs/abstention.md)
+    <work>/router_abstain/           the shipped folder with its router trained again, experts frozen, to stay out of
+                                     requests that need no expert (`ABSTAIN`, the `abstain` stage, not in the default
+                                     stages: docs/abstention.md)
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ class BuildConfig:
     suite_sizes: dict[str, int] = field(default_factory=dict)
     abstain_everyday: int = 240             # everyday training requests, answered by the base model (do no harm)
     abstain_outside: int = 160              # clinical training requests outside the skills, half in each box
-    abstain_answer_tokens: int = 256        # the base model's answers; one that does not end by then is left out
-    abstain_steps: int = 350                # one pass over coadapt.jsonl + the requests above at batch 8
+    abstain_answer_tokens: int = 256        # the base model's answers (the floor's validation split reads them)
+    abstain_skill_rows: int = 800           # in-skill rows of coadapt.jsonl beside them (LM loss + labels)
+    abstain_validation: int = 40            # everyday training-family requests held back to choose the gate floor
+    abstain_validation_skill: int = 64      # fresh in-skill rows (training phrasings) for the same choice
+    abstain_steps: int = 150                # one pass over the ~1,160 rows above at batch 8
 
     def __post_init__(self) -> None:
         unknown = set(self.stages) - set(STAGES)
@@ -60,14 +64,18 @@ class BuildConfig:
         if not self.expert_steps > 0:
             raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
         for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n",
-                  "abstain_everyday", "abstain_outside", "abstain_answer_tokens", "abstain_steps"):
+                  "abstain_everyday", "abstain_outside", "abstain_answer_tokens", "abstain_steps",
+                  "abstain_skill_rows", "abstain_validation_skill"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0 <= self.abstain_validation < self.abstain_everyday:
+            raise ValueError(f"abstain_validation must be in [0, abstain_everyday), got {self.abstain_validation}")
         if self.quick:
             self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8,
                                 "n_abstain_everyday": 8, "n_abstain_outside": 4}
             self.gate_n, self.eval_n = 4, 8
             self.abstain_everyday, self.abstain_outside, self.abstain_answer_tokens = 8, 4, 8
+            self.abstain_skill_rows, self.abstain_validation, self.abstain_validation_skill = 8, 2, 4
 
 
 STAGES = ("suite", "experts", "routers", "coadapt", "eval", "abstain")   # the default: all but "abstain"
@@ -109,9 +117,10 @@ COADAPTED = (Coadapted("coadapted_attention", "sigmoid", "router.safetensors", "
 TOKEN_MODE_NOTE = ("The shipped router is trained for sequence routing; token mode is an analysis view of the same "
                    "router, token by token, not a way to answer: its answers can lose the skills (flags, bullets).")
 
-# Stage 2 again, with requests that need no expert mixed into its data (issue 24): built in the work folder and
-# measured (demo/abstention.py) before it may replace the shipped model.
-ABSTAIN = Coadapted("coadapted_abstain", "sigmoid", "router.safetensors", "coadapted_abstain", pooling="attention")
+# The shipped router trained again to stay out of requests that need no expert, its experts frozen (issue 24):
+# built in the work folder from the shipped one, and measured (demo/abstention.py) before its router may ship.
+ABSTAIN = Coadapted("router_abstain", "sigmoid", "coadapted/router.safetensors", "router_abstain",
+                    pooling="attention")
 
 SHIPPED = next(v for v in COADAPTED if v.shipped)
 SHIPPED_MANIFEST = f"{ASSETS}/{SHIPPED.folder}/experts.json"   # the demo's default model: CLI and dashboard

@@ -2,6 +2,7 @@
 and without a router, on enough held-out rows that each paired 95 % interval can decide.
 
     python -m demo.decide [--manifest assets/coadapted/experts.json] [--n 512] [--out runs/decide/shipped.json]
+    python -m demo.decide --manifest <flat model> --systems shipped --against runs/decide/shipped.json ...
     python -m demo.decide --check-stored assets/eval/results.json      (how far the shortcut below agrees with greedy)
 
 Score: *fully right*, the answer token for token equal to the reference. It is decided without generating: greedy
@@ -121,14 +122,14 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     return {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo}
 
 
-def decide(manifest: str, n: int, device: str = "auto") -> dict[str, Any]:
+def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...] = SYSTEMS) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = ATMoE.load(manifest, device=device)
     rows = held_out_rows(n)
-    right = {s: fully_right(m, rows, s) for s in SYSTEMS}
+    right = {s: fully_right(m, rows, s) for s in systems}
     return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "score": "fully right (token-exact, greedy)",
             "fully_right": {s: float(v.mean()) for s, v in right.items()},
-            "shipped_minus": {s: paired(right["shipped"], right[s]) for s in SYSTEMS[1:]},
+            "shipped_minus": {s: paired(right["shipped"], right[s]) for s in systems[1:]},
             "rows": {s: v.astype(int).tolist() for s, v in right.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -165,15 +166,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/decide/shipped.json")
     p.add_argument("--against", default="", help="another model's report on the same rows: pair its shipped column")
     p.add_argument("--check-stored", default="", metavar="RESULTS", help="compare the shortcut with stored answers")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma-separated, shipped first (another model paired with --against needs only shipped)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     try:
         if a.n < 1:
             raise ValueError(f"--n must be >= 1, got {a.n}")
+        systems = tuple(s for s in a.systems.split(",") if s)
+        if not systems or systems[0] != "shipped" or set(systems) - set(SYSTEMS):
+            raise ValueError(f"--systems must start with shipped and name only {', '.join(SYSTEMS)}, got {a.systems!r}")
         if a.check_stored:
             print(json.dumps(check_stored(a.check_stored, a.manifest, a.device), indent=1))
             return
-        report = decide(a.manifest, a.n, a.device)
+        report = decide(a.manifest, a.n, a.device, systems)
         if a.against:
             other = json.loads(Path(a.against).read_text(encoding="utf-8"))
             if (other["n"], other["seed"]) != (report["n"], report["seed"]):

@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .abstention import canonical, check_row, name_patterns, numbers
+from atmoe.grounding import canonical, numbers
+
+from .abstention import check_row, name_patterns
 from .suite import MEASURES, TASK_KIND
 
 _BULLET = re.compile(r"^\s*[-*•]\s*")

@@ -107,3 +107,21 @@ def test_token_mode_says_it_is_an_analysis_view_of_the_shipped_router(shipped_at
 def test_a_users_own_model_gets_no_note_about_the_shipped_router(at: AppTest) -> None:
     _generate(at, granularity="token")
     assert _token_notes(at) == 0
+
+
+def test_values_the_prompt_does_not_hold_are_named_under_the_answer(at: AppTest) -> None:
+    """The grounding line (`atmoe.grounding`): the answer's values absent from instruction and note, nothing else."""
+    import dataclasses
+
+    from app.views.prompt import unsupported_note
+
+    _generate(at)
+    prompt, note = at.session_state["answer_of"]
+    assert NOTE in note and "120" not in prompt + note
+    for text, named in (("Hb 120 and Hb 120, 7", ["120", "7"]), (note, [])):
+        at.session_state["answer"] = dataclasses.replace(at.session_state["answer"], text=text)
+        at.run()
+        ok(at)
+        shown = [w.value for w in at.warning if "Values not in your instruction or note" in w.value]
+        assert shown == ([unsupported_note(text, prompt, note)] if named else [])
+        assert not named or f"**: {', '.join(named)}." in shown[0]

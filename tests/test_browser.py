@@ -72,6 +72,17 @@ def _launch(p):  # noqa: ANN001, ANN202
                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
 
 
+def _open(browser, server: str, height: int = 1400):  # noqa: ANN001, ANN202
+    """A new page on the dashboard, with the long timeouts a CPU-served model needs."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)
+    page = browser.new_page(viewport={"width": 1500, "height": height})
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    return page
+
+
 def _style_mean(page) -> str:
     caption = page.get_by_text(re.compile(r"style α \(mean\) = \d\.\d\d")).first
     return re.search(r"style α \(mean\) = (\d\.\d\d)", caption.inner_text()).group(1)
@@ -84,10 +95,7 @@ def test_generate_override_and_apply_in_browser(server):
     with sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1700})
-            page.set_default_timeout(60_000)
-            expect.set_options(timeout=60_000)
-            page.goto(server)
+            page = _open(browser, server, height=1700)
             page.get_by_role("textbox", name="Instruction", exact=True).fill(
                 "List the vital signs. Flag each as low, normal or high. Use bullet points.")
             page.get_by_role("textbox", name="Input (optional clinical note)").fill(
@@ -143,10 +151,7 @@ def test_a_copied_link_opens_the_same_heatmap_in_a_fresh_browser(server):
     with sync_playwright() as p:
         browser = _launch(p)
         try:
-            expect.set_options(timeout=60_000)
-            page = browser.new_page(viewport={"width": 1500, "height": 1400})
-            page.set_default_timeout(60_000)
-            page.goto(server)
+            page = _open(browser, server)
             page.get_by_role("textbox", name="Instruction", exact=True).fill(
                 "Summarise the labs in one sentence. Keep it formal.")
             page.get_by_role("textbox", name="Input (optional clinical note)").fill("Na 128, K 4.1, Hb 9.2.")
@@ -186,10 +191,7 @@ def test_the_dashboard_papercuts_are_gone_in_a_real_browser(server):
     with sync_playwright() as p:
         browser = _launch(p)
         try:
-            expect.set_options(timeout=60_000)
-            page = browser.new_page(viewport={"width": 1500, "height": 1400})
-            page.set_default_timeout(60_000)
-            page.goto(server)
+            page = _open(browser, server)
             page.get_by_role("textbox", name="Instruction", exact=True).fill("List the vital signs. Use bullets.")
             page.get_by_role("textbox", name="Input (optional clinical note)").fill("HR 135, SpO2 88.")
             page.get_by_test_id("stExpander").filter(has_text="Generation settings").locator("summary").click()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from demo.abstention import AbstentionConfig, check_row, invented_values, numbers, range_numbers
+from atmoe.grounding import numbers
+from demo.abstention import AbstentionConfig, check_row, invented_values, range_numbers
 from demo.suite import answer, complex_rows
 
 NOTE = "Note: 58-year-old man on metformin 500 mg twice daily and lisinopril 10 mg daily."
@@ -90,3 +93,9 @@ def test_the_harness_runs_end_to_end_on_a_tiny_demo(tmp_path):
     for row in report["same_as_base"]["rows"]:
         assert row["identical"] <= (row["routed"] == row["base"])   # identical tokens give identical text
     assert "stays out" in summary(report) and report["needed"]["needed_groups"] > 0
+    for w in ("instruction", "input"):     # the base model on the same rows: whose invention it is
+        assert report["outside_base"][w]["n"] == 2 and 0 <= report["outside"][w]["same_as_base"] <= 2
+    assert report["issue_example_base"]["n"] == 2 and "the base model (every expert disabled)" in summary(report)
+    from demo.abstention import rescore
+    again = rescore(json.loads(json.dumps(report)))
+    assert again["outside_base"] == report["outside_base"] and again["outside"] == report["outside"]

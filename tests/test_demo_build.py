@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from atmoe import ATMoE
 from demo import build as build_mod
@@ -69,25 +70,29 @@ def test_the_built_files_hold_no_absolute_path(built):
     assert found == {}
 
 
-def test_the_abstain_stage_mixes_requests_that_need_no_expert_into_a_second_coadaptation(built, capsys):
-    from demo.config import ABSTAIN
-    cfg = dataclasses.replace(built, stages=("abstain",), coadapt_steps=2, abstain_steps=2)
+def test_the_abstain_stage_trains_the_shipped_router_alone_and_chooses_its_floor_on_validation(built, capsys):
+    from demo.abstain import FLOORS
+    from demo.config import ABSTAIN, SHIPPED
+    cfg = dataclasses.replace(built, stages=("abstain",), abstain_steps=2)
     build(cfg)
     suite = Path(built.work) / "suite"
     answers = [json.loads(x) for x in (suite / "abstain_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 8 and all(a["experts"] == [] and a["meta"]["finish"] in ("eos", "length") for a in answers)
-    mixed = [json.loads(x) for x in (suite / "coadapt_abstain.jsonl").read_text().splitlines()]
-    coadapt = (suite / "coadapt.jsonl").read_text().splitlines()
-    outside = [r for r in mixed if r["meta"].get("topic")]
-    everyday = [r for r in mixed if r["meta"].get("family")]
+    data = [json.loads(x) for x in (suite / "router_abstain.jsonl").read_text().splitlines()]
     requests = [json.loads(x) for x in (suite / "abstain_requests.jsonl").read_text().splitlines()]
-    assert len(outside) == 4 and len(everyday) == sum(bool(r["meta"].get("family")) for r in requests)
-    assert len(mixed) == len(coadapt) + len(outside) + len(everyday)
-    ended = {a["instruction"] for a in answers if a["meta"]["finish"] == "eos" and a["output"].strip()}
-    for r in everyday:   # an answer cut by the budget keeps its routing label only: no LM loss on a cut answer
-        assert r["experts"] == [] and (r["output"] is None) == (r["instruction"] not in ended)
+    none = [r for r in data if r["meta"].get("family") or r["meta"].get("topic")]
+    held = {r["instruction"] for r in [r for r in requests if r["meta"].get("family")][-cfg.abstain_validation:]}
+    assert len(none) == len(requests) - cfg.abstain_validation and not held & {r["instruction"] for r in data}
+    assert all(r["output"] is None and r["experts"] == [] for r in none)     # routing-only: no answer to learn
+    assert len(data) == len(none) + cfg.abstain_skill_rows
+    shipped = ATMoE.load(SHIPPED.path(built) / "experts.json", device="cpu")
     m = ATMoE.load(Path(built.work) / ABSTAIN.folder / "experts.json", device="cpu")
     assert m.router.trained and m.router.config.pooling == "attention"
+    for a, b in zip(shipped.fused, m.fused):                     # the experts are the shipped ones, bit for bit
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    assert any(not torch.equal(p, q) for p, q in zip(shipped.router.parameters(), m.router.parameters()))
+    floor = json.loads((Path(built.work) / ABSTAIN.folder / "floor.json").read_text())
+    assert [t["floor"] for t in floor["table"]] == list(FLOORS) and m.router.config.gate_floor == floor["floor"]
     assert not Path(built.out, ABSTAIN.folder).exists()          # the shipped assets are untouched
     build(cfg)                                                    # resumable: a second run skips it
     assert f"{ABSTAIN.name}: exists, skipped" in capsys.readouterr().out

@@ -47,3 +47,10 @@ def test_the_paired_interval_is_of_the_differences():
     d = paired(a, b)
     assert d["diff"] == pytest.approx(0.25) and d["ci95"][0] < 0.25 < d["ci95"][1] and d["width"] < 0.2
     assert paired(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0], "width": 0.0}
+
+
+@pytest.mark.parametrize("systems", ["uniform", "shipped,flat", ""])
+def test_systems_other_than_shipped_first_are_refused_in_one_line(systems):
+    from demo.decide import main
+    with pytest.raises(SystemExit, match=r"^error: --systems must start with shipped and name only shipped, "):
+        main(["--systems", systems, "--n", "4"])

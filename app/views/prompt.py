@@ -11,6 +11,7 @@ from app.examples import examples
 from app.service import DEMO_SCOPE, Answer, Service
 from app.text import md_escape
 from atmoe import GenerationSettings, RoutingTrace
+from atmoe.grounding import unsupported_values
 from atmoe.router import GRANULARITIES
 from atmoe.trace import STAY_OUT
 from demo.config import TOKEN_MODE_NOTE
@@ -117,6 +118,19 @@ def _show_answer(text: bool = True) -> None:
                f"prompt {ans.prompt_tokens} tokens · finished: {ans.finish_reason} · "
                f"{'fast decode (merged weights)' if ans.merged else 'fused experts'} · overrides: "
                f"{md_escape(presets.describe(ans.overrides))}")
+    warning = unsupported_note(ans.text, *asked)
+    if warning:
+        st.warning(warning)
+
+
+def unsupported_note(answer: str, prompt: str, note: str) -> str | None:
+    """The line that names the values of an answer that neither the instruction nor the note writes, or None."""
+    values = unsupported_values(answer, prompt, note)
+    if not values:
+        return None
+    shown = ", ".join(values[:12]) + (f" and {len(values) - 12} more" if len(values) > 12 else "")
+    return (f"**Values not in your instruction or note**: {md_escape(shown)}. They come from the model — an "
+            "expert's knowledge (such as a reference range) or invented: check each against a source.")
 
 
 def stays_out_note(trace: RoutingTrace) -> str | None:
