@@ -27,6 +27,7 @@ class RoutingCall:
     merge: bool = False       # batch 1, sequence: fold the weighted experts into one weight per group (decode speed)
     keep_inputs: bool = False  # keep the hidden state entering each layer (atmoe.explain)
     gate_floor: float = 0.0    # sigmoid gates at or below it read as 0 (RouterConfig.gate_floor; 0 while training)
+    stay_scores: torch.Tensor | None = None   # [B] the stay-out head's scores (`GroupedRouter.stay_out_scores`)
     plan: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[Any] = field(default_factory=list)       # per layer: what its router read (filled by the run)
     weights: list[torch.Tensor | None] = field(default_factory=list)   # per layer: w [B, 1 | T, E] ("rows", "separate")
@@ -35,6 +36,9 @@ class RoutingCall:
 
     def __post_init__(self) -> None:
         self.plan = build_plan(self.router, self.overrides, self.read_mask)
+        if self.stay_scores is not None:
+            out = self.stay_scores >= self.router.config.stay_out_threshold
+            self.plan["engaged"] = (~out).float().view(-1, 1, 1)
 
     @property
     def prompt_mask(self) -> torch.Tensor:   # the name before this release

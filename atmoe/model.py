@@ -225,12 +225,14 @@ class ATMoE:
     def _new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | CompiledOverrides | dict | None = None,
                   router: GroupedRouter | None = None, granularity: str | None = None,
                   merge: bool = False, instruction_mask: torch.Tensor | None = None,
-                  gate_floor: float | None = None) -> RoutingCall:
+                  gate_floor: float | None = None, input_ids: torch.Tensor | None = None) -> RoutingCall:
         """A call's routing, as values (`RoutingCall`). `merge` (batch 1, sequence routing): the weighted experts are
         folded into one weight per projection group, W0 + Σ w·s·B·A, written into buffers the model keeps
         (`merge_bytes`, allocated by the first merging call) — base-model decode speed. The base weights are never
         written. The router pools over `instruction_mask` when it reads the instruction and one is given, else
-        `prompt_mask`. `gate_floor`: None reads the router's (`RouterConfig.gate_floor`); training passes 0."""
+        `prompt_mask`. `gate_floor`: None reads the router's (`RouterConfig.gate_floor`); training passes 0.
+        `input_ids`: the call's tokens, which a router with a stay-out head scores before the forward (one embedding
+        lookup; `GroupedRouter.stay_out_scores`)."""
         router = router or self.router
         if merge and not self.state.stackable:
             raise ValueError("merge=True needs plain, resident base weights, and this base is quantized or offloaded "
@@ -240,9 +242,15 @@ class ATMoE:
         granularity = granularity or router.config.granularity
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'sequence' or 'token', got {granularity!r}")
-        return RoutingCall(router, prompt_mask.to(self.device), granularity, self.check_overrides(overrides, router),
+        read = prompt_mask.to(self.device)
+        scores = None
+        if router.config.stay_out and input_ids is not None:
+            with torch.inference_mode():
+                scores = router.stay_out_scores(self.model.get_input_embeddings()(input_ids.to(self.device)), read)
+        return RoutingCall(router, read, granularity, self.check_overrides(overrides, router),
                            merge=bool(merge) and prompt_mask.shape[0] == 1,
-                           gate_floor=router.config.gate_floor if gate_floor is None else float(gate_floor))
+                           gate_floor=router.config.gate_floor if gate_floor is None else float(gate_floor),
+                           stay_scores=scores)
 
     def _run(self, call: RoutingCall, **kwargs: Any) -> Any:
         """One routed forward of `call` (the HF output)."""
@@ -299,7 +307,7 @@ class ATMoE:
         for r in rows:
             self._check_length(len(r.ids))
         ids, mask, instruction = self._batch(rows)
-        call = self._new_call(mask, overrides, router, granularity, instruction_mask=instruction)
+        call = self._new_call(mask, overrides, router, granularity, instruction_mask=instruction, input_ids=ids)
         with torch.inference_mode(), self._hold(call):
             self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         return [self._trace(call, b, ids[b][mask[b].bool()].tolist()) for b in range(len(rows))]
@@ -360,7 +368,7 @@ class ATMoE:
             self._check_length(len(r.ids), settings.max_new_tokens)
         ids, mask, instruction = self._batch(rows)
         call = self._new_call(mask, overrides, router, settings.granularity, settings.merge,
-                             instruction_mask=instruction)
+                             instruction_mask=instruction, input_ids=ids)
         if call.granularity == "token" and len(rows) > 1:
             raise ValueError("token-level routing is for one prompt at a time")
         tok = self.tokenizer
@@ -469,13 +477,14 @@ def forward_routed(m: ATMoE, input_ids: torch.Tensor, attention_mask: torch.Tens
     """One routed forward pass (the training entry point): the HF output and the call (`call.stacked(...)`).
     Training passes `gate_floor=0`: a gate the floor would close still needs its gradient."""
     call = m._new_call(prompt_mask, overrides, router, granularity, merge, instruction_mask=instruction_mask,
-                       gate_floor=gate_floor)
+                       gate_floor=gate_floor, input_ids=input_ids)
     return m._run(call, input_ids=input_ids, attention_mask=attention_mask, **kwargs), call
 
 
 def new_router(m: ATMoE, **changes: Any) -> GroupedRouter:
-    """A fresh, untrained router for `m` (e.g. `mode="sigmoid"`), on the model's device."""
-    return GroupedRouter(replace(m.router.config, **changes)).to(m.device)
+    """A fresh, untrained router for `m` (e.g. `mode="sigmoid"`), on the model's device; without a stay-out head
+    unless `stay_out=True` is asked (an untrained head would keep every request out)."""
+    return GroupedRouter(replace(m.router.config, **{"stay_out": False, **changes})).to(m.device)
 
 
 def save_experts(m: ATMoE, out_dir: str | Path, card: dict[str, Any] | None = None,

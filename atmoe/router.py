@@ -61,6 +61,8 @@ class RouterConfig:
     reads: str = "instruction"         # which tokens are pooled: the user's instruction, or the whole prompt
     granularity: str = "sequence"      # "sequence": fixed after the prompt; "token": per token (analysis)
     gate_floor: float = 0.0            # sigmoid: a gate ≤ this is closed (0) when answering; training reads it unfloored
+    stay_out: bool = False             # a stay-out head: one decision per request, from the instruction's embeddings
+    stay_out_threshold: float = 0.5    # its score at or above this keeps every expert out (`GroupedRouter.stay_out_scores`)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +79,8 @@ class RouterConfig:
             raise ValueError(f"router gate_floor must be in [0, 1), got {self.gate_floor!r}")
         if self.gate_floor and self.mode != "sigmoid":
             raise ValueError(f"router gate_floor needs sigmoid gates (a {self.mode} budget cannot close every group)")
+        if not (isinstance(self.stay_out_threshold, (int, float)) and 0.0 < self.stay_out_threshold < 1.0):
+            raise ValueError(f"router stay_out_threshold must be in (0, 1), got {self.stay_out_threshold!r}")
         if self.num_layers < 1 or self.hidden_size < 1:
             raise ValueError("router num_layers and hidden_size must be positive")
         GroupLayout(self.groups, self.experts, self.expert_groups)  # raises unless every group has experts, in order
@@ -108,6 +112,10 @@ class GroupedRouter(nn.Module):
         self.expert_bias = nn.Parameter(torch.zeros(L, E))
         if config.pooling == "attention":
             self.query = nn.Parameter(torch.zeros(L, G, D))   # zero: every token weighs the same (mean pooling)
+        if config.stay_out:   # zero: every request scores 0.5 until trained (`atmoe.train.stay_out`)
+            self.stay_query = nn.Parameter(torch.zeros(D))
+            self.stay_weight = nn.Parameter(torch.zeros(D))
+            self.stay_bias = nn.Parameter(torch.zeros(()))
         self.layout = config.layout                  # built once: forward reads its slices at every layer
         self.register_buffer("group_index", torch.tensor(self.layout.group_index), persistent=False)
         self.trained = False  # set by training or by loading a checkpoint; reported in every trace
@@ -118,6 +126,17 @@ class GroupedRouter(nn.Module):
         if how != "attention":
             return pool(hidden, mask, how)
         return attention_pool(hidden, mask, self.query[layer])
+
+    def stay_out_scores(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The stay-out head: embeddings [B, T, D] of the prompt's tokens (the model's input embeddings, before any
+        decoder layer), mask [B, T] (1 on the tokens the router reads) → [B] scores in [0, 1]. At or above
+        `stay_out_threshold` the request is judged outside every expert's skill and every expert weight of the call
+        is 0 (overrides still apply). One decision per request, made before the first layer, so a kept-out answer is
+        the base model's exactly; the gates decide everything else, as trained for composition."""
+        h = embeddings.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+        a = attention_weights(embeddings, mask, self.stay_query[None])                      # [B, 1, T]
+        return torch.sigmoid(torch.bmm(a, h).squeeze(1) @ self.stay_weight + self.stay_bias)
 
     def per_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token granularity: each token read on its own, [B, T, D] → what `logits` takes ([B, T, G, D] for an
@@ -295,7 +314,8 @@ def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | 
                     gate_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z [..., G, 1+E] → α [..., G], β [..., G, E] (row g: group g's experts, 0 elsewhere), w [..., E].
 
-    With a `plan` (a call's overrides as tensors, `overrides.CompiledOverrides.tensors`), fixed weights are applied
+    With a `plan` (a call's overrides as tensors, `overrides.CompiledOverrides.tensors`), a stay-out decision
+    (`plan["engaged"]`) scales the router's α first, then fixed weights are applied
     as α ← α·rest + value and β ← β·rest + value; the −inf masks that make the free members share the rest are in
     the plan's head bias already (and, for the flat router, in `expert_mask`)."""
     gate, expert = z[..., 0], z[..., 1:]
@@ -308,6 +328,8 @@ def routing_weights(z: torch.Tensor, mode: str, plan: dict[str, torch.Tensor] | 
     else:
         alpha = close_gates(gate.sigmoid(), gate_floor)                            # gates in [0, 1]
     beta = expert.softmax(-1)                                                      # Σ_{e∈g} β = 1
+    if plan is not None and "engaged" in plan:          # the stay-out head's decision, [B, 1, 1]: 0 keeps all out
+        alpha = alpha * plan["engaged"]
     if plan is not None:
         alpha = torch.addcmul(plan["alpha_value"][layer], alpha, plan["alpha_rest"][layer])
         beta = torch.addcmul(plan["beta_value"][layer], beta, plan["beta_rest"][layer])

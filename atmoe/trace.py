@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # Issue 24's bar: a group whose weight stays at most this on every layer (and every token) is not engaged.
 STAY_OUT = 0.3
 # What `to_dict` adds that the fields already determine (`from_dict` drops them).
-_DERIVED = ("effective_weights", "stay_out_threshold", "engaged_groups", "stays_out")
+_DERIVED = ("effective_weights", "stay_out_threshold", "engaged_groups", "stays_out", "kept_out")
 
 
 @dataclass
@@ -57,6 +57,8 @@ class RoutingTrace:
     tokens: list[str] | None = None
     token_group_weights: np.ndarray | None = None   # [T, L, G] used
     token_expert_weights: np.ndarray | None = None  # [T, L, E] used
+    head_score: float | None = None              # the router's stay-out head, when it has one (`kept_out`)
+    head_threshold: float | None = None
 
     def __post_init__(self) -> None:
         L, G, E = len(self.layers), len(self.groups), len(self.experts)
@@ -100,7 +102,9 @@ class RoutingTrace:
             group_weights=arrays["alpha"], expert_weights=arrays["beta"], mode=cfg.mode,
             granularity=call.granularity, router_trained=call.router.trained,
             overrides=ov and ov.source, group_overridden=g_over, expert_overridden=e_over,
-            fallback_layers=[l for l in range(L) if bool(fallback[l].any())], **extra)
+            fallback_layers=[l for l in range(L) if bool(fallback[l].any())],
+            head_score=None if call.stay_scores is None else float(call.stay_scores[row]),
+            head_threshold=cfg.stay_out_threshold if call.stay_scores is not None else None, **extra)
 
     @cached_property
     def layout(self) -> GroupLayout:
@@ -154,6 +158,12 @@ class RoutingTrace:
         return bool(self._used_group_weights.sum(-1).max() <= threshold)
 
     @property
+    def kept_out(self) -> bool:
+        """Whether the router's stay-out head judged the request outside every expert's skill (its score at or
+        above its threshold): every expert weight the router proposed is then 0 (overrides still apply)."""
+        return self.head_score is not None and self.head_score >= self.head_threshold
+
+    @property
     def experts_off(self) -> bool:
         """Whether every expert's used weight α·β is 0 on every layer (every token: the means are 0 only if each
         token's weight is): the experts add nothing, the output is the base model's within float rounding."""
@@ -185,6 +195,7 @@ class RoutingTrace:
         out["stay_out_threshold"] = STAY_OUT
         out["engaged_groups"] = self.engaged_groups()
         out["stays_out"] = self.stays_out()
+        out["kept_out"] = self.kept_out
         return out
 
     def to_json(self) -> str:

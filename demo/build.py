@@ -2,7 +2,7 @@
 
     suite → experts (PEFT LoRA, each gated on fresh rows of its own skill) → manifest → routers
           → co-adaptation (experts and router trained together on composed answers) → evaluation
-    abstain (only when named): the shipped router trained again, experts frozen, to stay out (`abstain.py`)
+    abstain (only when named): the shipped router gets a stay-out head, gates and experts untouched (`abstain.py`)
 
 Each stage skips outputs that already exist (an expert only once its gate passed), and the Trainer resumes an
 interrupted expert or router from its last checkpoint, so rerunning the same command continues where it stopped.
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default=None)
     p.add_argument("--expert-steps", type=float, default=defaults.expert_steps, help="scale of EXPERT_STEPS")
     for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n", "abstain_everyday",
-              "abstain_outside", "abstain_answer_tokens", "abstain_steps", "abstain_skill_rows", "abstain_validation",
-              "abstain_validation_skill"):
+              "abstain_outside", "abstain_steps", "abstain_validation", "abstain_validation_skill"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(defaults, k))
     p.add_argument("--expert-lr", type=float, default=defaults.expert_lr)
     p.add_argument("--router-lr", type=float, default=defaults.router_lr)

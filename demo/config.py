@@ -4,9 +4,9 @@ demo's command line and the dashboard.
     assets/experts.json              stage 1: the experts trained apart, with their routers (`ROUTERS`)
     assets/coadapted/experts.json    stage 2, shipped: experts and router trained together (`COADAPTED`);
                                      `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load by default
-    <work>/router_abstain/           the shipped folder with its router trained again, experts frozen, to stay out of
-                                     requests that need no expert (`ABSTAIN`, the `abstain` stage, not in the default
-                                     stages: docs/abstention.md)
+    <work>/stay_out/                 the shipped folder, its router given a stay-out head for requests that need no
+                                     expert (`ABSTAIN`, the `abstain` stage, not in the default stages:
+                                     docs/abstention.md)
 """
 
 from __future__ import annotations
@@ -51,11 +51,9 @@ class BuildConfig:
     suite_sizes: dict[str, int] = field(default_factory=dict)
     abstain_everyday: int = 240             # everyday training requests, answered by the base model (do no harm)
     abstain_outside: int = 160              # clinical training requests outside the skills, half in each box
-    abstain_answer_tokens: int = 256        # the base model's answers (the floor's validation split reads them)
-    abstain_skill_rows: int = 800           # in-skill rows of coadapt.jsonl beside them (LM loss + labels)
-    abstain_validation: int = 40            # everyday training-family requests held back to choose the gate floor
-    abstain_validation_skill: int = 64      # fresh in-skill rows (training phrasings) for the same choice
-    abstain_steps: int = 150                # one pass over the ~1,160 rows above at batch 8
+    abstain_validation: int = 40            # everyday training-family requests held back to choose the threshold
+    abstain_validation_skill: int = 200     # in-skill rows in the router's wider phrasings, for the same choice
+    abstain_steps: int = 1000               # the stay-out head's steps (batch 64; seconds on a CPU)
 
     def __post_init__(self) -> None:
         unknown = set(self.stages) - set(STAGES)
@@ -64,8 +62,7 @@ class BuildConfig:
         if not self.expert_steps > 0:
             raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
         for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "eval_n", "gate_n",
-                  "abstain_everyday", "abstain_outside", "abstain_answer_tokens", "abstain_steps",
-                  "abstain_skill_rows", "abstain_validation_skill"):
+                  "abstain_everyday", "abstain_outside", "abstain_steps", "abstain_validation_skill"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not 0 <= self.abstain_validation < self.abstain_everyday:
@@ -74,8 +71,8 @@ class BuildConfig:
             self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_eval": 8,
                                 "n_abstain_everyday": 8, "n_abstain_outside": 4}
             self.gate_n, self.eval_n = 4, 8
-            self.abstain_everyday, self.abstain_outside, self.abstain_answer_tokens = 8, 4, 8
-            self.abstain_skill_rows, self.abstain_validation, self.abstain_validation_skill = 8, 2, 4
+            self.abstain_everyday, self.abstain_outside = 8, 4
+            self.abstain_validation, self.abstain_validation_skill, self.abstain_steps = 2, 4, 20
 
 
 STAGES = ("suite", "experts", "routers", "coadapt", "eval", "abstain")   # the default: all but "abstain"
@@ -117,10 +114,9 @@ COADAPTED = (Coadapted("coadapted_attention", "sigmoid", "router.safetensors", "
 TOKEN_MODE_NOTE = ("The shipped router is trained for sequence routing; token mode is an analysis view of the same "
                    "router, token by token, not a way to answer: its answers can lose the skills (flags, bullets).")
 
-# The shipped router trained again to stay out of requests that need no expert, its experts frozen (issue 24):
-# built in the work folder from the shipped one, and measured (demo/abstention.py) before its router may ship.
-ABSTAIN = Coadapted("router_abstain", "sigmoid", "coadapted/router.safetensors", "router_abstain",
-                    pooling="attention")
+# The shipped router with a stay-out head for requests that need no expert (issue 24): built in the work folder from
+# the shipped one, and measured (demo/abstention.py) before its router may ship.
+ABSTAIN = Coadapted("stay_out", "sigmoid", "coadapted/router.safetensors", "stay_out", pooling="attention")
 
 SHIPPED = next(v for v in COADAPTED if v.shipped)
 SHIPPED_MANIFEST = f"{ASSETS}/{SHIPPED.folder}/experts.json"   # the demo's default model: CLI and dashboard

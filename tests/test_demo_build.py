@@ -70,29 +70,30 @@ def test_the_built_files_hold_no_absolute_path(built):
     assert found == {}
 
 
-def test_the_abstain_stage_trains_the_shipped_router_alone_and_chooses_its_floor_on_validation(built, capsys):
-    from demo.abstain import FLOORS
+def test_the_abstain_stage_gives_the_shipped_router_a_stay_out_head_chosen_on_training_data(built, capsys):
     from demo.config import ABSTAIN, SHIPPED
-    cfg = dataclasses.replace(built, stages=("abstain",), abstain_steps=2)
+    from demo.suite import ROUTER_PHRASES
+    cfg = dataclasses.replace(built, stages=("abstain",))
     build(cfg)
     suite = Path(built.work) / "suite"
-    answers = [json.loads(x) for x in (suite / "abstain_answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 8 and all(a["experts"] == [] and a["meta"]["finish"] in ("eos", "length") for a in answers)
-    data = [json.loads(x) for x in (suite / "router_abstain.jsonl").read_text().splitlines()]
-    requests = [json.loads(x) for x in (suite / "abstain_requests.jsonl").read_text().splitlines()]
-    none = [r for r in data if r["meta"].get("family") or r["meta"].get("topic")]
-    held = {r["instruction"] for r in [r for r in requests if r["meta"].get("family")][-cfg.abstain_validation:]}
-    assert len(none) == len(requests) - cfg.abstain_validation and not held & {r["instruction"] for r in data}
-    assert all(r["output"] is None and r["experts"] == [] for r in none)     # routing-only: no answer to learn
-    assert len(data) == len(none) + cfg.abstain_skill_rows
+    read = lambda name: [json.loads(x) for x in (suite / name).read_text().splitlines()]   # noqa: E731
+    train, validation, requests = read("stay_out.jsonl"), read("stay_out_validation.jsonl"), \
+        read("abstain_requests.jsonl")
+    held = [r for r in requests if r["meta"].get("family")][-cfg.abstain_validation:]
+    assert not {r["instruction"] for r in held} & {r["instruction"] for r in train}
+    assert all(r["output"] is None for r in train + validation)
+    assert len(train) == len(read("router_train.jsonl")) + len(requests) - cfg.abstain_validation
+    phrases = {p for ps in ROUTER_PHRASES.values() for p in ps}
+    shifted = [r for r in validation if r["experts"]]          # in-skill rows in wordings the head never trained on
+    assert shifted and all(any(p in r["instruction"] for p in phrases) for r in shifted)
+    assert not {r["instruction"] for r in shifted} & {r["instruction"] for r in train}
     shipped = ATMoE.load(SHIPPED.path(built) / "experts.json", device="cpu")
     m = ATMoE.load(Path(built.work) / ABSTAIN.folder / "experts.json", device="cpu")
-    assert m.router.trained and m.router.config.pooling == "attention"
-    for a, b in zip(shipped.fused, m.fused):                     # the experts are the shipped ones, bit for bit
-        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
-    assert any(not torch.equal(p, q) for p, q in zip(shipped.router.parameters(), m.router.parameters()))
-    floor = json.loads((Path(built.work) / ABSTAIN.folder / "floor.json").read_text())
-    assert [t["floor"] for t in floor["table"]] == list(FLOORS) and m.router.config.gate_floor == floor["floor"]
+    assert m.router.config.stay_out and not shipped.router.config.stay_out
+    for name, p in shipped.router.state_dict().items():          # the gates are the shipped ones, bit for bit
+        assert torch.equal(m.router.state_dict()[name], p), name
+    chosen = json.loads((Path(built.work) / ABSTAIN.folder / "stay_out.json").read_text())
+    assert m.router.config.stay_out_threshold == chosen["threshold"] and len(chosen["table"]) > 1
     assert not Path(built.out, ABSTAIN.folder).exists()          # the shipped assets are untouched
     build(cfg)                                                    # resumable: a second run skips it
     assert f"{ABSTAIN.name}: exists, skipped" in capsys.readouterr().out
