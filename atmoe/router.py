@@ -113,7 +113,6 @@ class GroupedRouter(nn.Module):
         if config.pooling == "attention":
             self.query = nn.Parameter(torch.zeros(L, G, D))   # zero: every token weighs the same (mean pooling)
         if config.stay_out:   # zero: every request scores 0.5 until trained (`atmoe.train.stay_out`)
-            self.stay_query = nn.Parameter(torch.zeros(D))
             self.stay_weight = nn.Parameter(torch.zeros(D))
             self.stay_bias = nn.Parameter(torch.zeros(()))
         self.layout = config.layout                  # built once: forward reads its slices at every layer
@@ -131,12 +130,12 @@ class GroupedRouter(nn.Module):
         """The stay-out head: embeddings [B, T, D] of the prompt's tokens (the model's input embeddings, before any
         decoder layer), mask [B, T] (1 on the tokens the router reads) → [B] scores in [0, 1]. At or above
         `stay_out_threshold` the request is judged outside every expert's skill and every expert weight of the call
-        is 0 (overrides still apply). One decision per request, made before the first layer, so a kept-out answer is
+        is 0 (overrides still apply). A logistic read of the tokens' mean: a learnt attention over them did no
+        better on the demo's wording-shifted validation rows (docs/abstention.md). One decision per request, made before the first layer, so a kept-out answer is
         the base model's exactly; the gates decide everything else, as trained for composition."""
         h = embeddings.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
-        a = attention_weights(embeddings, mask, self.stay_query[None])                      # [B, 1, T]
-        return torch.sigmoid(torch.bmm(a, h).squeeze(1) @ self.stay_weight + self.stay_bias)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)                      # RMS-normed tokens
+        return torch.sigmoid(pool(h, mask, "mean") @ self.stay_weight + self.stay_bias)
 
     def per_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token granularity: each token read on its own, [B, T, D] → what `logits` takes ([B, T, G, D] for an

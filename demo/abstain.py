@@ -7,10 +7,10 @@
                    phrasings, labelled with the experts they need; its off-topic rows `experts: []`) + every request
                    of step 1 but the validation ones, `experts: []`
                    <suite>/stay_out_validation.jsonl: `abstain_validation` everyday requests held back from step 2,
-                   and `abstain_validation_skill` in-skill rows of coadapt.jsonl worded with at least one of the
-                   router's wider phrasings (`suite.ROUTER_PHRASES`), which step 2 never shows the head: a shift of
-                   wording like the held-out one, from training data only
-    3. head        `atmoe.train.stay_out` on the shipped model: only the head's three tensors train; its threshold is
+                   and `abstain_validation_skill` in-skill rows of coadapt.jsonl worded only with the router's wider
+                   phrasings (`suite.ROUTER_PHRASES`), which step 2 never shows the head: a shift of wording like
+                   the held-out one, from training data only
+    3. head        `atmoe.train.stay_out` on the shipped model: only the head's two tensors train; its threshold is
                    the one that gets most validation rows right. Written, with a copy of the shipped folder, into
                    <work>/stay_out/ (`config.ABSTAIN`)
 
@@ -42,6 +42,15 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
 
 
+def router_worded(instruction: str) -> bool:
+    """Whether every sentence of a stage-2 instruction is one of the router's wider phrasings (none of the experts'
+    own, which the head trains on)."""
+    rest = instruction
+    for p in sorted({p for ps in ROUTER_PHRASES.values() for p in ps}, key=len, reverse=True):
+        rest = rest.replace(p, " ")
+    return not rest.strip()
+
+
 def head_data(cfg: BuildConfig, suite: Path, seed: int = 0) -> tuple[Path, Path, dict[str, int]]:
     """Step 2: (training rows, validation rows, counts). Every row is routing-only (`"output": null`)."""
     requests = _read(suite / "abstain_requests.jsonl")
@@ -51,8 +60,7 @@ def head_data(cfg: BuildConfig, suite: Path, seed: int = 0) -> tuple[Path, Path,
     skill = _read(suite / "router_train.jsonl")
     train = [{**r, "output": None} for r in skill + [r for r in requests if r["instruction"] not in held]]
     random.Random(f"atmoe-demo:{seed}:stay_out").shuffle(train)
-    phrases = {p for ps in ROUTER_PHRASES.values() for p in ps}
-    shifted = [r for r in _read(suite / "coadapt.jsonl") if r["experts"] and any(p in r["instruction"] for p in phrases)]
+    shifted = [r for r in _read(suite / "coadapt.jsonl") if r["experts"] and router_worded(r["instruction"])]
     validation = [{**r, "output": None} for r in kept]
     validation += [{**r, "output": None} for r in shifted[:cfg.abstain_validation_skill]]
     paths = suite / "stay_out.jsonl", suite / "stay_out_validation.jsonl"

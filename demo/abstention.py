@@ -173,6 +173,16 @@ def routed_and_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> 
     return out, never_invented(rows, [g.text for g in base])
 
 
+def kept_out_share(m: Any, rows: list[dict[str, Any]]) -> float | None:
+    """The share of `rows` the router's stay-out head keeps out (None without a head)."""
+    from atmoe.train.data import Example
+    from atmoe.train.stay_out import kept_out
+
+    if not m.router.config.stay_out:
+        return None
+    return float(kept_out(m, [Example(r["instruction"], r["input"], None, []) for r in rows]).float().mean())
+
+
 def needed_recall(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[str, Any]:
     hits = total = 0
     for s in range(0, len(rows), batch_size):
@@ -227,11 +237,13 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
     report["config"]["manifest"] = str(Path(cfg.manifest).resolve().relative_to(REPO)) \
         if Path(cfg.manifest).resolve().is_relative_to(REPO) else Path(cfg.manifest).name
     report["stays_out"] = stays_out(m, everyday)
+    report["stays_out"]["kept_out_by_head"] = kept_out_share(m, everyday)
     report["same_as_base"] = same_as_base(m, everyday[:cfg.same_n], cfg.max_new_tokens) if cfg.same_n else None
     report["outside"], report["outside_base"] = {}, {}
     for where in ("instruction", "input") if cfg.outside_n else ():
         rows = outside_rows("heldout", cfg.outside_n, where=where)
         report["outside"][where], report["outside_base"][where] = routed_and_base(m, rows, cfg.answer_tokens)
+        report["outside"][where]["kept_out_by_head"] = kept_out_share(m, rows)
     report["issue_example"], report["issue_example_base"] = routed_and_base(m, ISSUE_EXAMPLE, cfg.answer_tokens)
     inskill = read_rows(REPO / "assets" / "data" / "eval.jsonl")[:cfg.inskill_n]
     if cfg.inskill_answers:   # the stored table's answers of its shipped system (the build checks they regenerate)
@@ -244,6 +256,7 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
         report["inskill_source"] = f"generated, max_new_tokens {cfg.answer_tokens}"
     report["inskill"] = never_invented(inskill, answers)
     report["needed"] = needed_recall(m, inskill)
+    report["needed"]["kept_out_by_head"] = kept_out_share(m, inskill)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -273,6 +286,10 @@ def summary(report: dict[str, Any]) -> str:
                  f"mean of each row's highest {_fmt(s['mean_highest_gate'])}")
     lines += [f"    {d}: {v['share_closed']:.2f} closed of {v['n']}, highest gate {v['highest_gate']:.2f}"
               for d, v in s["by_domain"].items()]
+    head = {k: p["kept_out_by_head"] for k, p in (("everyday", s), ("in-skill", report["needed"]),
+                                                  *report["outside"].items()) if p.get("kept_out_by_head") is not None}
+    if head:
+        lines.append("kept out by the stay-out head: " + ", ".join(f"{k} {v:.3f}" for k, v in head.items()))
     if report["same_as_base"]:
         b = report["same_as_base"]
         lines.append(f"do no harm: {b['share_identical']:.3f} of {b['n']} greedy answers token-identical to the base "

@@ -38,6 +38,8 @@ import torch
 from atmoe.load.files import atomic_write_json
 from atmoe.model import ATMoE, forward_routed
 from atmoe.tokens import encode_prompt, encode_text
+from atmoe.train.data import Example
+from atmoe.train.stay_out import kept_out
 
 from .evaluate import Row, bootstrap_ci, layer_constant
 from .suite import complex_rows
@@ -127,7 +129,9 @@ def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...]
     m = ATMoE.load(manifest, device=device)
     rows = held_out_rows(n)
     right = {s: fully_right(m, rows, s) for s in systems}
+    kept = kept_out(m, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows])
     return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "score": "fully right (token-exact, greedy)",
+            "kept_out": int(kept.sum()),     # rows the router's stay-out head keeps out (every expert weight 0)
             "fully_right": {s: float(v.mean()) for s, v in right.items()},
             "shipped_minus": {s: paired(right["shipped"], right[s]) for s in systems[1:]},
             "rows": {s: v.astype(int).tolist() for s, v in right.items()},
@@ -152,7 +156,8 @@ def check_stored(results: str, manifest: str, device: str = "auto") -> dict[str,
 
 
 def summary(report: dict[str, Any]) -> str:
-    lines = [f"n = {report['n']} held-out rows (seed {report['seed']}), {report['score']}, {report['seconds']:.0f} s"]
+    lines = [f"n = {report['n']} held-out rows (seed {report['seed']}), {report['score']}, {report['seconds']:.0f} s; "
+             f"kept out by the stay-out head: {report.get('kept_out', 0)}"]
     lines += [f"  {s}: {v:.3f}" for s, v in report["fully_right"].items()]
     lines += [f"  shipped − {s}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (width {d['width']:.3f})"
               for s, d in report["shipped_minus"].items()]

@@ -125,3 +125,29 @@ def test_values_the_prompt_does_not_hold_are_named_under_the_answer(at: AppTest)
         shown = [w.value for w in at.warning if "Values not in your instruction or note" in w.value]
         assert shown == ([unsupported_note(text, prompt, note)] if named else [])
         assert not named or f"**: {', '.join(named)}." in shown[0]
+
+
+def test_a_request_the_stay_out_head_keeps_out_says_so(sigmoid_manifest: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A router whose stay-out head keeps every request out: the page says the head decided, with its score."""
+    import shutil
+
+    import torch
+
+    from atmoe.load.manifest import Manifest
+    from atmoe.router import load_router, save_router
+    from atmoe.train.stay_out import with_head
+
+    folder = tmp_path / "kept"
+    shutil.copytree(sigmoid_manifest.parent, folder)
+    path = Manifest.load(folder / sigmoid_manifest.name).router_path()
+    router = with_head(load_router(path))
+    with torch.no_grad():
+        router.stay_bias.fill_(20.0)
+    save_router(router, path)
+    monkeypatch.setenv("ATMOE_MANIFEST", str(folder / sigmoid_manifest.name))
+    at = _generate(new_page())
+    said = _said(at)
+    assert at.session_state["answer"].trace.kept_out
+    assert len(said) == 1 and "stay-out head judged this request outside every expert's skill (score 1.00 ≥ 0.50)" \
+        in said[0] and "the answer is the base model's" in said[0]

@@ -100,7 +100,7 @@ def test_training_moves_only_the_head_and_separates_the_rows(model):
         assert torch.equal(r.state_dict()[name], p), name
     table = threshold_table(m, r, rows)
     assert table[0] == {"threshold": 0.5, "kept_out": 1.0, "engaged": 1.0}
-    assert new_router(m).config.stay_out is False and not hasattr(new_router(m), "stay_query")
+    assert new_router(m).config.stay_out is False and not hasattr(new_router(m), "stay_weight")
     with pytest.raises(ValueError, match="needs rows labelled experts"):
         train_head(m, rows[:4])
 

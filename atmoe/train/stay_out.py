@@ -61,7 +61,7 @@ def embed(m: ATMoE, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_head(m: ATMoE, examples: list[Example], steps: int = 1000, lr: float = 0.01, batch_size: int = 64,
                seed: int = 0) -> GroupedRouter:
-    """m's router with a stay-out head trained on `examples` (only the head's three tensors move). The loss weighs
+    """m's router with a stay-out head trained on `examples` (only the head's two tensors move). The loss weighs
     kept-out and engaged rows equally, whatever their counts."""
     rows, y = _labelled(examples)
     if not 0 < int(y.sum()) < len(rows):
@@ -69,7 +69,7 @@ def train_head(m: ATMoE, examples: list[Example], steps: int = 1000, lr: float =
     router = with_head(m.router, m.router.config.stay_out_threshold if m.router.config.stay_out else 0.5)
     x, mask = embed(m, rows)
     y = y.to(m.device)
-    head = [router.stay_query, router.stay_weight, router.stay_bias]
+    head = [router.stay_weight, router.stay_bias]
     router.requires_grad_(False)
     for p in head:
         p.requires_grad_(True)
@@ -85,6 +85,14 @@ def train_head(m: ATMoE, examples: list[Example], steps: int = 1000, lr: float =
         opt.step()
     router.requires_grad_(False)
     return router
+
+
+def kept_out(m: ATMoE, rows: list[Example]) -> torch.Tensor:
+    """[N] bool: which rows m's stay-out head keeps out (all False without a head). Embeddings only, no forward."""
+    if not m.router.config.stay_out:
+        return torch.zeros(len(rows), dtype=torch.bool)
+    with torch.no_grad():
+        return (m.router.stay_out_scores(*embed(m, rows)) >= m.router.config.stay_out_threshold).cpu()
 
 
 def threshold_table(m: ATMoE, router: GroupedRouter, examples: list[Example]) -> list[dict[str, float]]:
