@@ -245,7 +245,7 @@ class ATMoE:
         read = prompt_mask.to(self.device)
         scores = None
         if router.config.stay_out and input_ids is not None:
-            with torch.inference_mode():
+            with torch.no_grad():   # a decision, not trained through (no_grad: a training forward may use it)
                 scores = router.stay_out_scores(self.model.get_input_embeddings()(input_ids.to(self.device)), read)
         return RoutingCall(router, read, granularity, self.check_overrides(overrides, router),
                            merge=bool(merge) and prompt_mask.shape[0] == 1,

@@ -6,8 +6,8 @@ domain has a training family and a held-out family that share no template and no
 families ever reach training data (`tests/test_demo_everyday.py`); the held-out families measure abstention on
 requests whose wording the router never saw (`demo/abstention.py`).
 
-    everyday_rows(split, n, seed)          {"instruction", "input": "", "output": "", "experts": [], "meta"}; the output
-                                           is filled by the build with the base model's own answer (do no harm)
+    everyday_rows(split, n, seed)          {"instruction", "input": "", "output": "", "experts": [], "meta"}; routing
+                                           rows (the stay-out head reads the instruction only)
     outside_rows(split, n, seed, where)    a clinical note with medications, allergies and diagnoses, and a request
                                            about them (none of the six skills); the note in the instruction box
                                            (`where="instruction"`) or in the input box (`"input"`). The output copies

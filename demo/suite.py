@@ -23,9 +23,9 @@ Splits (every row {"instruction", "input", "output", "experts", "meta"}; same se
     eval.jsonl            held-out phrasings for every complex combination, incl. the held-out combinations
     gate/<name>.jsonl     fresh single-skill rows: an expert is trained when it passes these alone
     abstain_requests.jsonl  requests that need no expert (experts: []), from the *training* families of
-                          `everyday.py` only: everyday requests (output "" until the build's `abstain` stage writes
-                          the base model's own answer) and clinical requests outside the skills, the note in either
-                          box (output: the note's lines). The held-out families never reach a training file.
+                          `everyday.py` only: everyday requests and clinical requests outside the skills, the note
+                          in either box; the `abstain` stage trains the stay-out head on them as routing-only rows
+                          (their outputs are not read). The held-out families never reach a training file.
 """
 
 from __future__ import annotations
