@@ -86,8 +86,7 @@ def test_the_abstain_stage_gives_the_shipped_router_a_stay_out_head_chosen_on_tr
     assert len(train) == len(read("router_train.jsonl")) + len(requests) - cfg.abstain_validation
     phrases = {p for ps in ROUTER_PHRASES.values() for p in ps}
     shifted = [r for r in validation if r["experts"]]          # in-skill rows in wordings the head never trained on
-    assert shifted and all(s + "." in phrases or s + "?" in phrases or s in phrases
-                           for r in shifted for s in re.split(r"(?<=[.?!]) ", r["instruction"]))
+    assert shifted and all(s in phrases for r in shifted for s in re.split(r"(?<=[.?!]) ", r["instruction"]))
     assert not {r["instruction"] for r in shifted} & {r["instruction"] for r in train}
     shipped = ATMoE.load(SHIPPED.path(built) / "experts.json", device="cpu")
     m = ATMoE.load(Path(built.work) / ABSTAIN.folder / "experts.json", device="cpu")
