@@ -62,7 +62,7 @@ class RouterConfig:
     granularity: str = "sequence"      # "sequence": fixed after the prompt; "token": per token (analysis)
     gate_floor: float = 0.0            # sigmoid: a gate ≤ this is closed (0) when answering; training reads it unfloored
     stay_out: bool = False             # a stay-out head: one decision per request, from the instruction's embeddings
-    stay_out_threshold: float = 0.5    # its score at or above this keeps every expert out (`GroupedRouter.stay_out_scores`)
+    stay_out_threshold: float = 0.5    # a score at or above it keeps every expert out (`GroupedRouter.stay_out_scores`)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -131,8 +131,9 @@ class GroupedRouter(nn.Module):
         decoder layer), mask [B, T] (1 on the tokens the router reads) → [B] scores in [0, 1]. At or above
         `stay_out_threshold` the request is judged outside every expert's skill and every expert weight of the call
         is 0 (overrides still apply). A logistic read of the tokens' mean: a learnt attention over them did no
-        better on the demo's wording-shifted validation rows (docs/abstention.md). One decision per request, made before the first layer, so a kept-out answer is
-        the base model's exactly; the gates decide everything else, as trained for composition."""
+        better on the demo's wording-shifted validation rows (docs/abstention.md). One decision per request, made
+        before the first layer, so a kept-out answer is the base model's exactly; the gates decide everything else,
+        as trained for composition."""
         h = embeddings.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)                      # RMS-normed tokens
         return torch.sigmoid(pool(h, mask, "mean") @ self.stay_weight + self.stay_bias)

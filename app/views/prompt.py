@@ -142,7 +142,8 @@ def stays_out_note(trace: RoutingTrace) -> str | None:
     if trace.kept_out and trace.experts_off:
         return (f"**No expert engaged**: the router's stay-out head judged this request outside every expert's skill "
                 f"(score {trace.head_score:.2f} ≥ {trace.head_threshold:.2f}), so every expert's weight is 0 {where} — "
-                "the answer is the base model's. Overrides still apply: fix a group's weight in the sidebar to engage it.")
+                "the answer is the base model's. Overrides still apply: fix a group's weight in the sidebar to "
+                "engage it.")
     if trace.experts_off:
         return (f"**No expert engaged**: every expert's weight is 0 {where}, so the experts add nothing — with this "
                 "routing the model is the base model (within float rounding).")
