@@ -134,9 +134,16 @@ class GroupedRouter(nn.Module):
         better on the demo's wording-shifted validation rows (docs/abstention.md). One decision per request, made
         before the first layer, so a kept-out answer is the base model's exactly; the gates decide everything else,
         as trained for composition."""
+        return self.stay_out_read(self.stay_out_features(embeddings, mask))
+
+    def stay_out_features(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the mean of the RMS-normed tokens under `mask`, [B, T, D] → [B, D]."""
         h = embeddings.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)                      # RMS-normed tokens
-        return torch.sigmoid(pool(h, mask, "mean") @ self.stay_weight + self.stay_bias)
+        return pool(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS), mask, "mean")
+
+    def stay_out_read(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, D] features → [B] scores: the head's only learnt part, a logistic read."""
+        return torch.sigmoid(features @ self.stay_weight + self.stay_bias)
 
     def per_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token granularity: each token read on its own, [B, T, D] → what `logits` takes ([B, T, G, D] for an

@@ -103,6 +103,14 @@ def test_training_moves_only_the_head_and_separates_the_rows(model):
     assert new_router(m).config.stay_out is False and not hasattr(new_router(m), "stay_weight")
     with pytest.raises(ValueError, match="needs rows labelled experts"):
         train_head(m, rows[:4])
+    # retrained on a model that ships a head already, the head starts new: the same head a build from nothing gives
+    original = m.router
+    try:
+        m.router = _head(m, 20.0)
+        again = train_head(m, rows, steps=150, lr=0.05)
+    finally:
+        m.router = original
+    assert torch.equal(again.stay_weight, r.stay_weight) and torch.equal(again.stay_bias, r.stay_bias)
 
 
 def test_the_head_travels_in_the_router_file(model, tmp_path):

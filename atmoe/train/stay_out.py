@@ -30,10 +30,12 @@ from .data import DataError, Example, load_jsonl
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
-def with_head(router: GroupedRouter, threshold: float = 0.5) -> GroupedRouter:
-    """`router` with a stay-out head (new, untrained, or its own if it has one), every other weight shared."""
+def with_head(router: GroupedRouter, threshold: float = 0.5, fresh: bool = False) -> GroupedRouter:
+    """`router` with a stay-out head (new and untrained, or its own if it has one and not `fresh`), every other
+    weight shared."""
     out = GroupedRouter(replace(router.config, stay_out=True, stay_out_threshold=threshold))
-    out.load_state_dict(router.state_dict(), strict=False)
+    state = router.state_dict()
+    out.load_state_dict({k: v for k, v in state.items() if not (fresh and k.startswith("stay_"))}, strict=False)
     out.trained = router.trained
     return out.to(router.norm_weight.device)
 
@@ -41,6 +43,14 @@ def with_head(router: GroupedRouter, threshold: float = 0.5) -> GroupedRouter:
 def _labelled(examples: list[Example]) -> tuple[list[Example], torch.Tensor]:
     rows = [e for e in examples if e.experts is not None]
     return rows, torch.tensor([float(not e.experts) for e in rows])
+
+
+def features(m: ATMoE, router: GroupedRouter, rows: list[Example], chunk: int = 64) -> torch.Tensor:
+    """[N, D]: what the head reads of each row (`GroupedRouter.stay_out_features`), `chunk` rows at a time, so the
+    padded embeddings of a whole training set are never held at once."""
+    with torch.no_grad():
+        return torch.cat([router.stay_out_features(*embed(m, rows[i:i + chunk])) for i in range(0, len(rows), chunk)]
+                         or [torch.zeros(0, m.model.config.hidden_size, device=m.device)])
 
 
 def embed(m: ATMoE, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +71,13 @@ def embed(m: ATMoE, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
 def train_head(m: ATMoE, examples: list[Example], steps: int = 1000, lr: float = 0.01, batch_size: int = 64,
                seed: int = 0) -> GroupedRouter:
     """m's router with a stay-out head trained on `examples` (only the head's two tensors move). The loss weighs
-    kept-out and engaged rows equally, whatever their counts."""
+    kept-out and engaged rows equally, whatever their counts. The head starts new even where m's router has one, so
+    retraining a shipped head gives what a build from nothing gives."""
     rows, y = _labelled(examples)
     if not 0 < int(y.sum()) < len(rows):
         raise ValueError("the stay-out head needs rows labelled experts: [] and rows naming experts")
-    router = with_head(m.router, m.router.config.stay_out_threshold if m.router.config.stay_out else 0.5)
-    x, mask = embed(m, rows)
+    router = with_head(m.router, fresh=True)
+    x = features(m, router, rows)            # the pooling has no weights: read once, train the logistic read
     y = y.to(m.device)
     head = [router.stay_weight, router.stay_bias]
     router.requires_grad_(False)
@@ -77,7 +88,7 @@ def train_head(m: ATMoE, examples: list[Example], steps: int = 1000, lr: float =
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(rows), (batch_size,), generator=g).to(m.device)
-        p = router.stay_out_scores(x[idx], mask[idx]).clamp(1e-6, 1 - 1e-6)
+        p = router.stay_out_read(x[idx]).clamp(1e-6, 1 - 1e-6)
         loss = F.binary_cross_entropy(p, y[idx], weight=torch.where(y[idx] > 0, pos_weight, 1.0))
         opt.zero_grad()
         loss.backward()
@@ -91,14 +102,14 @@ def kept_out(m: ATMoE, rows: list[Example]) -> torch.Tensor:
     if not m.router.config.stay_out:
         return torch.zeros(len(rows), dtype=torch.bool)
     with torch.no_grad():
-        return (m.router.stay_out_scores(*embed(m, rows)) >= m.router.config.stay_out_threshold).cpu()
+        return (m.router.stay_out_read(features(m, m.router, rows)) >= m.router.config.stay_out_threshold).cpu()
 
 
 def threshold_table(m: ATMoE, router: GroupedRouter, examples: list[Example]) -> list[dict[str, float]]:
     """Per threshold of THRESHOLDS: the share of kept-out rows kept out, of engaged rows engaged."""
     rows, y = _labelled(examples)
     with torch.no_grad():
-        scores = router.stay_out_scores(*embed(m, rows)).cpu()
+        scores = router.stay_out_read(features(m, router, rows)).cpu()
     out = y > 0
     return [{"threshold": t, "kept_out": float((scores[out] >= t).float().mean()) if out.any() else float("nan"),
              "engaged": float((scores[~out] < t).float().mean()) if (~out).any() else float("nan")}
