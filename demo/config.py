@@ -49,9 +49,9 @@ class BuildConfig:
     quick: bool = False
     force: bool = False
     suite_sizes: dict[str, int] = field(default_factory=dict)
-    abstain_everyday: int = 240             # everyday training requests, answered by the base model (do no harm)
+    abstain_everyday: int = 480             # everyday training requests (routing-only), 24 from each training family
     abstain_outside: int = 160              # clinical training requests outside the skills, half in each box
-    abstain_validation: int = 40            # everyday training-family requests held back to choose the threshold
+    abstain_validation: int = 80            # everyday training-family requests held back to choose the threshold
     abstain_validation_skill: int = 200     # in-skill rows in the router's wider phrasings, for the same choice
     abstain_steps: int = 1000               # the stay-out head's steps (batch 64; seconds on a CPU)
 

@@ -374,7 +374,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate: int = 50, n_router: int = 1200,
-                n_coadapt: int = 2400, n_eval: int = 64, n_abstain_everyday: int = 240, n_abstain_outside: int = 160
+                n_coadapt: int = 2400, n_eval: int = 64, n_abstain_everyday: int = 480, n_abstain_outside: int = 160
                 ) -> dict[str, Path]:
     """Write every split under `out_dir` (each file atomically); returns {split: path}."""
     for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_coadapt", n_coadapt),
@@ -398,7 +398,7 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
     return written
 
 
-def write_abstention_requests(out_dir: str | Path, seed: int = 0, n_everyday: int = 240, n_outside: int = 160
+def write_abstention_requests(out_dir: str | Path, seed: int = 0, n_everyday: int = 480, n_outside: int = 160
                               ) -> Path:
     """abstain_requests.jsonl alone (the `abstain` stage writes it into a suite built before it existed)."""
     return _write_jsonl(Path(out_dir) / "abstain_requests.jsonl", abstention_rows(n_everyday, n_outside, seed))
