@@ -32,6 +32,8 @@ class GenerationSettings:
     granularity: str | None = None  # "sequence" | "token"; None = the router's own
     merge: bool = False            # decode with merged weights (batch 1, sequence routing; ATMoE.new_call)
     cuda_graphs: bool = False      # replay the decode step as a CUDA graph (torch.compile "reduce-overhead")
+    grounded: bool = False         # write only values the prompt (or the manifest's reference values) holds:
+                                   # atmoe.grounding.NumberGuard, a host check per token
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -48,7 +50,7 @@ class GenerationSettings:
             raise ValueError(f"seed must be a non-negative integer, got {s!r}")
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'sequence', 'token' or None, got {self.granularity!r}")
-        for name in ("merge", "cuda_graphs"):
+        for name in ("merge", "cuda_graphs", "grounded"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -102,12 +104,14 @@ def cache_length(n: int) -> int:
 
 def decode(forward: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor,
            settings: GenerationSettings, eos_ids: set[int], pad_id: int, buffers: DecodeBuffers | None = None,
-           stop: threading.Event | None = None, step: Callable[..., Any] | None = None) -> Iterator[torch.Tensor]:
+           stop: threading.Event | None = None, step: Callable[..., Any] | None = None,
+           guard: Any = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row ([B]) until all rows hit EOS, `max_new_tokens`, or `stop` is set: the
     prefill and at most max_new_tokens − 1 decode steps (the last token's logits are never needed).
 
     `forward(**kwargs)` runs the model (inside the caller's routing call); `step` (default `forward`) runs one decode
-    step, e.g. a CUDA-graphed one. Left padding is supported: positions come from the attention mask."""
+    step, e.g. a CUDA-graphed one. Left padding is supported: positions come from the attention mask. `guard`
+    (`atmoe.grounding.NumberGuard`) masks the logits of each step and is told the tokens chosen."""
     step = step or forward
     gen = torch.Generator(device=input_ids.device).manual_seed(settings.seed)
     warpers = []
@@ -125,7 +129,10 @@ def decode(forward: Callable[..., Any], input_ids: torch.Tensor, attention_mask:
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
     for i in range(settings.max_new_tokens):
+        last = i == settings.max_new_tokens - 1 or (stop is not None and stop.is_set())
         logits = logits[:, -1, :].float()
+        if guard is not None:
+            logits = guard.mask(logits, 1 if last else settings.max_new_tokens - i)
         if settings.temperature > 0:
             for w in warpers:
                 logits = w(input_ids, logits)
@@ -133,9 +140,11 @@ def decode(forward: Callable[..., Any], input_ids: torch.Tensor, attention_mask:
         else:
             token = logits.argmax(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
+        if guard is not None:
+            guard.advance(token.tolist())
         yield token
         done |= torch.isin(token, eos)
-        if i == settings.max_new_tokens - 1 or bool(done.all()) or (stop is not None and stop.is_set()):
+        if last or bool(done.all()):
             return
         buffers.token.copy_(token[:, None])
         buffers.position.add_(1)

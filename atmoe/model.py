@@ -12,7 +12,7 @@ import inspect
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -25,6 +25,7 @@ from torch import nn
 from .call import RoutingCall
 from .explain import Explanation
 from .generation import DecodeBuffers, GenerationSettings, cache_length, decode
+from .grounding import DigitVocab, NumberGuard
 from .layout import GroupLayout
 from .load.base import check_signature, load_base
 from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
@@ -95,6 +96,7 @@ class ATMoE:
         add_routing_hooks(self.state, decoder_layers(model)[1])
         self._decode_buffers: DecodeBuffers | None = None   # the last decode shape's cache (under state.lock)
         self._step: Any = None                               # the compiled decode step (settings.cuda_graphs)
+        self._digit_vocab: DigitVocab | None = None          # what grounded decoding reads of the vocabulary, once
         # what `merge=True` keeps once used: one weight per projection group (the base's fused projections)
         self.merge_bytes = sum(g.stacked[:g.num_out].nbytes for layer in self.state.layers for g in layer.groups)
         cfg = RouterConfig(self.groups, self.experts, list(self.layout.expert_groups), self.num_layers,
@@ -394,9 +396,10 @@ class ATMoE:
         # The call holds the model's workspace (and its KV cache) from the prompt to the last token, also while the
         # consumer of this generator works between tokens: other calls wait; closing the generator releases it.
         step = self._compiled_step(forward) if settings.cuda_graphs else None
+        guard = self.number_guard([f"{p}\n{i}" for p, i in zip(prompts, inputs)], eos) if settings.grounded else None
         with torch.inference_mode(), self._hold(call):
             buffers = self._decode_buffers_for(len(rows), ids.shape[1] + settings.max_new_tokens)
-            for token in decode(forward, ids, mask, settings, eos, pad, buffers, stop, step):
+            for token in decode(forward, ids, mask, settings, eos, pad, buffers, stop, step, guard):
                 for b, t in enumerate(token.tolist()):
                     if not finished[b]:
                         if t in eos:
@@ -416,6 +419,18 @@ class ATMoE:
             out.append(Generation(tok.decode(new[b], skip_special_tokens=True), new[b], self._trace(call, b, full),
                                   len(r.ids), seconds, reason, call.path))
         yield out
+
+    @property
+    def reference_values(self) -> list[str]:
+        """The values the manifest's experts declare they write without a prompt holding them (reference ranges)."""
+        return [v for _, e in (self.manifest.experts if self.manifest else []) for v in e.values or []]
+
+    def number_guard(self, sources: Sequence[str], end_ids: Iterable[int] = ()) -> NumberGuard:
+        """Grounded decoding for one batch (`GenerationSettings.grounded`): each row may write the values of its
+        source and the manifest's reference values, nothing else."""
+        if self._digit_vocab is None:   # built once; a second build by a concurrent call is the same, and harmless
+            self._digit_vocab = DigitVocab(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
+        return NumberGuard(self._digit_vocab, sources, " ".join(self.reference_values), sorted(end_ids))
 
     def _compiled_step(self, forward: Any) -> Any:
         """The decode step compiled whole (no graph break: tests/test_speed.py) and, on CUDA, captured as a CUDA

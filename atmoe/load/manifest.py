@@ -28,6 +28,8 @@ class ExpertEntry:
     path: str | None = None
     hub: str | None = None
     description: str = ""
+    values: list[str] | None = None   # values the skill writes that no prompt holds (reference ranges): grounded
+                                      # decoding allows them (GenerationSettings.grounded)
 
 
 @dataclass
@@ -108,15 +110,19 @@ class Manifest:
                 raise fail(f"group '{g['name']}' has no experts (every group needs at least one)")
             experts = []
             for ei, e in enumerate(g["experts"]):
-                if not isinstance(e, dict) or set(e) - {"name", "path", "hub", "description"}:
+                if not isinstance(e, dict) or set(e) - {"name", "path", "hub", "description", "values"}:
                     raise fail(f"expert #{ei} of group '{g['name']}' must be an object with name, path|hub, "
-                               "description")
+                               "description, values")
+                values = e.get("values")
+                if values is not None and not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+                    raise fail(f"expert '{e.get('name')}': 'values' must be a list of strings")
                 if any(e.get(k) is not None and not isinstance(e[k], str) for k in ("name", "path", "hub",
                                                                                     "description")):
                     raise fail(f"expert #{ei} of group '{g['name']}': fields must be strings")
                 if (e.get("path") is None) == (e.get("hub") is None):
                     raise fail(f"expert '{e.get('name')}' needs exactly one of 'path' or 'hub'")
-                experts.append(ExpertEntry(e.get("name"), e.get("path"), e.get("hub"), e.get("description", "")))
+                experts.append(ExpertEntry(e.get("name"), e.get("path"), e.get("hub"), e.get("description", ""),
+                                           values))
             groups.append(GroupEntry(g["name"], experts))
             for name in [g["name"]] + [e.name for e in experts]:
                 if not isinstance(name, str) or not _NAME.match(name):

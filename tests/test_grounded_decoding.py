@@ -1,0 +1,149 @@
+"""Grounded decoding (`GenerationSettings(grounded=True)`): an answer never writes a value its prompt (or the manifest's
+reference values) does not hold, whatever the logits say, and never stops half-way through one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import tiny_demo
+
+from atmoe import ATMoE
+from atmoe.generation import GenerationSettings, decode
+from atmoe.grounding import DigitVocab, NumberGuard, numbers, unsupported_values
+from atmoe.load.files import LoadError
+from atmoe.load.manifest import Manifest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# A vocabulary like a BPE's around numbers: single digits, multi-digit and mixed tokens, dots, words, an end token.
+PIECES = ["", *"0123456789", ".", " ", "\n", "mg", " K", "SpO2", "12", "1.5", ". ", ".\n", "- ", ": high", "x"]
+END = 0
+
+
+class CharTokenizer:
+    def __len__(self) -> int:
+        return len(PIECES)
+
+    def batch_decode(self, ids, skip_special_tokens=False):
+        return [PIECES[i[0]] for i in ids]
+
+
+VOCAB = DigitVocab(CharTokenizer())
+
+
+def _run(guard: NumberGuard | None, logits: torch.Tensor) -> tuple[str, bool]:
+    """Greedy over a fixed sequence of logits [N, V] with the guard (if any): (text, ended by the end token)."""
+    text = ""
+    for i, step in enumerate(logits):
+        row = step.clone()[None]
+        if guard is not None:
+            row = guard.mask(row, len(logits) - i)
+            assert torch.isfinite(row).any(), f"every token blocked after {text!r}"
+        t = int(row.argmax())
+        if t == END:
+            return text, True
+        if guard is not None:
+            guard.advance([t])
+        text += PIECES[t]
+    return text, False
+
+
+values = st.sampled_from(["5", "12", "120", "1.5", "37.5", "96", "0.8", "7"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(values, min_size=0, max_size=4), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_a_grounded_answer_writes_only_values_its_sources_hold(source_values, length, seed):
+    source = "Labs: " + ", ".join(f"K {v}" for v in source_values)
+    logits = torch.randn(length, len(PIECES), generator=torch.Generator().manual_seed(seed)) * 3
+    text, _ = _run(NumberGuard(VOCAB, [source], end_ids=[END]), logits)
+    assert unsupported_values(text, source) == [], text          # also when cut by its length
+
+
+def test_the_guard_is_what_keeps_the_values_grounded():
+    """Without it the same logits write values the source lacks; with a reference value, that one is allowed."""
+    source = "Labs: K 5, Na 120."
+    rng = torch.Generator().manual_seed(0)
+    free = [_run(None, torch.randn(30, len(PIECES), generator=rng) * 3)[0] for _ in range(20)]
+    assert sum(bool(unsupported_values(t, source)) for t in free) >= 10
+    digits = torch.full((6, len(PIECES)), -5.0)
+    digits[:, PIECES.index("3")] = 5                                  # the model wants to write "333…"
+    digits[:, PIECES.index(" ")] = 4
+    def mid_line(reference: str = "") -> NumberGuard:   # after "K ": no list ordinal can start here
+        guard = NumberGuard(VOCAB, [source], reference, end_ids=[END])
+        for piece in (" K", " "):                            # one token per step, of the batch's one row
+            guard.advance([PIECES.index(piece)])
+        return guard
+
+    assert numbers(_run(mid_line(), digits)[0]) == []
+    assert set(numbers(_run(mid_line("33"), digits)[0])) == {"33"}    # a reference value is writable
+
+
+def test_ordinals_words_and_full_stops_stay_writable():
+    guard = NumberGuard(VOCAB, ["K 5"], end_ids=[END])
+    for piece in ["1", ".", " ", "K", " ", "5", ".", "\n", "SpO2", " ", "5"]:
+        i = PIECES.index(piece) if piece in PIECES else PIECES.index(" K")
+        row = guard.mask(torch.zeros(1, len(PIECES)), 10)
+        assert torch.isfinite(row[0, i]), (guard.rows[0]["line"], piece)
+        guard.advance([i])
+    blocked = guard.mask(torch.zeros(1, len(PIECES)), 10)[0]
+    assert not torch.isfinite(blocked[PIECES.index("3")])            # "53" is no value of the note
+    assert torch.isfinite(blocked[END])                               # "… 5" may end the answer
+
+
+def test_a_value_is_never_left_half_written_at_the_length_limit():
+    guard = NumberGuard(VOCAB, ["Na 120"], end_ids=[END])
+    want_one = torch.full((1, len(PIECES)), -5.0)
+    want_one[0, PIECES.index("1")] = 5
+    assert torch.isfinite(guard.mask(want_one.clone(), 3)[0, PIECES.index("1")])      # "1", "2", "0" fit
+    assert not torch.isfinite(guard.mask(want_one.clone(), 2)[0, PIECES.index("1")])  # "120" no longer fits
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return ATMoE.load(tiny_demo(tmp_path_factory.mktemp("grounded")), device="cpu")
+
+
+def test_generate_hands_the_setting_to_the_decoder(tiny):
+    prompt, note = "List the lab results.", "72 yo M. HR 88, BP 142/90, potassium 5.6 mmol/L."
+    for seed in range(6):
+        g = tiny.generate(prompt, input=note, max_new_tokens=24, temperature=3.0, seed=seed, grounded=True)
+        assert unsupported_values(g.text, prompt, note) == [], g.text
+    free = [tiny.generate(prompt, input=note, max_new_tokens=24, temperature=3.0, seed=s).text for s in range(6)]
+    assert any(unsupported_values(t, prompt, note) for t in free)    # the tiny model does invent without it
+    with pytest.raises(ValueError, match="grounded must be True or False"):
+        GenerationSettings(grounded="yes")
+
+
+def test_decode_gives_the_guard_the_tokens_it_chose():
+    seen = []
+
+    class Spy:
+        def mask(self, logits, left):
+            seen.append(("mask", left))
+            return logits
+
+        def advance(self, tokens):
+            seen.append(("advance", tokens))
+
+    def forward(input_ids, **_):
+        return torch.tensor([[[0.0, 3.0, 1.0]]]).expand(input_ids.shape[0], 1, -1)
+
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    list(decode(forward, ids, torch.ones_like(ids), GenerationSettings(max_new_tokens=3), {0}, 0, guard=Spy()))
+    assert seen == [("mask", 3), ("advance", [1]), ("mask", 2), ("advance", [1]), ("mask", 1), ("advance", [1])]
+
+
+def test_manifest_reference_values_are_read_and_checked(tmp_path):
+    path = tiny_demo(tmp_path / "m", trained=False)
+    d = json.loads(path.read_text())
+    d["groups"][1]["experts"][1]["values"] = ["135", "145"]
+    path.write_text(json.dumps(d))
+    assert ATMoE.load(path, device="cpu").reference_values == ["135", "145"]
+    d["groups"][1]["experts"][1]["values"] = "135-145"
+    with pytest.raises(LoadError, match="'values' must be a list of strings"):
+        Manifest.from_dict(d, root=path.parent)
