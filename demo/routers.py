@@ -17,14 +17,15 @@ from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
 from .config import COADAPTED, ROUTERS, train_bf16
 from .portable import portable_path
-from .suite import EXPERT_DESCRIPTIONS, GROUPS
+from .suite import EXPERT_DESCRIPTIONS, EXPERT_VALUES, GROUPS
 
 
 def write_manifest(cfg: Any, out: Path) -> Path:
     """assets/experts.json: base, groups, experts, and the shipped router once it exists."""
     path = out / "experts.json"
     model, _ = load_base(cfg.base, device="cpu")
-    manifest = Manifest([GroupEntry(g, [ExpertEntry(n, f"experts/{n}", description=EXPERT_DESCRIPTIONS[n])
+    manifest = Manifest([GroupEntry(g, [ExpertEntry(n, f"experts/{n}", description=EXPERT_DESCRIPTIONS[n],
+                                                    values=EXPERT_VALUES.get(n))
                                         for n in names]) for g, names in GROUPS.items()],
                         base_model=cfg.base, base_signature=base_signature(model),
                         description="Clinical demo: 6 LoRA experts (task, knowledge, style) on "

@@ -156,6 +156,12 @@ def answer(case: Case, task: str | None, knowledge: str | None = None, style: st
     return "\n".join(line(a, v, knowledge, style) for a, v in items)
 
 
+# The values an expert writes that no note holds: the reference ranges. The manifest declares them (`values`), so
+# grounded decoding (`GenerationSettings(grounded=True)`) lets the ranges expert write them and nothing else unheld.
+EXPERT_VALUES: dict[str, list[str]] = {
+    "ranges": sorted({m.fmt(x) for m in MEASURES.values() for x in (m.low, m.high)}, key=lambda v: (float(v), v))}
+
+
 # ---------------------------------------------------------------- instructions
 # (training phrasings, held-out phrasings). Sentences, so a complex instruction can put them in any order.
 PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

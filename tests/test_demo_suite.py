@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, GROUPS, HELDOUT_COMBOS, MEASURES, PHRASES,
-                              ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note, sample_case,
-                              write_suite)
+from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, EXPERT_VALUES, GROUPS, HELDOUT_COMBOS, MEASURES,
+                        PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note, sample_case,
+                        write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
 N_EXPERT, N_ROUTER, N_COADAPT = 1600, 1200, 2400   # write_suite's defaults: the sizes the build trains on
@@ -185,3 +185,16 @@ def test_write_suite_writes_every_split(tmp_path) -> None:
     assert all(written[k].read_bytes() == again[k].read_bytes() for k in written)
     with pytest.raises(ValueError, match="n_eval"):
         write_suite(tmp_path / "u", n_eval=0)
+
+
+def test_the_demo_manifests_declare_every_reference_range_value_and_only_the_ranges_expert_has_any():
+    """Grounded decoding lets an answer write the manifest's `values` beside the note's: the ranges expert's ranges."""
+    from atmoe.grounding import numbers
+    from atmoe.load.manifest import Manifest
+    from demo.config import SHIPPED_MANIFEST, STAGE1_MANIFEST
+
+    written = {v for m in MEASURES.values() for v in numbers(m.range_text)}
+    assert set(EXPERT_VALUES) == {"ranges"} and set(EXPERT_VALUES["ranges"]) == written
+    for path in (STAGE1_MANIFEST, SHIPPED_MANIFEST):
+        manifest = Manifest.load(path)
+        assert {e.name: e.values for _, e in manifest.experts if e.values} == EXPERT_VALUES, path

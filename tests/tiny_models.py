@@ -116,7 +116,7 @@ def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: i
     """A complete tiny AT-MoE on disk: base (with tokenizer), the 6 demo experts, a router, the manifest.
     Returns the manifest path. Used by app, CLI and reliability tests."""
     from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
-    from demo.suite import EXPERT_DESCRIPTIONS, GROUPS
+    from demo.suite import EXPERT_DESCRIPTIONS, EXPERT_VALUES, GROUPS
     from atmoe.model import ATMoE
     from atmoe.router import save_router
 
@@ -132,7 +132,8 @@ def tiny_demo(folder: Path, mode: str = "softmax", trained: bool = True, seed: i
         for ei, name in enumerate(names):
             save_adapter(base, folder / "experts" / name, targets[(gi + ei) % 2:], r=4, alpha=8,
                          seed=seed + 100 * gi + ei)
-            entries.append(ExpertEntry(name, f"experts/{name}", description=EXPERT_DESCRIPTIONS[name]))
+            entries.append(ExpertEntry(name, f"experts/{name}", description=EXPERT_DESCRIPTIONS[name],
+                                       values=EXPERT_VALUES.get(name)))
         groups.append(GroupEntry(group, entries))
     manifest = Manifest(groups, base_model="base", root=folder)
     path = manifest.save(folder / "experts.json")

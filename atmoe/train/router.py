@@ -344,9 +344,10 @@ def coadapted_manifest(m: ATMoE, root: Path, router: Path) -> Manifest:
     base = src.base_model if src else None
     if base and not Path(base).is_absolute() and (src.root / base).is_dir():  # a base folder beside the source
         base = str(src.resolve(base, "base model"))
+    values = {e.name: e.values for _, e in src.experts} if src else {}
     return Manifest(
-        [GroupEntry(g, [ExpertEntry(e, f"experts/{e}", description=expert_details(m, e).description)
-                        for e in m.layout.experts_of(g)]) for g in m.groups],
+        [GroupEntry(g, [ExpertEntry(e, f"experts/{e}", description=expert_details(m, e).description,
+                                    values=values.get(e)) for e in m.layout.experts_of(g)]) for g in m.groups],
         base_model=base, base_signature=src.base_signature if src else None,
         description=((src.description + " — " if src and src.description else "") + "co-adapted with its router"),
         router=str(Path(router).resolve().relative_to(root.resolve())), root=root)
