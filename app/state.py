@@ -102,7 +102,7 @@ def settings() -> GenerationSettings:
     return GenerationSettings(max_new_tokens=int(ss.get("max_new_tokens", GenerationSettings().max_new_tokens)),
                               temperature=float(ss.get("temperature", 0.0)), top_p=float(ss.get("top_p", 1.0)),
                               seed=int(ss.get("seed", 0)), granularity=ss.get("granularity", "sequence"),
-                              merge=bool(ss.get("merge", False)))
+                              merge=bool(ss.get("merge", False)), grounded=bool(ss.get("grounded", True)))
 
 
 def set_trace(trace: Any, prompt: str, input: str, granularity: str) -> None:

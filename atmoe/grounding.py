@@ -62,6 +62,15 @@ class DigitVocab:
         self.ending[self.special] = False
         # an ordinal ends with a space ("1. "), so after "1." an ending token is only as good as its first character
         self.ending_space = self.ending & torch.tensor([t[:1].isspace() for t in texts])
+        self._blocked: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def on(self, device: torch.device, spaced: bool) -> torch.Tensor:
+        """[V] bool, on `device` (copied once): the ending tokens a value in progress forbids — all of them, or
+        (`spaced`: an ordinal "1." may end here) those that do not start with a space."""
+        key = (str(device), spaced)
+        if key not in self._blocked:
+            self._blocked[key] = (self.ending & ~self.ending_space if spaced else self.ending).to(device)
+        return self._blocked[key]
 
 
 class NumberGuard:
@@ -104,20 +113,20 @@ class NumberGuard:
 
     def mask(self, logits: torch.Tensor, left: int = 1 << 30) -> torch.Tensor:
         """[B, V] logits → the same with every ungrounded token at -inf (in place); `left`: the tokens the answer
-        may still write, this one included."""
+        may still write, this one included. Host work is a few string checks per digit token; the device sees one
+        fill per row, over the vocabulary only while a value must go on."""
         V = logits.shape[1]
-        blocked = torch.zeros(logits.shape, dtype=torch.bool)
-        ending, ending_space = self.vocab.ending[:V], self.vocab.ending_space[:V]
         for b, row in enumerate(self.rows):
             if not self._grounded(row, row["line"] + "x", left - 1):   # a value in progress must go on, not end
                 spaced = self._grounded(row, row["line"] + " ", left - 1)
-                blocked[b, :len(ending)] = ending & ~ending_space if spaced else ending
-            for i, piece in self.vocab.texts.items():
-                if i < V and not self._grounded(row, row["line"] + piece, left - 1):
-                    blocked[b, i] = True
+                logits[b].masked_fill_(self.vocab.on(logits.device, spaced)[:V], float("-inf"))
+            ids = [i for i, piece in self.vocab.texts.items()
+                   if i < V and not self._grounded(row, row["line"] + piece, left - 1)]
             if not self._grounded(row, row["line"], 0):
-                blocked[b, [e for e in self.end_ids if e < V]] = True
-        return logits.masked_fill_(blocked.to(logits.device), float("-inf"))
+                ids += [e for e in self.end_ids if e < V]
+            if ids:
+                logits[b, torch.tensor(ids, device=logits.device)] = float("-inf")
+        return logits
 
     def advance(self, tokens: Sequence[int]) -> None:
         for row, t in zip(self.rows, tokens):

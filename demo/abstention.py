@@ -127,21 +127,22 @@ def stays_out(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[
 
 
 def _generate(m: Any, rows: list[dict[str, Any]], max_new_tokens: int, overrides: Any = None,
-              batch_size: int = 8) -> list[Any]:
+              batch_size: int = 8, grounded: bool = False) -> list[Any]:
     out = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         out += m.generate_batch([r["instruction"] for r in chunk], inputs=[r["input"] for r in chunk],
-                                max_new_tokens=max_new_tokens, overrides=overrides)
+                                max_new_tokens=max_new_tokens, overrides=overrides, grounded=grounded)
     return out
 
 
-def same_as_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers routed vs with every expert disabled: share token-identical over `max_new_tokens`."""
+def same_as_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int, grounded: bool = False) -> dict[str, Any]:
+    """Greedy answers routed vs with every expert disabled (both `grounded` or not): share token-identical over
+    `max_new_tokens`."""
     from atmoe.overrides import Overrides
 
-    routed = _generate(m, rows, max_new_tokens)
-    base = _generate(m, rows, max_new_tokens, Overrides(disabled=m.experts))
+    routed = _generate(m, rows, max_new_tokens, grounded=grounded)
+    base = _generate(m, rows, max_new_tokens, Overrides(disabled=m.experts), grounded=grounded)
     same = [a.token_ids == b.token_ids for a, b in zip(routed, base)]
     return {"n": len(rows), "max_new_tokens": max_new_tokens, "share_identical": float(np.mean(same)),
             "rows": [{"instruction": r["instruction"], "identical": s, "routed": a.text, "base": b.text}
@@ -161,13 +162,14 @@ def never_invented(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, 
                      for r, a, c in zip(rows, answers, checks)]}
 
 
-def routed_and_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def routed_and_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int, grounded: bool = False
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`never_invented` of the routed answers and of the base model's (every expert disabled) on the same rows: a
     value the base model invents too is not the routing's doing, and a closed routing answers exactly as the base."""
     from atmoe.overrides import Overrides
 
-    routed = _generate(m, rows, max_new_tokens)
-    base = _generate(m, rows, max_new_tokens, Overrides(disabled=m.experts))
+    routed = _generate(m, rows, max_new_tokens, grounded=grounded)
+    base = _generate(m, rows, max_new_tokens, Overrides(disabled=m.experts), grounded=grounded)
     out = never_invented(rows, [g.text for g in routed])
     out["same_as_base"] = sum(a.token_ids == b.token_ids for a, b in zip(routed, base))
     return out, never_invented(rows, [g.text for g in base])
@@ -211,6 +213,7 @@ class AbstentionConfig:
     out: str = "runs/abstention/report.json"
     device: str = "auto"
     gate_floor: float = -1.0       # the router's gate floor for this measurement (RouterConfig.gate_floor); < 0: its own
+    grounded: bool = False         # every answer decoded grounded (GenerationSettings.grounded), the base's too
 
     def __post_init__(self) -> None:
         for k in ("everyday_n", "inskill_n", "max_new_tokens", "answer_tokens"):
@@ -222,6 +225,8 @@ class AbstentionConfig:
             raise ValueError(f"gate_floor must be < 1 (a gate at or below it reads as 0), got {self.gate_floor}")
         if not 0 <= self.same_n <= self.everyday_n:
             raise ValueError(f"same_n must be in [0, everyday_n], got {self.same_n}")
+        if self.grounded and self.inskill_answers:
+            raise ValueError("grounded answers are generated: drop inskill_answers (its stored answers are not grounded)")
 
 
 def measure(cfg: AbstentionConfig) -> dict[str, Any]:
@@ -238,13 +243,16 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
         if Path(cfg.manifest).resolve().is_relative_to(REPO) else Path(cfg.manifest).name
     report["stays_out"] = stays_out(m, everyday)
     report["stays_out"]["kept_out_by_head"] = kept_out_share(m, everyday)
-    report["same_as_base"] = same_as_base(m, everyday[:cfg.same_n], cfg.max_new_tokens) if cfg.same_n else None
+    report["same_as_base"] = same_as_base(m, everyday[:cfg.same_n], cfg.max_new_tokens, cfg.grounded) \
+        if cfg.same_n else None
     report["outside"], report["outside_base"] = {}, {}
     for where in ("instruction", "input") if cfg.outside_n else ():
         rows = outside_rows("heldout", cfg.outside_n, where=where)
-        report["outside"][where], report["outside_base"][where] = routed_and_base(m, rows, cfg.answer_tokens)
+        report["outside"][where], report["outside_base"][where] = routed_and_base(m, rows, cfg.answer_tokens,
+                                                                                  cfg.grounded)
         report["outside"][where]["kept_out_by_head"] = kept_out_share(m, rows)
-    report["issue_example"], report["issue_example_base"] = routed_and_base(m, ISSUE_EXAMPLE, cfg.answer_tokens)
+    report["issue_example"], report["issue_example_base"] = routed_and_base(m, ISSUE_EXAMPLE, cfg.answer_tokens,
+                                                                            cfg.grounded)
     inskill = read_rows(REPO / "assets" / "data" / "eval.jsonl")[:cfg.inskill_n]
     if cfg.inskill_answers:   # the stored table's answers of its shipped system (the build checks they regenerate)
         table = json.loads(Path(cfg.inskill_answers).read_text(encoding="utf-8"))
@@ -252,7 +260,7 @@ def measure(cfg: AbstentionConfig) -> dict[str, Any]:
         report["inskill_source"] = f"{Path(cfg.inskill_answers).name}: {table['shipped']}, max_new_tokens " \
                                    f"{table['max_new_tokens']}"
     else:
-        answers = [g.text for g in _generate(m, inskill, cfg.answer_tokens)]
+        answers = [g.text for g in _generate(m, inskill, cfg.answer_tokens, grounded=cfg.grounded)]
         report["inskill_source"] = f"generated, max_new_tokens {cfg.answer_tokens}"
     report["inskill"] = never_invented(inskill, answers)
     report["needed"] = needed_recall(m, inskill)
@@ -322,7 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = AbstentionConfig()
     for k, v in vars(d).items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        if isinstance(v, bool):
+            p.add_argument("--" + k.replace("_", "-"), action="store_true")
+        else:
+            p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--rescore", default="", help="a report: score its stored answers again (no model), write --out")
     a = vars(p.parse_args(argv))
     again = a.pop("rescore")

@@ -172,7 +172,7 @@ def paired_differences(results: dict[str, Any], rows: list[Row]) -> dict[str, An
 
 
 # ---------------------------------------------------------------- generation and scoring
-def _answers(m: ATMoE, rows: list[Row], system: System, max_new_tokens: int, batch_size: int
+def _answers(m: ATMoE, rows: list[Row], system: System, max_new_tokens: int, batch_size: int, grounded: bool = False
              ) -> tuple[list[str], list[RoutingTrace]]:
     """Greedy answers of one system to every row; rows with identical overrides generate together."""
     traces: list[RoutingTrace | None] = [None] * len(rows)
@@ -190,7 +190,8 @@ def _answers(m: ATMoE, rows: list[Row], system: System, max_new_tokens: int, bat
     for ov, part in tqdm(calls, desc=system.name, leave=False):
         gens.update(zip(part, m.generate_batch([rows[i]["instruction"] for i in part],
                                                inputs=[rows[i]["input"] for i in part],
-                                               max_new_tokens=max_new_tokens, router=system.router, overrides=ov)))
+                                               max_new_tokens=max_new_tokens, router=system.router, overrides=ov,
+                                               grounded=grounded)))
     return [gens[i].text for i in range(len(rows))], [gens[i].trace for i in range(len(rows))]
 
 
@@ -211,10 +212,12 @@ def summarise(system: System, rows: list[Row], texts: list[str], traces: list[Ro
     return out
 
 
-def _fingerprint(rows: list[Row], max_new_tokens: int, routers: dict[str, GroupedRouter], m: ATMoE) -> str:
-    """What a partial result depends on: the rows, the budget, the routers' and experts' weights (stale partials
-    are ignored)."""
-    h = hashlib.sha256(json.dumps([rows, max_new_tokens, list(routers)], sort_keys=True).encode())
+def _fingerprint(rows: list[Row], max_new_tokens: int, routers: dict[str, GroupedRouter], m: ATMoE,
+                 grounded: bool = False) -> str:
+    """What a partial result depends on: the rows, the budget, the decoding, the routers' and experts' weights
+    (stale partials are ignored)."""
+    h = hashlib.sha256(json.dumps([rows, max_new_tokens, list(routers)] + (["grounded"] if grounded else []),
+                                  sort_keys=True).encode())
     tensors = [t for r in routers.values() for t in r.state_dict().values()]
     for t in tensors + [t for f in m.fused for t in (f.lora_A, f.lora_B)]:
         h.update(t.detach().float().cpu().numpy().tobytes())
@@ -223,9 +226,10 @@ def _fingerprint(rows: list[Row], max_new_tokens: int, routers: dict[str, Groupe
 
 def evaluate(m: ATMoE, rows: list[Row], routers: dict[str, GroupedRouter], *, max_new_tokens: int | None = None,
              batch_size: int = 8, partial_path: str | Path | None = None, baselines: bool = True, prefix: str = "",
-             only: set[str] | None = None) -> dict[str, Any]:
+             only: set[str] | None = None, grounded: bool = False) -> dict[str, Any]:
     """Greedy answers of every system (`systems(m, routers, baselines=, prefix=)`) to every row, scored; see the
-    module docstring (`only`: just these systems). Default `max_new_tokens`: the longest reference in tokens + 16."""
+    module docstring (`only`: just these systems; `grounded`: decoded with GenerationSettings.grounded). Default
+    `max_new_tokens`: the longest reference in tokens + 16."""
     if not rows:
         raise ValueError("no rows to evaluate")
     if max_new_tokens is None:
@@ -235,17 +239,17 @@ def evaluate(m: ATMoE, rows: list[Row], routers: dict[str, GroupedRouter], *, ma
         raise ValueError(f"none of the systems {sorted(only)} exists here; systems: "
                          f"{[s.name for s in systems(m, routers, baselines=baselines, prefix=prefix)]}")
     results: dict[str, Any] = {
-        "n": len(rows), "decoding": "greedy", "max_new_tokens": max_new_tokens,
+        "n": len(rows), "decoding": "greedy, grounded" if grounded else "greedy", "max_new_tokens": max_new_tokens,
         "shipped": next(iter(routers), None), "skills": list(m.experts),
         "chance": {"selection": chance_selection(rows, m.expert_groups)},
-        "fingerprint": _fingerprint(rows, max_new_tokens, routers, m), "systems": {}, "answers": {}}
+        "fingerprint": _fingerprint(rows, max_new_tokens, routers, m, grounded), "systems": {}, "answers": {}}
     if partial_path is not None and Path(partial_path).exists():
         previous = read_json(partial_path, "partial evaluation")
         if previous.get("fingerprint") == results["fingerprint"]:
             results["systems"], results["answers"] = previous["systems"], previous["answers"]
     todo = [s for s in all_systems if s.name not in results["systems"]]
     for system in tqdm(todo, desc="systems", initial=len(all_systems) - len(todo), total=len(all_systems)):
-        texts, traces = _answers(m, rows, system, max_new_tokens, batch_size)
+        texts, traces = _answers(m, rows, system, max_new_tokens, batch_size, grounded)
         results["systems"][system.name] = summarise(system, rows, texts, traces, results["skills"])
         results["answers"][system.name] = texts
         if partial_path is not None:
@@ -375,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip base, experts alone and the uniform merge")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grounded", action="store_true", help="decode grounded: no value the prompt does not hold")
     p.add_argument("--device", default="auto")
     p.add_argument("--gate-floor", type=float, default=None,
                    help="every router's gate floor for this run (RouterConfig.gate_floor; default: each file's own)")
@@ -407,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     only = set(a.systems.split(",")) if a.systems else None
     try:
         results = evaluate(m, rows, routers, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                           partial_path=out / "partial.json", baselines=not a.no_baselines, only=only)
+                           partial_path=out / "partial.json", baselines=not a.no_baselines, only=only,
+                           grounded=a.grounded)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(write_results(results, out, rows))

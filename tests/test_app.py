@@ -85,6 +85,26 @@ def test_fast_decode_toggle_reaches_the_engine(at):
     assert fused.text == merged.text and np.allclose(fused.trace.group_weights, merged.trace.group_weights)
 
 
+def test_answers_write_only_values_from_the_instruction_and_note_unless_turned_off(at):
+    """Grounded decoding is the dashboard's default: sampled hot, the tiny random model still writes no value that
+    neither the instruction nor the note holds; unticked, the setting reaches the engine off and the caption says so."""
+    from atmoe.grounding import unsupported_values
+
+    assert at.checkbox(key="grounded").value is True
+    at.slider(key="temperature").set_value(2.0)
+    for seed in range(3):
+        at.number_input(key="seed").set_value(seed)
+        _generate(at, tokens=16)
+        _ok(at)
+        ans = at.session_state["answer"]
+        assert ans.settings.grounded and unsupported_values(ans.text, PROMPT, NOTE) == [], ans.text
+    assert any("only values from the instruction and note" in c.value for c in at.caption)
+    at.checkbox(key="grounded").uncheck()
+    _generate(at, tokens=16)
+    _ok(at)
+    assert at.session_state["answer"].settings.grounded is False and any("any value" in c.value for c in at.caption)
+
+
 def test_one_settings_object_reaches_the_engine(at, monkeypatch):
     """The dashboard builds one `GenerationSettings` per request and the engine decodes with that very object: the
     form's granularity and fast-decode box reach `ATMoE`, and the answer records what ran (no second settings class

@@ -51,6 +51,12 @@ def _form(svc: Service) -> str | None:
                              f"keeps once used (+{svc.merge_mb:.0f} MB; the base weights are never changed). Same "
                              f"answer within float rounding; off = the base weights and one low-rank expand per "
                              f"projection group, no extra copy.")
+        st.checkbox("Only values from the instruction and note", value=True, key="grounded",
+                    help="Grounded decoding: the answer may write a number only when the instruction or the note "
+                         "writes it, or an expert declares it in the manifest (the reference ranges); a value is "
+                         "never left half-written. An answer may come out incomplete, never with an invented "
+                         "value. Off: the model writes any number, and the warning under the answer names those "
+                         "that neither source holds.")
         b = st.columns([1, 1, 4])
         gen = b[0].form_submit_button("Generate", type="primary")
         route = b[1].form_submit_button("Route only", help="Routing heatmaps without generating")
@@ -116,7 +122,8 @@ def _show_answer(text: bool = True) -> None:
             st.markdown(md_escape(ans.text) if ans.text.strip() else "_(empty answer)_")
     st.caption(f"{ans.new_tokens} tokens in {ans.seconds:.2f} s · {ans.tokens_per_second:.1f} tokens/s · "
                f"prompt {ans.prompt_tokens} tokens · finished: {ans.finish_reason} · "
-               f"{'fast decode (merged weights)' if ans.merged else 'fused experts'} · overrides: "
+               f"{'fast decode (merged weights)' if ans.merged else 'fused experts'} · "
+               f"{'only values from the instruction and note' if ans.settings.grounded else 'any value'} · overrides: "
                f"{md_escape(presets.describe(ans.overrides))}")
     warning = unsupported_note(ans.text, *asked)
     if warning:
