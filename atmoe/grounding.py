@@ -15,7 +15,7 @@ sources write, by the same definition of a value.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -74,8 +74,9 @@ class DigitVocab:
 
 
 class NumberGuard:
-    """Per row of a batch: the values its sources write (the prompt as the user gave it, and the model's reference
-    values), the answer's current line, and which next tokens keep the answer grounded.
+    """Per row of a batch: the values its sources write (the prompt as the user gave it, a `reference` text, and
+    what `later` adds per row at the first step: `ATMoE` gives the reference values of the experts the routing
+    engaged), the answer's current line, and which next tokens keep the answer grounded.
 
     `mask(logits, left)` sets to -inf every token after which the answer would write a value no source holds, or
     could not finish the value it is writing within the `left` tokens it may still write (the end of the answer
@@ -84,16 +85,20 @@ class NumberGuard:
     `numbers`; one may start at a line's beginning while there are tokens left to finish it."""
 
     def __init__(self, vocab: DigitVocab, sources: Sequence[str], reference: str = "",
-                 end_ids: Sequence[int] = ()) -> None:
+                 end_ids: Sequence[int] = (), later: Callable[[], Sequence[Sequence[str]]] | None = None) -> None:
         self.vocab, self.end_ids = vocab, list(end_ids)
-        self.rows = []
-        for source in sources:
-            spellings = set(numbers(source)) | set(numbers(reference))
-            need: dict[str, int] = {}                       # a value's beginning → characters left to finish it
-            for sp in spellings:
-                for k in range(1, len(sp) + 1):
-                    need[sp[:k]] = min(need.get(sp[:k], len(sp)), len(sp) - k)
-            self.rows.append({"known": {canonical(v) for v in spellings}, "need": need, "line": ""})
+        self.rows = [{"known": set(), "need": {}, "line": ""} for _ in sources]
+        for b, source in enumerate(sources):
+            self.allow(b, numbers(source) + numbers(reference))
+        self._later = later   # per row, more values, asked once at the first `mask` (e.g. once the prompt routed)
+
+    def allow(self, row: int, values: Sequence[str]) -> None:
+        """Row `row` may also write `values` (as spelled: "12" allows 12 and its prefix "1", "12.0" is another)."""
+        r = self.rows[row]
+        for sp in values:
+            r["known"].add(canonical(sp))
+            for k in range(1, len(sp) + 1):   # a value's beginning → the characters left to finish it
+                r["need"][sp[:k]] = min(r["need"].get(sp[:k], len(sp)), len(sp) - k)
 
     def _grounded(self, row: dict, text: str, remaining: int) -> bool:
         """Whether the row's answer, once its current line continues with `text`, writes only known values, with
@@ -115,6 +120,10 @@ class NumberGuard:
         """[B, V] logits → the same with every ungrounded token at -inf (in place); `left`: the tokens the answer
         may still write, this one included. Host work is a few string checks per digit token; the device sees one
         fill per row, over the vocabulary only while a value must go on."""
+        if self._later is not None:
+            for b, values in enumerate(self._later()):
+                self.allow(b, values)
+            self._later = None
         V = logits.shape[1]
         for b, row in enumerate(self.rows):
             if not self._grounded(row, row["line"] + "x", left - 1):   # a value in progress must go on, not end

@@ -396,7 +396,8 @@ class ATMoE:
         # The call holds the model's workspace (and its KV cache) from the prompt to the last token, also while the
         # consumer of this generator works between tokens: other calls wait; closing the generator releases it.
         step = self._compiled_step(forward) if settings.cuda_graphs else None
-        guard = self.number_guard([f"{p}\n{i}" for p, i in zip(prompts, inputs)], eos) if settings.grounded else None
+        guard = self.number_guard([f"{p}\n{i}" for p, i in zip(prompts, inputs)], eos, call, [r.ids for r in rows]) \
+            if settings.grounded else None
         with torch.inference_mode(), self._hold(call):
             buffers = self._decode_buffers_for(len(rows), ids.shape[1] + settings.max_new_tokens)
             for token in decode(forward, ids, mask, settings, eos, pad, buffers, stop, step, guard):
@@ -421,16 +422,27 @@ class ATMoE:
         yield out
 
     @property
-    def reference_values(self) -> list[str]:
-        """The values the manifest's experts declare they write without a prompt holding them (reference ranges)."""
-        return [v for _, e in (self.manifest.experts if self.manifest else []) for v in e.values or []]
+    def reference_values(self) -> dict[str, list[str]]:
+        """Per expert, the values it declares it writes without a prompt holding them (the manifest's `values`:
+        reference ranges)."""
+        return {e.name: list(e.values) for _, e in (self.manifest.experts if self.manifest else []) if e.values}
 
-    def number_guard(self, sources: Sequence[str], end_ids: Iterable[int] = ()) -> NumberGuard:
+    def number_guard(self, sources: Sequence[str], end_ids: Iterable[int] = (), call: RoutingCall | None = None,
+                     row_ids: Sequence[Sequence[int]] = ()) -> NumberGuard:
         """Grounded decoding for one batch (`GenerationSettings.grounded`): each row may write the values of its
-        source and the manifest's reference values, nothing else."""
+        source and, once the prompt has routed (`call`), the reference values of the experts whose weight is above 0
+        on some layer — none when the stay-out head keeps the request out or every expert is disabled."""
         if self._digit_vocab is None:   # built once; a second build by a concurrent call is the same, and harmless
             self._digit_vocab = DigitVocab(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
-        return NumberGuard(self._digit_vocab, sources, " ".join(self.reference_values), sorted(end_ids))
+        declared = self.reference_values
+
+        def engaged() -> list[list[str]]:
+            rows = [self._trace(call, b, ids).effective_weights.max(0) for b, ids in enumerate(row_ids)]
+            return [[v for name, w in zip(self.experts, top) if w > 0 for v in declared.get(name, [])]
+                    for top in rows]
+
+        return NumberGuard(self._digit_vocab, sources, end_ids=sorted(end_ids),
+                           later=engaged if call is not None and declared else None)
 
     def _compiled_step(self, forward: Any) -> Any:
         """The decode step compiled whole (no graph break: tests/test_speed.py) and, on CUDA, captured as a CUDA

@@ -69,6 +69,8 @@ def test_settings_are_checked():
         AbstentionConfig(everyday_n=10, same_n=11)
     with pytest.raises(ValueError, match="outside_n"):
         AbstentionConfig(outside_n=-1)
+    with pytest.raises(ValueError, match="grounded answers are generated"):
+        AbstentionConfig(grounded=True, inskill_answers="assets/eval/results.json")
     assert answer  # the suite's composition rule is what the reference answers above come from
 
 

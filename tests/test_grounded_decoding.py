@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_demo
 
-from atmoe import ATMoE
+from atmoe import ATMoE, Overrides
 from atmoe.generation import GenerationSettings, decode
 from atmoe.grounding import DigitVocab, NumberGuard, numbers, unsupported_values
 from atmoe.load.files import LoadError
@@ -138,12 +138,36 @@ def test_decode_gives_the_guard_the_tokens_it_chose():
     assert seen == [("mask", 3), ("advance", [1]), ("mask", 2), ("advance", [1]), ("mask", 1), ("advance", [1])]
 
 
+def test_an_experts_reference_values_are_writable_only_where_the_routing_engaged_it(tiny, monkeypatch):
+    """Kept out, or with the ranges expert disabled, the reference ranges are not the answer's to write: only the
+    prompt's values are; with it engaged, its declared values join them (asked once, after the prompt routed)."""
+    later: list[list[list[str]]] = []
+    real = NumberGuard.__init__
+
+    def spy(self, *args, **kw):
+        real(self, *args, **kw)
+        if self._later is not None:
+            ask = self._later
+            self._later = lambda: later.append([list(v) for v in ask()]) or later[-1]
+
+    monkeypatch.setattr(NumberGuard, "__init__", spy)
+    ranges = tiny.reference_values["ranges"]
+    prompt, note = "List the lab results with normal ranges.", "Na 128, K 6.1."
+    tiny.generate(prompt, input=note, max_new_tokens=3, grounded=True,
+                  overrides={"groups": {"knowledge": 1.0}, "experts": {"ranges": 1.0}})
+    assert later[-1] == [ranges]
+    tiny.generate(prompt, input=note, max_new_tokens=3, grounded=True, overrides=Overrides(disabled=["ranges"]))
+    assert later[-1] == [[]]
+    g = tiny.generate(prompt, input=note, max_new_tokens=3, grounded=True, overrides=Overrides(disabled=tiny.experts))
+    assert later[-1] == [[]] and g.trace.experts_off
+
+
 def test_manifest_reference_values_are_read_and_checked(tmp_path):
     path = tiny_demo(tmp_path / "m", trained=False)
     d = json.loads(path.read_text())
     d["groups"][1]["experts"][1]["values"] = ["135", "145"]
     path.write_text(json.dumps(d))
-    assert ATMoE.load(path, device="cpu").reference_values == ["135", "145"]
+    assert ATMoE.load(path, device="cpu").reference_values == {"ranges": ["135", "145"]}
     d["groups"][1]["experts"][1]["values"] = "135-145"
     with pytest.raises(LoadError, match="'values' must be a list of strings"):
         Manifest.from_dict(d, root=path.parent)
