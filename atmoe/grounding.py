@@ -74,9 +74,9 @@ class DigitVocab:
 
 
 class NumberGuard:
-    """Per row of a batch: the values its sources write (the prompt as the user gave it, a `reference` text, and
-    what `later` adds per row at the first step: `ATMoE` gives the reference values of the experts the routing
-    engaged), the answer's current line, and which next tokens keep the answer grounded.
+    """Per row of a batch: the values its source writes (the prompt as the user gave it), those `allow` adds (`later`
+    adds per row at the first step: `ATMoE` gives the reference values of the experts the routing engaged), the
+    answer's current line, and which next tokens keep the answer grounded.
 
     `mask(logits, left)` sets to -inf every token after which the answer would write a value no source holds, or
     could not finish the value it is writing within the `left` tokens it may still write (the end of the answer
@@ -84,12 +84,12 @@ class NumberGuard:
     chosen ones. Decoding stays greedy or sampled over what is left. A list ordinal ("1. ") is not a value, as in
     `numbers`; one may start at a line's beginning while there are tokens left to finish it."""
 
-    def __init__(self, vocab: DigitVocab, sources: Sequence[str], reference: str = "",
-                 end_ids: Sequence[int] = (), later: Callable[[], Sequence[Sequence[str]]] | None = None) -> None:
+    def __init__(self, vocab: DigitVocab, sources: Sequence[str], end_ids: Sequence[int] = (),
+                 later: Callable[[], Sequence[Sequence[str]]] | None = None) -> None:
         self.vocab, self.end_ids = vocab, list(end_ids)
         self.rows = [{"known": set(), "need": {}, "line": ""} for _ in sources]
         for b, source in enumerate(sources):
-            self.allow(b, numbers(source) + numbers(reference))
+            self.allow(b, numbers(source))
         self._later = later   # per row, more values, asked once at the first `mask` (e.g. once the prompt routed)
 
     def allow(self, row: int, values: Sequence[str]) -> None:

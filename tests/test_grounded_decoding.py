@@ -73,14 +73,15 @@ def test_the_guard_is_what_keeps_the_values_grounded():
     digits = torch.full((6, len(PIECES)), -5.0)
     digits[:, PIECES.index("3")] = 5                                  # the model wants to write "333…"
     digits[:, PIECES.index(" ")] = 4
-    def mid_line(reference: str = "") -> NumberGuard:   # after "K ": no list ordinal can start here
-        guard = NumberGuard(VOCAB, [source], reference, end_ids=[END])
+    def mid_line(reference: tuple[str, ...] = ()) -> NumberGuard:   # after "K ": no list ordinal can start here
+        guard = NumberGuard(VOCAB, [source], end_ids=[END])
+        guard.allow(0, reference)
         for piece in (" K", " "):                            # one token per step, of the batch's one row
             guard.advance([PIECES.index(piece)])
         return guard
 
     assert numbers(_run(mid_line(), digits)[0]) == []
-    assert set(numbers(_run(mid_line("33"), digits)[0])) == {"33"}    # a reference value is writable
+    assert set(numbers(_run(mid_line(("33",)), digits)[0])) == {"33"}    # an allowed value is writable
 
 
 def test_ordinals_words_and_full_stops_stay_writable():
