@@ -218,7 +218,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     m = _load(a)
     trace = None
     settings = GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                  seed=a.seed, granularity=a.granularity, merge=a.merge)
+                                  seed=a.seed, granularity=a.granularity, merge=a.merge, grounded=a.grounded)
     for piece in m.stream(a.prompt, input=a.input, settings=settings, overrides=ov):
         if isinstance(piece, Generation):
             trace = piece.trace
@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
                    help="decode with per-call merged weights: base-model speed for one copy of the projection "
                         "weights while generating (default on: the CLI serves one request; --no-merge keeps "
                         "the fused low-rank path)")
+    p.add_argument("--grounded", action="store_true",
+                   help="write only values the prompt holds, or an engaged expert's reference values (the manifest's "
+                        "`values`): GenerationSettings.grounded")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("sweep", help="generate with one group or expert weight fixed at 0 … 1 (controllability curve)")
     p.add_argument("prompt", nargs="?")

@@ -55,6 +55,21 @@ def test_generate_merges_by_default_and_no_merge_keeps_the_fused_path(manifest, 
     assert outs[0] == outs[1]  # same greedy text: the merged copy is the same function within float rounding
 
 
+def test_generate_grounded_reaches_the_engine(manifest, capsys, monkeypatch):
+    from atmoe import ATMoE
+    seen, real = [], ATMoE._generate_rows
+
+    def spy(self, prompts, inputs, settings, *args, **kwargs):
+        seen.append(settings.grounded)
+        return real(self, prompts, inputs, settings, *args, **kwargs)
+
+    monkeypatch.setattr(ATMoE, "_generate_rows", spy)
+    for flag in ([], ["--grounded"]):
+        assert main(["generate", "List the lab results.", "--manifest", manifest, "--device", "cpu",
+                     "--max-new-tokens", "4", "--json", *flag]) == 0
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--override", "style=abc"], "is not a number"),
     (["--override", "nope=0.5"], "unknown group"),
