@@ -144,7 +144,7 @@ def decode(forward: Callable[..., Any], input_ids: torch.Tensor, attention_mask:
             guard.advance(token.tolist())
         yield token
         done |= torch.isin(token, eos)
-        if last or bool(done.all()):
+        if last or bool(done.all()) or (stop is not None and stop.is_set()):   # stop: also if set while yielding
             return
         buffers.token.copy_(token[:, None])
         buffers.position.add_(1)

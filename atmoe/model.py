@@ -396,7 +396,7 @@ class ATMoE:
         # The call holds the model's workspace (and its KV cache) from the prompt to the last token, also while the
         # consumer of this generator works between tokens: other calls wait; closing the generator releases it.
         step = self._compiled_step(forward) if settings.cuda_graphs else None
-        guard = self.number_guard([f"{p}\n{i}" for p, i in zip(prompts, inputs)], eos, call, [r.ids for r in rows]) \
+        guard = self._number_guard([f"{p}\n{i}" for p, i in zip(prompts, inputs)], eos, call) \
             if settings.grounded else None
         with torch.inference_mode(), self._hold(call):
             buffers = self._decode_buffers_for(len(rows), ids.shape[1] + settings.max_new_tokens)
@@ -421,28 +421,22 @@ class ATMoE:
                                   len(r.ids), seconds, reason, call.path))
         yield out
 
-    @property
-    def reference_values(self) -> dict[str, list[str]]:
-        """Per expert, the values it declares it writes without a prompt holding them (the manifest's `values`:
-        reference ranges)."""
-        return {e.name: list(e.values) for _, e in (self.manifest.experts if self.manifest else []) if e.values}
-
-    def number_guard(self, sources: Sequence[str], end_ids: Iterable[int] = (), call: RoutingCall | None = None,
-                     row_ids: Sequence[Sequence[int]] = ()) -> NumberGuard:
+    def _number_guard(self, sources: Sequence[str], end_ids: Iterable[int], call: RoutingCall) -> NumberGuard:
         """Grounded decoding for one batch (`GenerationSettings.grounded`): each row may write the values of its
-        source and, once the prompt has routed (`call`), the reference values of the experts whose weight is above 0
-        on some layer — none when the stay-out head keeps the request out or every expert is disabled."""
+        source and, once the prompt has routed, the reference values (`Manifest.reference_values`) of the experts
+        whose weight is above 0 on some layer — none when the stay-out head keeps the request out or every expert
+        is disabled."""
         if self._digit_vocab is None:   # built once; a second build by a concurrent call is the same, and harmless
             self._digit_vocab = DigitVocab(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
-        declared = self.reference_values
+        declared = self.manifest.reference_values if self.manifest else {}
 
         def engaged() -> list[list[str]]:
-            rows = [self._trace(call, b, ids).effective_weights.max(0) for b, ids in enumerate(row_ids)]
-            return [[v for name, w in zip(self.experts, top) if w > 0 for v in declared.get(name, [])]
-                    for top in rows]
+            alpha, beta, _ = call._compute(own=False)   # as routed so far, uncached: the call's trace comes later
+            w = alpha[..., list(self.layout.group_index)] * beta                  # [L, B, (T,) E]
+            top = w.transpose(0, 1).reshape(w.shape[1], -1, w.shape[-1]).amax(1).tolist()
+            return [[v for name, x in zip(self.experts, row) if x > 0 for v in declared.get(name, [])] for row in top]
 
-        return NumberGuard(self._digit_vocab, sources, end_ids=sorted(end_ids),
-                           later=engaged if call is not None and declared else None)
+        return NumberGuard(self._digit_vocab, sources, end_ids=sorted(end_ids), later=engaged if declared else None)
 
     def _compiled_step(self, forward: Any) -> Any:
         """The decode step compiled whole (no graph break: tests/test_speed.py) and, on CUDA, captured as a CUDA

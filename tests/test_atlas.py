@@ -164,7 +164,7 @@ def test_atlas_tab_draws_the_controllability_curve_over_the_held_out_set(at, man
     prompts, inputs = [r["instruction"] for r in rows], [r.get("input", "") for r in rows]
     tokens = int(at.session_state["max_new_tokens"])                          # the page's generation settings
     frame = sweep_rows(m, prompts, "group:style", inputs=inputs, steps=2, max_new_tokens=tokens,
-                       scorer=lambda i, text: score(text, rows[i]))
+                       grounded=at.session_state["grounded"], scorer=lambda i, text: score(text, rows[i]))
     assert list(res["frame"].text) == list(frame.text)
     expected = curve(frame)
     assert res["curve"].equals(expected) and list(expected.columns) == ["weight", "rows", "new_tokens", "f1", "exact"]

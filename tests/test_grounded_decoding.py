@@ -152,7 +152,7 @@ def test_an_experts_reference_values_are_writable_only_where_the_routing_engaged
             self._later = lambda: later.append([list(v) for v in ask()]) or later[-1]
 
     monkeypatch.setattr(NumberGuard, "__init__", spy)
-    ranges = tiny.reference_values["ranges"]
+    ranges = tiny.manifest.reference_values["ranges"]
     prompt, note = "List the lab results with normal ranges.", "Na 128, K 6.1."
     tiny.generate(prompt, input=note, max_new_tokens=3, grounded=True,
                   overrides={"groups": {"knowledge": 1.0}, "experts": {"ranges": 1.0}})
@@ -168,7 +168,7 @@ def test_manifest_reference_values_are_read_and_checked(tmp_path):
     d = json.loads(path.read_text())
     d["groups"][1]["experts"][1]["values"] = ["135", "145"]
     path.write_text(json.dumps(d))
-    assert ATMoE.load(path, device="cpu").reference_values == {"ranges": ["135", "145"]}
+    assert ATMoE.load(path, device="cpu").manifest.reference_values == {"ranges": ["135", "145"]}
     d["groups"][1]["experts"][1]["values"] = "135-145"
     with pytest.raises(LoadError, match="'values' must be a list of strings"):
         Manifest.from_dict(d, root=path.parent)

@@ -79,7 +79,7 @@ def test_coadaptation_trains_the_experts_and_writes_peft_adapters_with_their_rou
     assert path == out / "router.safetensors" and json.loads(manifest.read_text()) == source
     before, after = ATMoE.load(manifest, device="cpu"), ATMoE.load(out / "experts.json", device="cpu")
     assert after.experts == before.experts and after.router.trained
-    assert after.reference_values == before.reference_values != {}      # the ranges expert's declared values
+    assert after.manifest.reference_values == before.manifest.reference_values != {}   # the ranges expert's values
     for f0, f1 in zip(before.fused, after.fused):
         assert torch.equal(f0.rank_expert, f1.rank_expert)
     for i, name in enumerate(before.experts):   # every expert moved (each is routed on some rows)

@@ -53,6 +53,11 @@ class Manifest:
         """(group, expert) in manifest order, grouped."""
         return [(g.name, e) for g in self.groups for e in g.experts]
 
+    @property
+    def reference_values(self) -> dict[str, list[str]]:
+        """Per expert, the values it declares it writes without a prompt holding them (`values`: reference ranges)."""
+        return {e.name: list(e.values) for _, e in self.experts if e.values}
+
     def resolve(self, relative: str, what: str) -> Path:
         """A path inside the manifest's folder; refuses absolute paths and `..` escapes (symlinks included)."""
         if Path(relative).is_absolute():
