@@ -125,6 +125,28 @@ def test_an_attention_router_starts_from_a_mean_router_and_learns_where_to_look(
                           out=str(tmp_path / "again.safetensors")))
 
 
+def test_a_start_router_with_a_stay_out_head_trains_and_keeps_its_head(setup, tmp_path):
+    """The shipped router carries a stay-out head; training its gates again (--init-router) keeps the head as it is:
+    it reads the input embeddings only, so the gates' training leaves it valid."""
+    from atmoe.router import save_router
+    from atmoe.train.stay_out import with_head
+
+    manifest, data = setup
+    stage1, _ = train_router(_cfg(manifest, data, mode="sigmoid", steps=2, update_manifest=False,
+                                  out=str(tmp_path / "stage1.safetensors")))
+    headed = with_head(load_router(stage1), threshold=0.7)
+    with torch.no_grad():   # a head that lets these rows in (a kept-out row gives the gates no gradient)
+        headed.stay_weight.normal_(0, 0.01)
+        headed.stay_bias.fill_(-5.0)
+    save_router(headed, tmp_path / "headed.safetensors")
+    path, _ = train_router(_cfg(manifest, data, mode="sigmoid", steps=3, update_manifest=False,
+                                init_router=str(tmp_path / "headed.safetensors"), out=str(tmp_path / "again.safetensors")))
+    again = load_router(path)
+    assert again.config.stay_out and again.config.stay_out_threshold == 0.7
+    assert torch.equal(again.stay_weight, headed.stay_weight) and torch.equal(again.stay_bias, headed.stay_bias)
+    assert not torch.equal(again.group_weight, headed.group_weight)                   # the gates did train
+
+
 def test_pool_dropout_drops_tokens_but_never_a_whole_row():
     from atmoe.train.router import drop_tokens
 

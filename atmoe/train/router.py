@@ -294,6 +294,9 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
             raise ValueError(f"--init-router {cfg.init_router} is a {was.mode} router reading the {was.reads} "
                              f"({was.pooling} pooling); this run trains a {now.mode} router reading the {now.reads} "
                              f"({now.pooling} pooling)")
+        if was.stay_out:   # the head reads the input embeddings only, so training the gates leaves it as valid: kept
+            router = new_router(m, mode=cfg.mode, temperature=cfg.temperature, reads=cfg.reads, pooling=cfg.pooling,
+                                stay_out=True, stay_out_threshold=was.stay_out_threshold)
         # a mean-pooling start for an attention router: its queries stay zero, i.e. the same router to begin with
         router.load_state_dict(start.state_dict(), strict=was.pooling == now.pooling)
     else:
