@@ -52,6 +52,13 @@ class RoutingCall:
         alpha, beta, fallback = self._weights(own)
         return {"router_alpha": alpha, "alpha": alpha, "router_beta": beta, "beta": beta, "fallback": fallback}[name]
 
+    def highest_weights(self) -> torch.Tensor:
+        """[B, E]: each expert's highest used weight α·β over the layers (and tokens) routed so far. Not cached, so it
+        can be read while the call goes on (grounded decoding reads it after the prefill)."""
+        alpha, beta, _ = self._compute(own=False)
+        w = alpha[..., list(self.router.config.layout.group_index)] * beta                  # [L, B, (T,) E]
+        return w.transpose(0, 1).reshape(w.shape[1], -1, w.shape[-1]).amax(1)
+
     def _weights(self, own: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = "own" if own else "used"
         cached = self.__dict__.setdefault("_cache", {})

@@ -431,10 +431,8 @@ class ATMoE:
         declared = self.manifest.reference_values if self.manifest else {}
 
         def engaged() -> list[list[str]]:
-            alpha, beta, _ = call._compute(own=False)   # as routed so far, uncached: the call's trace comes later
-            w = alpha[..., list(self.layout.group_index)] * beta                  # [L, B, (T,) E]
-            top = w.transpose(0, 1).reshape(w.shape[1], -1, w.shape[-1]).amax(1).tolist()
-            return [[v for name, x in zip(self.experts, row) if x > 0 for v in declared.get(name, [])] for row in top]
+            return [[v for name, x in zip(self.experts, row) if x > 0 for v in declared.get(name, [])]
+                    for row in call.highest_weights().tolist()]
 
         return NumberGuard(self._digit_vocab, sources, end_ids=sorted(end_ids), later=engaged if declared else None)
 
