@@ -21,7 +21,8 @@ The flat-router variant is another model (`config.COADAPTED`: its own co-adapted
 on the same rows (same `--n`, same seed); `--against <report>` then pairs the two reports row by row.
 
 Rows: `complex_rows(n, seed=DECIDE_SEED, heldout=True)`: held-out phrasings of every complex combination, each
-combination equally often, notes never drawn for `assets/data/eval.jsonl` (another seed).
+combination equally often, notes never drawn for `assets/data/eval.jsonl` (another seed). `--wordings fresh` asks the
+same rows (same notes and combinations) in `suite.FRESH_PHRASES`, a held-out set never read while diagnosing.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ from atmoe.train.data import Example
 from atmoe.train.stay_out import kept_out
 
 from .evaluate import Row, bootstrap_ci, layer_constant
-from .suite import complex_rows
+from .suite import WORDINGS, complex_rows
 
 DECIDE_SEED = 24        # not the table's seed (0): other notes, same held-out phrasings
 SYSTEMS = ("shipped", "layer_constant", "uniform")
 
 
-def held_out_rows(n: int) -> list[Row]:
-    return complex_rows(n, seed=DECIDE_SEED, heldout=True)
+def held_out_rows(n: int, wordings: str = "heldout") -> list[Row]:
+    return complex_rows(n, seed=DECIDE_SEED, heldout=True, wordings=wordings)
 
 
 def _overrides(m: ATMoE, system: str, rows: list[Row]) -> tuple[Any, list[Any]]:
@@ -124,13 +125,14 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     return {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo}
 
 
-def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...] = SYSTEMS) -> dict[str, Any]:
+def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...] = SYSTEMS,
+           wordings: str = "heldout") -> dict[str, Any]:
     t0 = time.perf_counter()
     m = ATMoE.load(manifest, device=device)
-    rows = held_out_rows(n)
+    rows = held_out_rows(n, wordings)
     right = {s: fully_right(m, rows, s) for s in systems}
     kept = kept_out(m, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows])
-    return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "score": "fully right (token-exact, greedy)",
+    return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "wordings": wordings, "score": "fully right (token-exact, greedy)",
             "kept_out": int(kept.sum()),     # rows the router's stay-out head keeps out (every expert weight 0)
             "fully_right": {s: float(v.mean()) for s, v in right.items()},
             "shipped_minus": {s: paired(right["shipped"], right[s]) for s in systems[1:]},
@@ -156,7 +158,8 @@ def check_stored(results: str, manifest: str, device: str = "auto") -> dict[str,
 
 
 def summary(report: dict[str, Any]) -> str:
-    lines = [f"n = {report['n']} held-out rows (seed {report['seed']}), {report['score']}, {report['seconds']:.0f} s; "
+    lines = [f"n = {report['n']} held-out rows (seed {report['seed']}, {report.get('wordings', 'heldout')} wordings), "
+             f"{report['score']}, {report['seconds']:.0f} s; "
              f"kept out by the stay-out head: {report.get('kept_out', 0)}"]
     lines += [f"  {s}: {v:.3f}" for s, v in report["fully_right"].items()]
     lines += [f"  shipped − {s}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (width {d['width']:.3f})"
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-stored", default="", metavar="RESULTS", help="compare the shortcut with stored answers")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated, shipped first (another model paired with --against needs only shipped)")
+    p.add_argument("--wordings", choices=WORDINGS, default="heldout",
+                   help="the suite's held-out phrasings, or the fresh ones (`suite.FRESH_PHRASES`, never diagnosed)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     try:
@@ -184,11 +189,13 @@ def main(argv: list[str] | None = None) -> None:
         if a.check_stored:
             print(json.dumps(check_stored(a.check_stored, a.manifest, a.device), indent=1))
             return
-        report = decide(a.manifest, a.n, a.device, systems)
+        report = decide(a.manifest, a.n, a.device, systems, a.wordings)
         if a.against:
             other = json.loads(Path(a.against).read_text(encoding="utf-8"))
-            if (other["n"], other["seed"]) != (report["n"], report["seed"]):
-                raise ValueError(f"{a.against} ran other rows (n {other['n']}, seed {other['seed']})")
+            key = ("n", "seed", "wordings")
+            if tuple(other.get(k, "heldout") for k in key) != tuple(report[k] for k in key):
+                raise ValueError(f"{a.against} ran other rows (n {other['n']}, seed {other['seed']}, wordings "
+                                 f"{other.get('wordings', 'heldout')})")
             report["shipped_minus"]["against"] = paired(np.array(report["rows"]["shipped"]),
                                                         np.array(other["rows"]["shipped"]))
             report["against"] = a.against

@@ -264,6 +264,28 @@ ROUTER_PHRASES: dict[str, tuple[str, ...]] = {
               "Translate the abbreviations into everyday names.", "Write it for a layperson.",
               "Use the full, everyday names.", "Keep it free of shorthand.", "Anyone must understand it."),
 }
+# A second held-out set, written on 2026-12-07 before any router was trained or measured on it (issue 24): wordings a
+# user might type, in no training, router or held-out phrasing (`tests/test_demo_suite.py`). The suite's held-out
+# phrasings have been read while diagnosing failures (docs/facts.md); these have not, so they measure unseen wordings
+# cleanly: `python -m demo.decide --wordings fresh`.
+FRESH_PHRASES: dict[str, tuple[str, ...]] = {
+    "labs": ("Can I see the blood results?", "What came back from the lab?", "Read out the lab work.",
+             "Give me her bloods."),
+    "vitals": ("What are her obs?", "Read out the bedside readings.",
+               "Give me the heart rate, blood pressure and so on.", "How did the observations look?"),
+    "flags": ("For every value, is it high, low or within normal?", "Mark each reading as normal or not (low/high).",
+              "Tell me for each whether it's raised, lowered or normal.",
+              "Interpret every result as high, low or okay."),
+    "ranges": ("What should each of these normally be? Put it in brackets.",
+               "Alongside each result, give the range a healthy adult would have.",
+               "Include the normal reference for each result.", "And what's the usual range for each?"),
+    "bullets": ("Use a dash at the start of each line.", "List format with bullets, please.", "Bullet-point it.",
+                "Put them in a hyphenated list."),
+    "plain": ("Write it so a patient can read it.", "No jargon, please.",
+              "Expand the abbreviations into normal words.", "Explain it like I'm not a doctor."),
+}
+WORDINGS = ("heldout", "fresh")   # which held-out wordings `complex_rows(heldout=True)` draws
+
 # How a knowledge or style expert is asked alone: every measurement of the note.
 ALL_PHRASES = ("List every lab and vital sign.", "Write out all the measurements.", "Go through all the numbers in "
                "the note.", "Give me every value in the note.", "Show all labs and vitals, one per line.",
@@ -283,10 +305,15 @@ def combo_experts(combo: Combo) -> list[str]:
     return [e for e in combo if e]
 
 
-def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False) -> str:
-    """Each expert's sentence, in random order: held-out phrasings, or training ones (`wide`: plus ROUTER_PHRASES)."""
-    sentences = [rng.choice(PHRASES[e][1] if heldout else PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ()))
-                 for e in combo_experts(combo)]
+def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False, wordings: str = "heldout"
+                ) -> str:
+    """Each expert's sentence, in random order: held-out phrasings (`wordings="fresh"`: FRESH_PHRASES), or training
+    ones (`wide`: plus ROUTER_PHRASES)."""
+    def choices(e: str) -> tuple[str, ...]:
+        if heldout:
+            return FRESH_PHRASES[e] if wordings == "fresh" else PHRASES[e][1]
+        return PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ())
+    sentences = [rng.choice(choices(e)) for e in combo_experts(combo)]
     rng.shuffle(sentences)
     return " ".join(sentences)
 
@@ -343,12 +370,14 @@ def off_topic_rows(n: int, rng: random.Random, heldout: bool) -> list[dict[str, 
     return rows
 
 
-def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0, wide: bool = False
-                 ) -> list[dict[str, Any]]:
+def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0, wide: bool = False,
+                 wordings: str = "heldout") -> list[dict[str, Any]]:
     """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases) or held-out
-    eval rows (held-out phrasings, every complex combination; each combination equally often)."""
+    eval rows (held-out phrasings, or `wordings="fresh"`'s; every complex combination, each equally often)."""
     if heldout and wide:
         raise ValueError("wide wordings are training wordings; held-out rows use the held-out phrasings only")
+    if wordings not in WORDINGS or (wordings == "fresh" and not heldout):
+        raise ValueError(f"wordings must be one of {WORDINGS} (fresh: held-out rows only), got {wordings!r}")
     rng = random.Random(f"atmoe-demo:{seed}:{'eval' if heldout else 'coadapt' if wide else 'router'}")
     combos = EVAL_COMBOS if heldout else TRAIN_COMBOS
     n_off = round(n * off_topic)
@@ -356,7 +385,7 @@ def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float 
     for i in range(n - n_off):
         combo = combos[i % len(combos)]
         case = sample_case(rng)
-        rows.append(_row(instruction(combo, rng, heldout, wide), case, answer(case, *combo), combo_experts(combo),
+        rows.append(_row(instruction(combo, rng, heldout, wide, wordings), case, answer(case, *combo), combo_experts(combo),
                          list(combo)))
     rows += off_topic_rows(n_off, rng, heldout)
     rng.shuffle(rows)

@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, EXPERT_VALUES, GROUPS, HELDOUT_COMBOS, MEASURES,
-                        PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note, sample_case,
-                        write_suite)
+from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, EXPERT_VALUES, FRESH_PHRASES, GROUPS, HELDOUT_COMBOS,
+                        MEASURES, PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note,
+                        sample_case, write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
 N_EXPERT, N_ROUTER, N_COADAPT = 1600, 1200, 2400   # write_suite's defaults: the sizes the build trains on
@@ -98,6 +98,26 @@ def test_heldout_phrasings_never_appear_in_training_rows(training_rows) -> None:
         for e in row["experts"]:
             assert any(p in row["instruction"] for p in PHRASES[e][1]), row["instruction"]
             assert not any(p in row["instruction"] for p in PHRASES[e][0]), row["instruction"]
+
+
+def test_fresh_wordings_are_in_no_other_phrasing_and_ask_the_same_rows(training_rows) -> None:
+    """The second held-out set: no fresh wording is, or is inside, a training, router or held-out phrasing, nor any
+    training row; `wordings="fresh"` asks the very rows (notes, combinations, answers) of the held-out set."""
+    instructions = [r["instruction"] for rows in training_rows.values() for r in rows]
+    for e in EXPERTS:
+        assert len(set(FRESH_PHRASES[e])) == len(PHRASES[e][1])   # same draws, so the same notes follow
+        others = PHRASES[e][0] + PHRASES[e][1] + ROUTER_PHRASES[e]
+        for phrase in FRESH_PHRASES[e]:
+            assert not any(phrase in o or o in phrase for o in others), (e, phrase)
+            assert not any(phrase in i for i in instructions), (e, phrase)
+    held, fresh = complex_rows(48, seed=24, heldout=True), complex_rows(48, seed=24, heldout=True, wordings="fresh")
+    assert [(r["input"], r["output"], r["experts"]) for r in held] == [(r["input"], r["output"], r["experts"])
+                                                                       for r in fresh]
+    for row in fresh:
+        for e in row["experts"]:
+            assert any(p in row["instruction"] for p in FRESH_PHRASES[e]), row["instruction"]
+    with pytest.raises(ValueError, match="wordings"):
+        complex_rows(4, wordings="fresh")
 
 
 @pytest.mark.parametrize("split", ["router_train", "coadapt"])
