@@ -31,7 +31,7 @@ from .load.base import check_signature, load_base
 from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
 from .load.files import LoadError
 from .load.manifest import Manifest
-from .overrides import CompiledOverrides, Overrides, compile_overrides
+from .overrides import CompiledOverrides, Overrides, ReplayedWeights, compile_overrides, replay
 from .router import GRANULARITIES, GroupedRouter, RouterConfig, load_router, save_router
 from .state import RoutingState, add_routing_hooks
 from .tokens import EncodedPrompt, check_text
@@ -223,6 +223,10 @@ class ATMoE:
             raise ValueError(f"overrides must be an Overrides, a dict or None, got {type(overrides).__name__}")
         return compile_overrides(overrides, layout=self.layout, num_layers=self.num_layers,
                                  competitive_groups=competitive)
+
+    def replay(self, trace: RoutingTrace, router: GroupedRouter | None = None) -> ReplayedWeights:
+        """`trace`'s weights, every layer, as overrides: answer another prompt routed exactly as that one was."""
+        return replay(trace, layout=self.layout, competitive_groups=(router or self.router).config.mode != "sigmoid")
 
     def _new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | CompiledOverrides | dict | None = None,
                   router: GroupedRouter | None = None, granularity: str | None = None,

@@ -214,6 +214,46 @@ def compile_overrides(ov: Overrides, *, layout: GroupLayout, num_layers: int, co
                              competitive_groups, ov)
 
 
+@dataclass(frozen=True)
+class ReplayedWeights(CompiledOverrides):
+    """Every layer's α [L, G] and within-group β [L, E] fixed, as a routing trace records them: one request's
+    routing replayed on another (`replay`). It asks what the experts write for a prompt when routed as for another,
+    e.g. a held-out wording answered with the weights of a training wording (docs/facts.md)."""
+
+    alpha: torch.Tensor = None   # type: ignore[assignment]   [L, G]
+    beta: torch.Tensor = None    # type: ignore[assignment]   [L, E]
+
+    def apply(self, layer: int, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = alpha.device
+        return self.alpha[layer].to(dev).expand_as(alpha), self.beta[layer].to(dev).expand_as(beta)
+
+    def tensors(self, mode: str) -> dict[str, torch.Tensor]:
+        L, G = self.alpha.shape
+        E = self.beta.shape[1]
+        beta_value = torch.zeros(L, G, E)
+        for g, s in enumerate(self.group_slices):
+            beta_value[:, g, s] = self.beta[:, s]
+        return {"alpha_rest": torch.zeros(L, G), "alpha_value": self.alpha.clone(),
+                "beta_rest": torch.zeros(L, G, 1), "beta_value": beta_value, "logit_mask": torch.zeros(L, G, 1 + E),
+                "expert_mask": torch.zeros(L, G, E)}
+
+
+def replay(trace: Any, *, layout: GroupLayout, competitive_groups: bool) -> ReplayedWeights:
+    """A sequence-mode trace's weights (`RoutingTrace.group_weights`, `expert_weights`) as overrides for another
+    call of the same model and router mode."""
+    alpha = torch.as_tensor(trace.group_weights, dtype=torch.float32)
+    beta = torch.as_tensor(trace.expert_weights, dtype=torch.float32)
+    if list(trace.groups) != list(layout.groups) or list(trace.experts) != list(layout.experts):
+        raise ValueError("this trace was routed for other groups or experts")
+    if alpha.dim() != 2 or beta.shape != (alpha.shape[0], len(layout.experts)):
+        raise ValueError(f"a replay needs a sequence trace's [L, G] and [L, E] weights, got {tuple(alpha.shape)} and "
+                         f"{tuple(beta.shape)}")
+    L, G, E = alpha.shape[0], len(layout.groups), len(layout.experts)
+    return ReplayedWeights(torch.ones(L, dtype=torch.bool), torch.ones(G, dtype=torch.bool), torch.zeros(G),
+                           torch.ones(E, dtype=torch.bool), torch.zeros(E), layout.slices, competitive_groups,
+                           Overrides(), alpha=alpha, beta=beta)
+
+
 def identity_tensors(num_layers: int, num_groups: int, num_experts: int) -> dict[str, torch.Tensor]:
     """The tensors of no overrides (the same shapes, so a call with overrides runs the very same graph)."""
     L, G, E = num_layers, num_groups, num_experts

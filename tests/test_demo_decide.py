@@ -54,3 +54,23 @@ def test_systems_other_than_shipped_first_are_refused_in_one_line(systems):
     from demo.decide import main
     with pytest.raises(SystemExit, match=r"^error: --systems must start with shipped and name only shipped, "):
         main(["--systems", systems, "--n", "4"])
+
+
+def test_transplant_asks_each_row_three_ways_and_counts_per_wording(model, tmp_path, monkeypatch):
+    """demo.transplant on a tiny demo: every row needing the skill, once per way; the swapped text holds the training
+    wording and no held-out one; the per-wording counts add up; a bad --n is one line."""
+    import demo.transplant as tp
+    from demo.suite import PHRASES
+    monkeypatch.setattr(tp.ATMoE, "load", lambda *a, **k: model)
+    seen = []
+    real = tp._check
+    monkeypatch.setattr(tp, "_check", lambda m, rows, *a: seen.append(rows[0]["instruction"]) or real(m, rows, *a))
+    r = tp.transplant("tiny", "ranges", "Add the normal range to each.", 32)
+    n = r["n"]
+    assert n == sum(c["n"] for c in r["per_wording"].values()) == len(seen) // 3 > 0
+    assert all(len(v) == n for v in r["rows"].values())
+    swapped = seen[n:2 * n]
+    assert all("Add the normal range to each." in s and not any(p in s for p in PHRASES["ranges"][1]) for s in swapped)
+    assert seen[:n] == seen[2 * n:] and all(any(p in s for p in PHRASES["ranges"][1]) for s in seen[:n])
+    with pytest.raises(SystemExit, match=r"^error: --n must be >= 1"):
+        tp.main(["--n", "0", "--out", str(tmp_path / "r.json")])
