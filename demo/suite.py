@@ -30,7 +30,6 @@ Splits (every row {"instruction", "input", "output", "experts", "meta"}; same se
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
 from dataclasses import dataclass
@@ -265,105 +264,6 @@ ROUTER_PHRASES: dict[str, tuple[str, ...]] = {
               "Translate the abbreviations into everyday names.", "Write it for a layperson.",
               "Use the full, everyday names.", "Keep it free of shorthand.", "Anyone must understand it."),
 }
-# Wordings by the thousand for the router's own training (`reroute.jsonl`): templates whose slots multiply into every
-# combination of a verb, an object and a place, so that the router learns a skill from many cues rather than a few
-# sentences (issue 24: a held-out ranges wording that names no "range" opened no gate, although the experts answer it
-# right once routed; docs/facts.md). Written after FRESH_PHRASES. No word of a held-out or fresh wording that the
-# training phrasings do not already use (`tests/test_demo_suite.py`), so both held-out sets stay unseen.
-_EACH = ("each", "every value", "each value", "each result", "every result", "each one", "each measurement",
-         "every number", "each line")
-ROUTER_GRAMMAR: dict[str, tuple[tuple[str, dict[str, tuple[str, ...]]], ...]] = {
-    "labs": (("{v} {o}{t}.", {"v": ("List", "Give", "Show", "Write out", "Report", "Print", "Copy out", "Extract",
-                                    "Pull out", "Type out", "Output", "Go through", "Present", "Provide", "Display"),
-                              "o": ("the lab results", "the lab values", "the labs", "the blood test results",
-                                    "the laboratory values", "each lab value", "every lab result", "the lab panel",
-                                    "the lab numbers", "the laboratory results", "the blood tests", "the lab figures"),
-                              "t": ("", " from the note", ", one per line", " only", ", please", " from the case")}),
-             ("{q} {o}?", {"q": ("What are", "What were", "Can you list", "Could you give me", "Which are"),
-                           "o": ("the lab results", "the lab values", "the labs", "the blood test results",
-                                 "the laboratory values", "the lab numbers")})),
-    "vitals": (("{v} {o}{t}.", {"v": ("List", "Give", "Show", "Write out", "Report", "Print", "Copy out", "Extract",
-                                      "Pull out", "Type out", "Output", "Go through", "Present", "Provide", "Display"),
-                                "o": ("the vital signs", "the vitals", "each vital sign", "every vital sign",
-                                      "the vital sign values", "the vitals numbers", "the bedside measurements",
-                                      "the bedside observations", "the vitals figures",
-                                      "the heart rate, temperature and the rest of the vitals"),
-                                "t": ("", " from the note", ", one per line", " only", ", please", " from the case")}),
-               ("{q} {o}?", {"q": ("What are", "What were", "Can you list", "Could you give me", "Which are"),
-                             "o": ("the vital signs", "the vitals", "the vital sign values", "the vitals numbers",
-                                   "the bedside observations")})),
-    "flags": (("{v} {e} as {lnh}.", {"v": ("Flag", "Mark", "Label", "Classify", "Tag", "Rate", "Grade", "Assess",
-                                           "Categorise", "Interpret"), "e": _EACH,
-                                     "lnh": ("low, normal or high", "high, low or normal", "normal, low or high")}),
-              ("{s} whether {e} is {lnh}.", {"s": ("Say", "Tell me", "State", "Write", "Note", "Indicate"),
-                                            "e": _EACH, "lnh": ("low, normal or high", "high, low or normal")}),
-              ("Add a {f} to {e}: {lnh}.", {"f": ("flag", "label", "verdict", "status", "tag", "grade"),
-                                           "e": _EACH, "lnh": ("low, normal or high", "high, low or normal")}),
-              ("After {e}, {w} {lnh}.", {"e": _EACH, "w": ("write", "put", "add", "give"),
-                                        "lnh": ("low, normal or high", "high, low or normal")}),
-              ("{m} the abnormal {x} as low or high, and the rest as normal.",
-               {"m": ("Mark", "Call out", "Show", "Flag", "Label"),
-                "x": ("values", "results", "numbers", "measurements")})),
-    "ranges": (("{v} the {a} {n} {p}.", {"v": ("Add", "Give", "Show", "Include", "Write", "Put", "State", "Quote",
-                                              "List", "Print", "Append", "Attach", "Provide", "Supply", "Cite"),
-                                        "a": ("normal", "reference", "expected", "typical", "standard", "target",
-                                              "acceptable"),
-                                        "n": ("range", "limits", "interval", "bounds", "values"),
-                                        "p": ("for each", "next to each value", "after every result",
-                                              "beside each one", "for every measurement", "in brackets after each",
-                                              "next to every number", "for each value", "after each line")}),
-               ("{P}, {v} the {a} {n}.", {"P": ("Next to each value", "After every result", "Beside each one",
-                                               "For every measurement", "Next to every number", "For each value"),
-                                         "v": ("write", "give", "add", "show", "put", "state"),
-                                         "a": ("normal", "reference", "expected", "typical", "standard"),
-                                         "n": ("range", "limits", "interval", "bounds", "values")}),
-               ("What {is} the {a} {n} for {e}? {Add} {it}.", {"is": ("is", "are"),
-                                                            "a": ("normal", "reference", "expected", "typical"),
-                                                            "n": ("range", "limits", "values", "bounds"),
-                                                            "e": _EACH, "Add": ("Add", "Include", "Write", "Give"),
-                                                            "it": ("it", "them")}),
-               ("Also give the {a} {n} of {e}.", {"a": ("normal", "reference", "expected", "typical"),
-                                                  "n": ("range", "limits", "values", "bounds"), "e": _EACH})),
-    "bullets": (("{v} {b}{t}.", {"v": ("Use", "Make it", "Format it as", "Write it as", "Present it as",
-                                       "Give it as", "Put it in"),
-                                 "b": ("bullet points", "a bulleted list", "a bullet list", "dash bullets",
-                                       "a dash list", "bullets", "bullet form"),
-                                 "t": ("", ", please")}),
-                ("{v} a dash {w} each {l}.", {"v": ("Put", "Place", "Add", "Write"),
-                                              "w": ("in front of", "before"), "l": ("line", "item", "value")}),
-                ("{b} each {l}.", {"b": ("Bullet", "Dash"), "l": ("line", "item", "value", "result")}),
-                ("One {b} per {l}.", {"b": ("bullet", "dash"), "l": ("line", "item", "value", "result")})),
-    "plain": (("{v} {a} {n}.", {"v": ("Use", "Write in", "Keep to", "Answer in", "Stick to"),
-                                "a": ("plain", "simple", "everyday", "non-technical", "lay", "patient-friendly"),
-                                "n": ("language", "words", "terms", "names")}),
-              ("{v} {x}{t}.", {"v": ("Avoid", "No", "Drop", "Leave out"),
-                               "x": ("abbreviations", "medical shorthand", "technical terms", "shorthand",
-                                     "medical terms"), "t": ("", ", please")}),
-              ("{v} {x} out in full.", {"v": ("Write", "Spell"), "x": ("each name", "every name", "the names")}),
-              ("Replace {e} abbreviation with {f}.", {"e": ("the", "each", "every"),
-                                                     "f": ("the full name", "everyday words", "its full name",
-                                                           "plain words")}),
-              ("Write it for {w}.", {"w": ("a patient", "a layperson", "someone without medical training",
-                                           "a non-expert", "anyone")}),
-              ("Make it {u} for {w}.", {"u": ("understandable", "easy", "clear", "simple"),
-                                        "w": ("a patient", "a layperson", "anyone", "a non-expert")})),
-}
-
-
-REROUTE_GRAMMAR = 0.5   # reroute.jsonl: the share of sentences drawn from the grammar
-
-
-@functools.cache
-def grammar_phrasings(expert: str) -> tuple[str, ...]:
-    """Every wording `ROUTER_GRAMMAR` makes for `expert`, in a fixed order."""
-    out = []
-    for template, slots in ROUTER_GRAMMAR[expert]:
-        keys = list(slots)
-        for values in itertools.product(*(slots[k] for k in keys)):
-            out.append(template.format(**dict(zip(keys, values))))
-    return tuple(dict.fromkeys(out))
-
-
 # A second held-out set, written on 2026-12-07 before any router was trained or measured on it (issue 24): wordings a
 # user might type, in no training, router or held-out phrasing (`tests/test_demo_suite.py`). The suite's held-out
 # phrasings have been read while diagnosing failures (docs/facts.md); these have not, so they measure unseen wordings
@@ -405,15 +305,13 @@ def combo_experts(combo: Combo) -> list[str]:
     return [e for e in combo if e]
 
 
-def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False, wordings: str = "heldout",
-                grammar: float = 0.0) -> str:
+def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False, wordings: str = "heldout"
+                ) -> str:
     """Each expert's sentence, in random order: held-out phrasings (`wordings="fresh"`: FRESH_PHRASES), or training
-    ones (`wide`: plus ROUTER_PHRASES; `grammar`: this share of sentences from `grammar_phrasings` instead)."""
+    ones (`wide`: plus ROUTER_PHRASES)."""
     def choices(e: str) -> tuple[str, ...]:
         if heldout:
             return FRESH_PHRASES[e] if wordings == "fresh" else PHRASES[e][1]
-        if grammar and rng.random() < grammar:
-            return grammar_phrasings(e)
         return PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ())
     sentences = [rng.choice(choices(e)) for e in combo_experts(combo)]
     rng.shuffle(sentences)
@@ -473,25 +371,21 @@ def off_topic_rows(n: int, rng: random.Random, heldout: bool) -> list[dict[str, 
 
 
 def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0, wide: bool = False,
-                 wordings: str = "heldout", grammar: float = 0.0) -> list[dict[str, Any]]:
-    """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases; `grammar`:
-    this share of sentences from ROUTER_GRAMMAR, other cases again) or held-out eval rows (held-out phrasings, or
-    `wordings="fresh"`'s; every complex combination, each equally often)."""
-    if heldout and (wide or grammar):
+                 wordings: str = "heldout") -> list[dict[str, Any]]:
+    """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases) or held-out
+    eval rows (held-out phrasings, or `wordings="fresh"`'s; every complex combination, each equally often)."""
+    if heldout and wide:
         raise ValueError("wide wordings are training wordings; held-out rows use the held-out phrasings only")
-    if not 0.0 <= grammar <= 1.0:
-        raise ValueError(f"grammar must be a share in [0, 1], got {grammar}")
     if wordings not in WORDINGS or (wordings == "fresh" and not heldout):
         raise ValueError(f"wordings must be one of {WORDINGS} (fresh: held-out rows only), got {wordings!r}")
-    split = "eval" if heldout else "reroute" if grammar else "coadapt" if wide else "router"
-    rng = random.Random(f"atmoe-demo:{seed}:{split}")
+    rng = random.Random(f"atmoe-demo:{seed}:{'eval' if heldout else 'coadapt' if wide else 'router'}")
     combos = EVAL_COMBOS if heldout else TRAIN_COMBOS
     n_off = round(n * off_topic)
     rows = []
     for i in range(n - n_off):
         combo = combos[i % len(combos)]
         case = sample_case(rng)
-        rows.append(_row(instruction(combo, rng, heldout, wide, wordings, grammar), case, answer(case, *combo), combo_experts(combo),
+        rows.append(_row(instruction(combo, rng, heldout, wide, wordings), case, answer(case, *combo), combo_experts(combo),
                          list(combo)))
     rows += off_topic_rows(n_off, rng, heldout)
     rng.shuffle(rows)

@@ -12,7 +12,7 @@ import pytest
 
 from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, EXPERT_VALUES, FRESH_PHRASES, GROUPS, HELDOUT_COMBOS,
                         MEASURES, PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note,
-                        grammar_phrasings, sample_case, write_suite)
+                        sample_case, write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
 N_EXPERT, N_ROUTER, N_COADAPT = 1600, 1200, 2400   # write_suite's defaults: the sizes the build trains on
@@ -160,25 +160,6 @@ def test_router_only_wordings_keep_the_heldout_wordings_unseen(training_rows) ->
         assert len(used) >= 28, (e, len(used))
     with pytest.raises(ValueError, match="held-out"):
         complex_rows(4, heldout=True, wide=True)
-
-
-def test_grammar_wordings_keep_both_heldout_sets_unseen() -> None:
-    """ROUTER_GRAMMAR's thousands of wordings add no word of a held-out or fresh wording that the training and
-    router phrasings do not already use, and contain none of those wordings; reroute rows draw on it, held-out
-    rows never do."""
-    known = _words([p for e in EXPERTS for p in PHRASES[e][0] + ROUTER_PHRASES[e]] + list(ALL_PHRASES))
-    unseen = _words([p for e in EXPERTS for p in PHRASES[e][1] + FRESH_PHRASES[e]])
-    for e in EXPERTS:
-        grammar = grammar_phrasings(e)
-        assert len(grammar) >= 100, (e, len(grammar))
-        assert (_words(grammar) & unseen) - known == set(), e
-        assert not [(g, h) for g in grammar for h in PHRASES[e][1] + FRESH_PHRASES[e] if g in h or h in g]
-    rows = complex_rows(200, off_topic=0.1, wide=True, grammar=0.5)
-    drawn = [s for r in rows if r["experts"] for s in re.split(r"(?<=[.?!]) ", r["instruction"])]
-    share = sum(any(s in grammar_phrasings(e) for e in EXPERTS) for s in drawn) / len(drawn)
-    assert 0.35 < share < 0.65, share
-    with pytest.raises(ValueError, match="held-out"):
-        complex_rows(4, heldout=True, grammar=0.5)
 
 
 def test_flags_are_correct_with_a_clear_gap() -> None:
