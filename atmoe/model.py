@@ -31,7 +31,7 @@ from .load.base import check_signature, load_base
 from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
 from .load.files import LoadError
 from .load.manifest import Manifest
-from .overrides import CompiledOverrides, Overrides, ReplayedWeights, compile_overrides, replay
+from .overrides import CompiledOverrides, Overrides, compile_overrides
 from .router import GRANULARITIES, GroupedRouter, RouterConfig, load_router, save_router
 from .state import RoutingState, add_routing_hooks
 from .tokens import EncodedPrompt, check_text
@@ -119,7 +119,7 @@ class ATMoE:
              dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
              device_map: str | dict[str, Any] | None = None, offload_folder: str | Path | None = None,
              quantization_config: Any = None, prepare_base: Callable[[nn.Module], None] | None = None,
-             gate_floor: float | None = None) -> ATMoE:
+             gate_floor: float | None = None, stay_out_threshold: float | None = None) -> ATMoE:
         """Load base model, experts and router from a manifest. `base` overrides the manifest's base model; experts
         are still checked against the manifest's recorded base signature and their own shapes.
 
@@ -129,7 +129,9 @@ class ATMoE:
         `atmoe.train.distributed.shard_base` for FSDP2).
 
         `gate_floor` replaces the router's (`RouterConfig.gate_floor`: sigmoid gates at or below it read as 0); None
-        keeps the one its file holds. A server setting: every call of this model answers with it."""
+        keeps the one its file holds. A server setting: every call of this model answers with it. So is
+        `stay_out_threshold`, for a router with a stay-out head (`RouterConfig.stay_out_threshold`): higher keeps fewer
+        requests out, of every kind (its trade-off on the demo: docs/abstention.md)."""
         m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         base = base if base is not None else m.base_model
         if base and not Path(base).is_absolute() and (m.root / base).is_dir():
@@ -145,6 +147,11 @@ class ATMoE:
                                groups=[g.name for g in m.groups], router=m.router_path(), manifest=m)
         if gate_floor is not None:
             out.router.config = replace(out.router.config, gate_floor=float(gate_floor))
+        if stay_out_threshold is not None:
+            if not out.router.config.stay_out:
+                raise ValueError("stay_out_threshold needs a router with a stay-out head; the router of "
+                                 f"{m.root} has none")
+            out.router.config = replace(out.router.config, stay_out_threshold=float(stay_out_threshold))
         return out
 
     @classmethod
@@ -223,10 +230,6 @@ class ATMoE:
             raise ValueError(f"overrides must be an Overrides, a dict or None, got {type(overrides).__name__}")
         return compile_overrides(overrides, layout=self.layout, num_layers=self.num_layers,
                                  competitive_groups=competitive)
-
-    def replay(self, trace: RoutingTrace, router: GroupedRouter | None = None) -> ReplayedWeights:
-        """`trace`'s weights, every layer, as overrides: answer another prompt routed exactly as that one was."""
-        return replay(trace, layout=self.layout, competitive_groups=(router or self.router).config.mode != "sigmoid")
 
     def _new_call(self, prompt_mask: torch.Tensor, overrides: Overrides | CompiledOverrides | dict | None = None,
                   router: GroupedRouter | None = None, granularity: str | None = None,

@@ -238,9 +238,10 @@ class ReplayedWeights(CompiledOverrides):
                 "expert_mask": torch.zeros(L, G, E)}
 
 
-def replay(trace: Any, *, layout: GroupLayout, competitive_groups: bool) -> ReplayedWeights:
+def replay(trace: Any, layout: GroupLayout) -> ReplayedWeights:
     """A sequence-mode trace's weights (`RoutingTrace.group_weights`, `expert_weights`) as overrides for another
-    call of the same model and router mode."""
+    call of a model with the same experts (`layout`: `m.layout`) and router mode: that call is routed on every layer
+    exactly as the traced one, e.g. `m.generate(other, overrides=replay(tr, m.layout))`."""
     alpha = torch.as_tensor(trace.group_weights, dtype=torch.float32)
     beta = torch.as_tensor(trace.expert_weights, dtype=torch.float32)
     if list(trace.groups) != list(layout.groups) or list(trace.experts) != list(layout.experts):
@@ -250,7 +251,7 @@ def replay(trace: Any, *, layout: GroupLayout, competitive_groups: bool) -> Repl
                          f"{tuple(beta.shape)}")
     L, G, E = alpha.shape[0], len(layout.groups), len(layout.experts)
     return ReplayedWeights(torch.ones(L, dtype=torch.bool), torch.ones(G, dtype=torch.bool), torch.zeros(G),
-                           torch.ones(E, dtype=torch.bool), torch.zeros(E), layout.slices, competitive_groups,
+                           torch.ones(E, dtype=torch.bool), torch.zeros(E), layout.slices, trace.mode != "sigmoid",
                            Overrides(), alpha=alpha, beta=beta)
 
 

@@ -1,7 +1,7 @@
 """Whose failure is it, the router's or the experts'? Each held-out row that needs a skill, asked three ways: as
 written; with that skill's wording replaced by a training one; and as written but routed, every layer, exactly as
-the replaced text is (`ATMoE.replay`). If the third is right where the first is not, the experts could answer the
-held-out wording and only the router misread it (docs/facts.md).
+the replaced text is (`atmoe.overrides.replay`). If the third is right where the first is not, the experts could
+answer the held-out wording and only the router misread it (docs/facts.md).
 
     python -m demo.transplant [--manifest assets/coadapted/experts.json] [--skill ranges]
                               [--to "Add the normal range to each."] [--n 576] [--wordings heldout|fresh]
@@ -19,6 +19,7 @@ import numpy as np
 
 from atmoe.load.files import atomic_write_json
 from atmoe.model import ATMoE
+from atmoe.overrides import replay
 from atmoe.tokens import encode_text
 
 from .config import SHIPPED_MANIFEST
@@ -45,7 +46,7 @@ def transplant(manifest: str, skill: str, to: str, n: int, wordings: str = "held
         return bool(_check(m, [row], [encode_text(m.tokenizer, row["output"])], m.router, overrides, eos)[0])
 
     cols = {"as asked": [right(r) for r in rows], "training wording in the text": [right(r) for r in swapped],
-            "as asked, routed as the training wording": [right(r, m.replay(t)) for r, t in zip(rows, traces)]}
+            "as asked, routed as the training wording": [right(r, replay(t, m.layout)) for r, t in zip(rows, traces)]}
     per = {p: {k: int(np.array(v)[[i for i, r in enumerate(rows) if p in r["instruction"]]].sum())
                for k, v in cols.items()} | {"n": sum(p in r["instruction"] for r in rows)} for p in asked}
     return {"manifest": manifest, "skill": skill, "to": to, "n": len(rows), "wordings": wordings,

@@ -275,23 +275,25 @@ def test_overrides_checked_once_are_used_as_compiled(tmp_path):
 
 
 def test_a_replayed_trace_routes_another_prompt_exactly_as_the_first(tmp_path):
-    """`m.replay(trace)`: every layer's α and β fixed to the trace's. Replayed on its own prompt it changes nothing;
-    on another prompt the weights used are the first prompt's, and the answer is the first one's routing at work."""
+    """`replay(trace, m.layout)`: every layer's α and β fixed to the trace's. Replayed on its own prompt it changes
+    nothing; on another prompt the weights used are the first prompt's, and the answer is the first one's routing at work."""
     from tiny_models import tiny_demo
+
+    from atmoe.overrides import replay
     m = ATMoE.load(tiny_demo(tmp_path / "demo"), device="cpu")
     randomize(m.router, seed=3)
     a, b = "List the vital signs.", "Bullet the labs in plain words."
     first = m.generate(a, max_new_tokens=6)
-    again = m.generate(a, max_new_tokens=6, overrides=m.replay(first.trace))
+    again = m.generate(a, max_new_tokens=6, overrides=replay(first.trace, m.layout))
     assert again.token_ids == first.token_ids
     np.testing.assert_allclose(again.trace.effective_weights, first.trace.effective_weights, atol=1e-6)
-    other = m.generate(b, max_new_tokens=6, overrides=m.replay(first.trace))
+    other = m.generate(b, max_new_tokens=6, overrides=replay(first.trace, m.layout))
     own = m.generate(b, max_new_tokens=6)
     np.testing.assert_allclose(other.trace.effective_weights, first.trace.effective_weights, atol=1e-6)
     assert np.abs(own.trace.effective_weights - first.trace.effective_weights).max() > 1e-3
     assert other.trace.group_overridden.all() and other.trace.expert_overridden.all()
     with pytest.raises(ValueError, match="other groups or experts"):
-        build(tmp_path / "other")[0].replay(first.trace)
+        replay(first.trace, build(tmp_path / "other")[0].layout)
 
 
 def test_the_model_class_is_the_user_api_and_moved_methods_still_work_with_a_warning(tmp_path):

@@ -138,3 +138,17 @@ def test_the_command_trains_it_into_the_router_and_names_bad_input(model, tmp_pa
         main(["--manifest", str(manifest), "--data", str(bad)])
     with pytest.raises(SystemExit, match="^error: --steps must be >= 1"):
         main(["--manifest", str(manifest), "--data", str(data), "--steps", "0"])
+
+
+def test_a_server_may_set_the_threshold_at_load(tmp_path):
+    """`ATMoE.load(..., stay_out_threshold=t)` replaces the file's threshold for every call; a router without a head,
+    or a threshold outside (0, 1), is refused in one line."""
+    manifest = tiny_demo(tmp_path / "m", mode="sigmoid")
+    with pytest.raises(ValueError, match="^stay_out_threshold needs a router with a stay-out head; the router of "):
+        ATMoE.load(manifest, device="cpu", stay_out_threshold=0.9)
+    m = ATMoE.load(manifest, device="cpu")
+    save_router(_head(m, 0.0), tmp_path / "m" / json.loads(manifest.read_text())["router"])   # every score 0.5
+    assert ATMoE.load(manifest, device="cpu").route(PROMPT).kept_out                        # the file's 0.5
+    assert not ATMoE.load(manifest, device="cpu", stay_out_threshold=0.6).route(PROMPT).kept_out
+    with pytest.raises(ValueError, match=r"stay_out_threshold must be in \(0, 1\), got 1.5"):
+        ATMoE.load(manifest, device="cpu", stay_out_threshold=1.5)
