@@ -23,7 +23,7 @@ from atmoe.overrides import replay
 from atmoe.tokens import encode_text
 
 from .config import SHIPPED_MANIFEST
-from .decide import _check, end_tokens, held_out_rows
+from .decide import _check, end_tokens, fully_right, held_out_rows
 from .suite import FRESH_PHRASES, PHRASES, WORDINGS
 
 
@@ -41,12 +41,11 @@ def transplant(manifest: str, skill: str, to: str, n: int, wordings: str = "held
         swapped.append({**r, "instruction": text})
     traces = m.route_batch([r["instruction"] for r in swapped], inputs=[r["input"] for r in swapped])
     eos = end_tokens(m)
-
-    def right(row: dict[str, Any], overrides: Any = None) -> bool:
-        return bool(_check(m, [row], [encode_text(m.tokenizer, row["output"])], m.router, overrides, eos)[0])
-
-    cols = {"as asked": [right(r) for r in rows], "training wording in the text": [right(r) for r in swapped],
-            "as asked, routed as the training wording": [right(r, replay(t, m.layout)) for r, t in zip(rows, traces)]}
+    replayed = [bool(_check(m, [r], [encode_text(m.tokenizer, r["output"])], m.router, replay(t, m.layout), eos)[0])
+                for r, t in zip(rows, traces)]     # one row a call: each has its own overrides
+    cols = {"as asked": fully_right(m, rows, "shipped"),
+            "training wording in the text": fully_right(m, swapped, "shipped"),
+            "as asked, routed as the training wording": replayed}
     per = {p: {k: int(np.array(v)[[i for i, r in enumerate(rows) if p in r["instruction"]]].sum())
                for k, v in cols.items()} | {"n": sum(p in r["instruction"] for r in rows)} for p in asked}
     return {"manifest": manifest, "skill": skill, "to": to, "n": len(rows), "wordings": wordings,

@@ -58,19 +58,25 @@ def test_systems_other_than_shipped_first_are_refused_in_one_line(systems):
 
 def test_transplant_asks_each_row_three_ways_and_counts_per_wording(model, tmp_path, monkeypatch):
     """demo.transplant on a tiny demo: every row needing the skill, once per way; the swapped text holds the training
-    wording and no held-out one; the per-wording counts add up; a bad --n is one line."""
+    wording and no held-out one; the third way is the text as asked under the swapped text's replayed routing; the
+    per-wording counts add up; a bad --n is one line."""
     import demo.transplant as tp
+    from atmoe.overrides import ReplayedWeights
     from demo.suite import PHRASES
     monkeypatch.setattr(tp.ATMoE, "load", lambda *a, **k: model)
-    seen = []
-    real = tp._check
-    monkeypatch.setattr(tp, "_check", lambda m, rows, *a: seen.append(rows[0]["instruction"]) or real(m, rows, *a))
+    asked, replayed = [], []
+    real_fully, real_check = tp.fully_right, tp._check
+    monkeypatch.setattr(tp, "fully_right", lambda m, rows, *a: asked.append(rows) or real_fully(m, rows, *a))
+    monkeypatch.setattr(tp, "_check", lambda m, rows, ids, router, ov, eos: replayed.append((rows[0], ov))
+                        or real_check(m, rows, ids, router, ov, eos))
     r = tp.transplant("tiny", "ranges", "Add the normal range to each.", 32)
     n = r["n"]
-    assert n == sum(c["n"] for c in r["per_wording"].values()) == len(seen) // 3 > 0
+    assert n == sum(c["n"] for c in r["per_wording"].values()) == len(replayed) > 0
     assert all(len(v) == n for v in r["rows"].values())
-    swapped = seen[n:2 * n]
+    as_written, swapped = ([row["instruction"] for row in rows] for rows in asked)
     assert all("Add the normal range to each." in s and not any(p in s for p in PHRASES["ranges"][1]) for s in swapped)
-    assert seen[:n] == seen[2 * n:] and all(any(p in s for p in PHRASES["ranges"][1]) for s in seen[:n])
+    assert all(any(p in s for p in PHRASES["ranges"][1]) for s in as_written)
+    assert [row["instruction"] for row, _ in replayed] == as_written
+    assert all(isinstance(ov, ReplayedWeights) for _, ov in replayed)
     with pytest.raises(SystemExit, match=r"^error: --n must be >= 1"):
         tp.main(["--n", "0", "--out", str(tmp_path / "r.json")])
