@@ -3,6 +3,7 @@ and without a router, on enough held-out rows that each paired 95 % interval can
 
     python -m demo.decide [--manifest assets/coadapted/experts.json] [--n 512] [--out runs/decide/shipped.json]
     python -m demo.decide --manifest <flat model> --systems shipped --against runs/decide/shipped.json ...
+    python -m demo.decide --pair runs/v5/decide_heldout.json runs/decide/shipped.json    (two stored reports, paired)
     python -m demo.decide --check-stored assets/eval/results.json      (how far the shortcut below agrees with greedy)
 
 Score: *fully right*, the answer token for token equal to the reference. It is decided without generating: greedy
@@ -23,6 +24,11 @@ on the same rows (same `--n`, same seed); `--against <report>` then pairs the tw
 Rows: `complex_rows(n, seed=DECIDE_SEED, heldout=True)`: held-out phrasings of every complex combination, each
 combination equally often, notes never drawn for `assets/data/eval.jsonl` (another seed). `--wordings fresh` asks the
 same rows (same notes and combinations) in `suite.FRESH_PHRASES`, a held-out set never read while diagnosing.
+
+Two intervals per difference. `ci95` resamples the rows: how sure the difference is on *these* wordings. The rows
+share 24 wordings (4 per skill), so `ci95_wordings` resamples the wordings too (`wording_ci`): how sure it is for a
+user's wordings like these. A router change can win on one set of wordings and lose on another (docs/facts.md);
+only the second interval allows for that.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from atmoe.train.data import Example
 from atmoe.train.stay_out import kept_out
 
 from .evaluate import Row, bootstrap_ci, layer_constant
-from .suite import WORDINGS, complex_rows
+from .suite import FRESH_PHRASES, PHRASES, WORDINGS, complex_rows
 
 DECIDE_SEED = 24        # not the table's seed (0): other notes, same held-out phrasings
 SYSTEMS = ("shipped", "layer_constant", "uniform")
@@ -119,10 +125,47 @@ def end_tokens(m: ATMoE) -> list[int]:
     return sorted({e for e in [m.tokenizer.eos_token_id, *configured] if e is not None})
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+def wording_ids(rows: list[Row], wordings: str = "heldout") -> list[list[tuple[str, int]]]:
+    """Per row, (skill, index of its held-out wording) for each sentence the row's instruction is made of."""
+    asked = FRESH_PHRASES if wordings == "fresh" else {e: v[1] for e, v in PHRASES.items()}
+    out = []
+    for r in rows:
+        ids = [(e, i) for e in r["experts"] for i, p in enumerate(asked[e]) if p in r["instruction"]]
+        if len(ids) != len(r["experts"]):
+            raise ValueError(f"row {r['instruction']!r} is not made of one {wordings} wording per skill")
+        out.append(ids)
+    return out
+
+
+def wording_ci(d: np.ndarray, ids: list[list[tuple[str, int]]], resamples: int = 2000, seed: int = 0
+               ) -> tuple[float, float]:
+    """95 % interval of the mean of `d` when the *wordings* are the sample: each replicate draws every skill's
+    wordings with replacement and weighs a row by the product of its wordings' draw counts (Owen's pigeonhole
+    bootstrap for crossed factors). Rows that share a wording are not independent evidence about a new wording; the
+    row bootstrap treats them as if they were."""
+    rng = np.random.default_rng(seed)
+    weights = np.ones((resamples, len(ids)))
+    for e in sorted({e for row in ids for e, _ in row}):
+        col = np.array([next((i for f, i in row if f == e), -1) for row in ids])   # the row's wording of e, or -1
+        k = col.max() + 1
+        draws = rng.integers(0, k, (resamples, k))
+        counts = (draws[:, :, None] == np.arange(k)).sum(1)                          # [resamples, k] draw counts
+        weights *= np.where(col >= 0, counts[:, col.clip(min=0)], 1)
+    total = weights.sum(1)
+    means = (weights @ d.astype(float))[total > 0] / total[total > 0]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired(a: np.ndarray, b: np.ndarray, ids: list[list[tuple[str, int]]] | None = None) -> dict[str, Any]:
+    """shipped − other, with the row bootstrap's interval and, given the rows' wordings, the wording bootstrap's."""
     d = a.astype(float) - b.astype(float)
     lo, hi = bootstrap_ci(d)
-    return {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo}
+    out = {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo}
+    if ids is not None:
+        wlo, whi = wording_ci(d, ids)
+        out |= {"ci95_wordings": [wlo, whi], "width_wordings": whi - wlo}
+    return out
 
 
 def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...] = SYSTEMS,
@@ -131,11 +174,12 @@ def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...]
     m = ATMoE.load(manifest, device=device)
     rows = held_out_rows(n, wordings)
     right = {s: fully_right(m, rows, s) for s in systems}
+    ids = wording_ids(rows, wordings)
     kept = kept_out(m, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows])
     return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "wordings": wordings, "score": "fully right (token-exact, greedy)",
             "kept_out": int(kept.sum()),     # rows the router's stay-out head keeps out (every expert weight 0)
             "fully_right": {s: float(v.mean()) for s, v in right.items()},
-            "shipped_minus": {s: paired(right["shipped"], right[s]) for s in systems[1:]},
+            "shipped_minus": {s: paired(right["shipped"], right[s], ids) for s in systems[1:]},
             "rows": {s: v.astype(int).tolist() for s, v in right.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -157,12 +201,28 @@ def check_stored(results: str, manifest: str, device: str = "auto") -> dict[str,
     return out
 
 
+def _read_report(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
+    """`report`'s shipped column − `other`'s, row by row: both must have run the same rows."""
+    key = ("n", "seed", "wordings")
+    if tuple(other.get(k, "heldout") for k in key) != tuple(report.get(k, "heldout") for k in key):
+        raise ValueError(f"{name} ran other rows (n {other['n']}, seed {other['seed']}, wordings "
+                         f"{other.get('wordings', 'heldout')})")
+    wordings = report.get("wordings", "heldout")
+    return paired(np.array(report["rows"]["shipped"]), np.array(other["rows"]["shipped"]),
+                  wording_ids(complex_rows(report["n"], seed=report["seed"], heldout=True, wordings=wordings), wordings))
+
+
 def summary(report: dict[str, Any]) -> str:
     lines = [f"n = {report['n']} held-out rows (seed {report['seed']}, {report.get('wordings', 'heldout')} wordings), "
              f"{report['score']}, {report['seconds']:.0f} s; "
              f"kept out by the stay-out head: {report.get('kept_out', 0)}"]
     lines += [f"  {s}: {v:.3f}" for s, v in report["fully_right"].items()]
-    lines += [f"  shipped − {s}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (width {d['width']:.3f})"
+    lines += [f"  shipped − {s}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (width {d['width']:.3f}; "
+              f"wordings resampled: [{d['ci95_wordings'][0]:+.3f}, {d['ci95_wordings'][1]:+.3f}])"
               for s, d in report["shipped_minus"].items()]
     return "\n".join(lines)
 
@@ -173,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--out", default="runs/decide/shipped.json")
     p.add_argument("--against", default="", help="another model's report on the same rows: pair its shipped column")
+    p.add_argument("--pair", nargs=2, default=None, metavar="REPORT",
+                   help="pair two stored reports' shipped columns (same rows), print both intervals, run nothing")
     p.add_argument("--check-stored", default="", metavar="RESULTS", help="compare the shortcut with stored answers")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated, shipped first (another model paired with --against needs only shipped)")
@@ -189,17 +251,18 @@ def main(argv: list[str] | None = None) -> None:
         if a.check_stored:
             print(json.dumps(check_stored(a.check_stored, a.manifest, a.device), indent=1))
             return
+        if a.pair:
+            first, second = (_read_report(f) for f in a.pair)
+            d = pair_reports(first, second, a.pair[1])
+            print(f"{first['manifest']} − {second['manifest']} ({first['n']} rows, {first.get('wordings', 'heldout')} "
+                  f"wordings): {d['diff']:+.3f}, rows resampled [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], wordings "
+                  f"resampled [{d['ci95_wordings'][0]:+.3f}, {d['ci95_wordings'][1]:+.3f}]")
+            return
         report = decide(a.manifest, a.n, a.device, systems, a.wordings)
         if a.against:
-            other = json.loads(Path(a.against).read_text(encoding="utf-8"))
-            key = ("n", "seed", "wordings")
-            if tuple(other.get(k, "heldout") for k in key) != tuple(report[k] for k in key):
-                raise ValueError(f"{a.against} ran other rows (n {other['n']}, seed {other['seed']}, wordings "
-                                 f"{other.get('wordings', 'heldout')})")
-            report["shipped_minus"]["against"] = paired(np.array(report["rows"]["shipped"]),
-                                                        np.array(other["rows"]["shipped"]))
+            report["shipped_minus"]["against"] = pair_reports(report, _read_report(a.against), a.against)
             report["against"] = a.against
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     atomic_write_json(Path(a.out), report)
     print(summary(report))

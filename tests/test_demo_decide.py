@@ -8,7 +8,15 @@ import pytest
 from tiny_models import tiny_demo
 
 from atmoe import ATMoE
-from demo.decide import SYSTEMS, _overrides, fully_right, held_out_rows, paired
+from demo.decide import (
+    SYSTEMS,
+    _overrides,
+    fully_right,
+    held_out_rows,
+    paired,
+    wording_ids,
+)
+from demo.suite import WORDINGS
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +55,40 @@ def test_the_paired_interval_is_of_the_differences():
     d = paired(a, b)
     assert d["diff"] == pytest.approx(0.25) and d["ci95"][0] < 0.25 < d["ci95"][1] and d["width"] < 0.2
     assert paired(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0], "width": 0.0}
+
+
+@pytest.mark.parametrize("wordings", WORDINGS)
+def test_the_wording_interval_resamples_wordings_not_rows(wordings):
+    """Every row is made of one wording per skill it asks for. A difference carried by one wording of one skill is
+    certain row by row and uncertain wording by wording: the wording interval is the wider, and it reaches 0 (a
+    draw without that wording). A difference the same on every row has a point interval either way."""
+    from demo.suite import FRESH_PHRASES, PHRASES
+    rows = held_out_rows(576, wordings)
+    ids = wording_ids(rows, wordings)
+    assert [len(i) for i in ids] == [len(r["experts"]) for r in rows]
+    one = (FRESH_PHRASES if wordings == "fresh" else {e: v[1] for e, v in PHRASES.items()})["ranges"][0]
+    a = np.array([one in r["instruction"] for r in rows])
+    d = paired(a, np.zeros(len(rows), bool), ids)
+    assert d["ci95"][0] > 0.05 and d["width_wordings"] > 2 * d["width"] and d["ci95_wordings"][0] == 0.0
+    same = paired(np.ones(len(rows), bool), np.zeros(len(rows), bool), ids)
+    assert same["ci95"] == same["ci95_wordings"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="is not made of one"):
+        wording_ids([{**rows[0], "instruction": "List the labs."}], wordings)
+
+
+def test_two_stored_reports_are_paired_without_a_model(tmp_path, capsys):
+    import json
+
+    from demo.decide import main
+    report = {"manifest": "a", "n": 48, "seed": 24, "wordings": "heldout", "rows": {"shipped": [1] * 48}}
+    other = {**report, "manifest": "b", "rows": {"shipped": [i % 2 for i in range(48)]}}
+    for name, r in (("a", report), ("b", other), ("c", {**other, "n": 47})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert out.startswith("a − b (48 rows, heldout wordings): +0.500, rows resampled [") and "wordings resampled" in out
+    with pytest.raises(SystemExit, match=r"^error: .*c.json ran other rows \(n 47"):
+        main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "c.json")])
 
 
 @pytest.mark.parametrize("systems", ["uniform", "shipped,flat", ""])
