@@ -176,7 +176,8 @@ def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...]
     right = {s: fully_right(m, rows, s) for s in systems}
     ids = wording_ids(rows, wordings)
     kept = kept_out(m, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows])
-    return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "wordings": wordings, "score": "fully right (token-exact, greedy)",
+    return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "wordings": wordings,
+            "score": "fully right (token-exact, greedy)",
             "kept_out": int(kept.sum()),     # rows the router's stay-out head keeps out (every expert weight 0)
             "fully_right": {s: float(v.mean()) for s, v in right.items()},
             "shipped_minus": {s: paired(right["shipped"], right[s], ids) for s in systems[1:]},
@@ -202,7 +203,11 @@ def check_stored(results: str, manifest: str, device: str = "auto") -> dict[str,
 
 
 def _read_report(path: str) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    report = json.loads(Path(path).read_text(encoding="utf-8"))
+    missing = [k for k in ("manifest", "n", "seed", "rows") if k not in report]
+    if missing or "shipped" not in report["rows"]:
+        raise ValueError(f"{path} is not a demo.decide report (it lacks {', '.join(missing) or 'rows.shipped'})")
+    return report
 
 
 def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
@@ -212,8 +217,8 @@ def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> di
         raise ValueError(f"{name} ran other rows (n {other['n']}, seed {other['seed']}, wordings "
                          f"{other.get('wordings', 'heldout')})")
     wordings = report.get("wordings", "heldout")
-    return paired(np.array(report["rows"]["shipped"]), np.array(other["rows"]["shipped"]),
-                  wording_ids(complex_rows(report["n"], seed=report["seed"], heldout=True, wordings=wordings), wordings))
+    rows = complex_rows(report["n"], seed=report["seed"], heldout=True, wordings=wordings)
+    return paired(np.array(report["rows"]["shipped"]), np.array(other["rows"]["shipped"]), wording_ids(rows, wordings))
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.against:
             report["shipped_minus"]["against"] = pair_reports(report, _read_report(a.against), a.against)
             report["against"] = a.against
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     atomic_write_json(Path(a.out), report)
     print(summary(report))

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     atomic_write_json(Path(a.out), report)
-    print(f"{report['n']} held-out rows needing {a.skill} ({a.wordings} wordings), fully right, {report['seconds']:.0f} s")
+    print(f"{report['n']} held-out rows needing {a.skill} ({a.wordings} wordings), fully right, "
+          f"{report['seconds']:.0f} s")
     for k, v in report["fully_right"].items():
         print(f"  {k}: {v}")
     for w, c in report["per_wording"].items():

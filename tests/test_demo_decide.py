@@ -89,6 +89,9 @@ def test_two_stored_reports_are_paired_without_a_model(tmp_path, capsys):
     assert out.startswith("a − b (48 rows, heldout wordings): +0.500, rows resampled [") and "wordings resampled" in out
     with pytest.raises(SystemExit, match=r"^error: .*c.json ran other rows \(n 47"):
         main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    (tmp_path / "d.json").write_text(json.dumps({"n": 48}))
+    with pytest.raises(SystemExit, match=r"^error: .*d.json is not a demo.decide report \(it lacks manifest, seed, "):
+        main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "d.json")])
 
 
 @pytest.mark.parametrize("systems", ["uniform", "shipped,flat", ""])

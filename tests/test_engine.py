@@ -276,7 +276,7 @@ def test_overrides_checked_once_are_used_as_compiled(tmp_path):
 
 def test_a_replayed_trace_routes_another_prompt_exactly_as_the_first(tmp_path):
     """`replay(trace, m.layout)`: every layer's α and β fixed to the trace's. Replayed on its own prompt it changes
-    nothing; on another prompt the weights used are the first prompt's, and the answer is the first one's routing at work."""
+    nothing; on another prompt the weights used are the first prompt's: the first one's routing at work."""
     from tiny_models import tiny_demo
 
     from atmoe.overrides import replay
