@@ -126,9 +126,10 @@ def test_offload_folder_needs_a_device_map(tmp_path: Path) -> None:
 
 IDS = torch.tensor([5, 17, 33, 2, 99, 64, 7, 21, 40, 11])
 MIX = {"a": 0.7, "b": 0.3, "c": 0.45}    # sigmoid gates: a fixed routing PEFT's weighted `cat` adapter reproduces
-# PEFT and the engine both run the same bitsandbytes 4-bit matmuls for the base (fp32 compute) and fp32 LoRA beside
-# them; only the order of the sums differs (measured 1.3e-7 prefill, 9e-8 decode).
-Q4_TOL = 1e-4
+# PEFT and the engine both run the same bitsandbytes 4-bit matmuls for the base and fp32 LoRA beside them; only the
+# order of the sums differs: measured 1.3e-7 prefill, 9e-8 decode with fp32 compute, and 2.0e-4 prefill, 1.0e-6
+# decode on a CPU with AVX512-BF16, where bitsandbytes runs a prefill's 4-bit matmuls in bf16.
+Q4_TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,8 @@ def quantized(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("q4")
     tok = tiny_tokenizer()
-    base = tiny_model("llama", vocab_size=len(tok))
+    # 64 wide: on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights in blocks of 64 input features
+    base = tiny_model("llama", vocab_size=len(tok), hidden=64)
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     specs = [(g, f"e{i}", save_adapter(base, root / f"e{i}", ["q_proj", "v_proj", "o_proj", "down_proj"], r=4,

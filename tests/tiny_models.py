@@ -71,11 +71,13 @@ TARGETS = {
 }
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 128, layers: int = 3) -> torch.nn.Module:
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 128, layers: int = 3, hidden: int = 32
+               ) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256)
     elif arch == "qwen2":
