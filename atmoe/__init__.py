@@ -45,14 +45,14 @@ import logging
 # still be one line on stderr: a handler here stops Python's last-resort print; a user's own logging still sees it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addHandler(logging.NullHandler())
 
-from .analysis.export import export_adapter  # noqa: E402
-from .explain import Explanation  # noqa: E402
-from .generation import GenerationSettings  # noqa: E402
-from .layout import GroupLayout  # noqa: E402
-from .model import ATMoE, Generation, Score  # noqa: E402
-from .overrides import Overrides  # noqa: E402
-from .router import GroupedRouter, RouterConfig  # noqa: E402
-from .trace import RoutingTrace  # noqa: E402
+from .analysis.export import export_adapter
+from .explain import Explanation
+from .generation import GenerationSettings
+from .layout import GroupLayout
+from .model import ATMoE, Generation, Score
+from .overrides import Overrides
+from .router import GroupedRouter, RouterConfig
+from .trace import RoutingTrace
 
 __all__ = ["ATMoE", "Explanation", "Generation", "GenerationSettings", "export_adapter", "GroupedRouter",
            "GroupLayout", "Overrides", "RouterConfig", "RoutingTrace", "Score"]
