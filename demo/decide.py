@@ -49,7 +49,7 @@ from atmoe.train.data import Example
 from atmoe.train.stay_out import kept_out
 
 from .evaluate import Row, bootstrap_ci, layer_constant
-from .suite import FRESH_PHRASES, PHRASES, WORDINGS, complex_rows
+from .suite import WORDINGS, complex_rows, heldout_phrases
 
 DECIDE_SEED = 24        # not the table's seed (0): other notes, same held-out phrasings
 SYSTEMS = ("shipped", "layer_constant", "uniform")
@@ -127,7 +127,7 @@ def end_tokens(m: ATMoE) -> list[int]:
 
 def wording_ids(rows: list[Row], wordings: str = "heldout") -> list[list[tuple[str, int]]]:
     """Per row, (skill, index of its held-out wording) for each sentence the row's instruction is made of."""
-    asked = FRESH_PHRASES if wordings == "fresh" else {e: v[1] for e, v in PHRASES.items()}
+    asked = heldout_phrases(wordings)
     out = []
     for r in rows:
         ids = [(e, i) for e in r["experts"] for i, p in enumerate(asked[e]) if p in r["instruction"]]

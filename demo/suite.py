@@ -286,6 +286,13 @@ FRESH_PHRASES: dict[str, tuple[str, ...]] = {
 }
 WORDINGS = ("heldout", "fresh")   # which held-out wordings `complex_rows(heldout=True)` draws
 
+
+def heldout_phrases(wordings: str = "heldout") -> dict[str, tuple[str, ...]]:
+    """Each skill's held-out wordings: the suite's (`PHRASES[e][1]`) or the fresh ones (`FRESH_PHRASES`)."""
+    if wordings not in WORDINGS:
+        raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
+    return FRESH_PHRASES if wordings == "fresh" else {e: v[1] for e, v in PHRASES.items()}
+
 # How a knowledge or style expert is asked alone: every measurement of the note.
 ALL_PHRASES = ("List every lab and vital sign.", "Write out all the measurements.", "Go through all the numbers in "
                "the note.", "Give me every value in the note.", "Show all labs and vitals, one per line.",
@@ -309,11 +316,9 @@ def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = Fa
                 ) -> str:
     """Each expert's sentence, in random order: held-out phrasings (`wordings="fresh"`: FRESH_PHRASES), or training
     ones (`wide`: plus ROUTER_PHRASES)."""
-    def choices(e: str) -> tuple[str, ...]:
-        if heldout:
-            return FRESH_PHRASES[e] if wordings == "fresh" else PHRASES[e][1]
-        return PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ())
-    sentences = [rng.choice(choices(e)) for e in combo_experts(combo)]
+    asked = heldout_phrases(wordings) if heldout else {e: PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ())
+                                                       for e in PHRASES}
+    sentences = [rng.choice(asked[e]) for e in combo_experts(combo)]
     rng.shuffle(sentences)
     return " ".join(sentences)
 
@@ -385,8 +390,8 @@ def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float 
     for i in range(n - n_off):
         combo = combos[i % len(combos)]
         case = sample_case(rng)
-        rows.append(_row(instruction(combo, rng, heldout, wide, wordings), case, answer(case, *combo), combo_experts(combo),
-                         list(combo)))
+        rows.append(_row(instruction(combo, rng, heldout, wide, wordings), case, answer(case, *combo),
+                         combo_experts(combo), list(combo)))
     rows += off_topic_rows(n_off, rng, heldout)
     rng.shuffle(rows)
     return rows

@@ -24,14 +24,14 @@ from atmoe.tokens import encode_text
 
 from .config import SHIPPED_MANIFEST
 from .decide import _check, end_tokens, fully_right, held_out_rows
-from .suite import FRESH_PHRASES, PHRASES, WORDINGS
+from .suite import PHRASES, WORDINGS, heldout_phrases
 
 
 def transplant(manifest: str, skill: str, to: str, n: int, wordings: str = "heldout", device: str = "auto"
                ) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = ATMoE.load(manifest, device=device)
-    asked = FRESH_PHRASES[skill] if wordings == "fresh" else PHRASES[skill][1]
+    asked = heldout_phrases(wordings)[skill]
     rows = [r for r in held_out_rows(n, wordings) if skill in r["experts"]]
     swapped = []
     for r in rows:

@@ -62,11 +62,11 @@ def test_the_wording_interval_resamples_wordings_not_rows(wordings):
     """Every row is made of one wording per skill it asks for. A difference carried by one wording of one skill is
     certain row by row and uncertain wording by wording: the wording interval is the wider, and it reaches 0 (a
     draw without that wording). A difference the same on every row has a point interval either way."""
-    from demo.suite import FRESH_PHRASES, PHRASES
+    from demo.suite import heldout_phrases
     rows = held_out_rows(576, wordings)
     ids = wording_ids(rows, wordings)
     assert [len(i) for i in ids] == [len(r["experts"]) for r in rows]
-    one = (FRESH_PHRASES if wordings == "fresh" else {e: v[1] for e, v in PHRASES.items()})["ranges"][0]
+    one = heldout_phrases(wordings)["ranges"][0]
     a = np.array([one in r["instruction"] for r in rows])
     d = paired(a, np.zeros(len(rows), bool), ids)
     assert d["ci95"][0] > 0.05 and d["width_wordings"] > 2 * d["width"] and d["ci95_wordings"][0] == 0.0
