@@ -23,7 +23,9 @@ on the same rows (same `--n`, same seed); `--against <report>` then pairs the tw
 
 Rows: `complex_rows(n, seed=DECIDE_SEED, heldout=True)`: held-out phrasings of every complex combination, each
 combination equally often, notes never drawn for `assets/data/eval.jsonl` (another seed). `--wordings fresh` asks the
-same rows (same notes and combinations) in `suite.FRESH_PHRASES`, a held-out set never read while diagnosing.
+same rows (same notes and combinations) in `suite.FRESH_PHRASES`, a held-out set never read while diagnosing;
+`--wordings blind` asks other rows (6 wordings per skill draw other notes) in `suite.BLIND_PHRASES`, written by a
+writer outside the project that saw no other wording.
 
 Two intervals per difference. `ci95` resamples the rows: how sure the difference is on *these* wordings. The rows
 share 24 wordings (4 per skill), so `ci95_wordings` resamples the wordings too (`wording_ci`): how sure it is for a
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated, shipped first (another model paired with --against needs only shipped)")
     p.add_argument("--wordings", choices=WORDINGS, default="heldout",
-                   help="the suite's held-out phrasings, or the fresh ones (`suite.FRESH_PHRASES`, never diagnosed)")
+                   help="the suite's held-out phrasings, the fresh ones (`suite.FRESH_PHRASES`, never diagnosed) "
+                        "or the blind writer's (`suite.BLIND_PHRASES`)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     try:

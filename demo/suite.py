@@ -31,6 +31,7 @@ Splits (every row {"instruction", "input", "output", "experts", "meta"}; same se
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,14 +285,28 @@ FRESH_PHRASES: dict[str, tuple[str, ...]] = {
     "plain": ("Write it so a patient can read it.", "No jargon, please.",
               "Expand the abbreviations into normal words.", "Explain it like I'm not a doctor."),
 }
-WORDINGS = ("heldout", "fresh")   # which held-out wordings `complex_rows(heldout=True)` draws
+
+
+def _written(name: str) -> dict[str, tuple[str, ...]]:
+    data = json.loads((Path(__file__).with_name("wordings") / f"{name}.json").read_text(encoding="utf-8"))
+    return {e: tuple(data["phrases"][e]) for e in PHRASES}
+
+
+# Wordings from writers outside the diagnosis (issue 24): helpers given only the skills' description, never the
+# suite's phrasings, its held-out sets or its failures (`demo/wordings/*.json` record each one's brief). WRITER_PHRASES
+# (60 per skill) are training wordings (`complex_rows(writer=True)`); BLIND_PHRASES, from a second writer asked to
+# speak as six different users, are a third held-out set, less any sentence that is, or is inside, a training one.
+WRITER_PHRASES = _written("writer")
+BLIND_PHRASES = _written("blind")
+WORDINGS = ("heldout", "fresh", "blind")   # which held-out wordings `complex_rows(heldout=True)` draws
 
 
 def heldout_phrases(wordings: str = "heldout") -> dict[str, tuple[str, ...]]:
-    """Each skill's held-out wordings: the suite's (`PHRASES[e][1]`) or the fresh ones (`FRESH_PHRASES`)."""
+    """Each skill's held-out wordings: the suite's (`PHRASES[e][1]`), the fresh ones (`FRESH_PHRASES`) or the blind
+    writer's (`BLIND_PHRASES`)."""
     if wordings not in WORDINGS:
         raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
-    return FRESH_PHRASES if wordings == "fresh" else {e: v[1] for e, v in PHRASES.items()}
+    return {"fresh": FRESH_PHRASES, "blind": BLIND_PHRASES}.get(wordings) or {e: v[1] for e, v in PHRASES.items()}
 
 # How a knowledge or style expert is asked alone: every measurement of the note.
 ALL_PHRASES = ("List every lab and vital sign.", "Write out all the measurements.", "Go through all the numbers in "
@@ -312,12 +327,12 @@ def combo_experts(combo: Combo) -> list[str]:
     return [e for e in combo if e]
 
 
-def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False, wordings: str = "heldout"
-                ) -> str:
-    """Each expert's sentence, in random order: held-out phrasings (`wordings="fresh"`: FRESH_PHRASES), or training
-    ones (`wide`: plus ROUTER_PHRASES)."""
-    asked = heldout_phrases(wordings) if heldout else {e: PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ())
-                                                       for e in PHRASES}
+def instruction(combo: Combo, rng: random.Random, heldout: bool, wide: bool = False, wordings: str = "heldout",
+                writer: bool = False) -> str:
+    """Each expert's sentence, in random order: held-out phrasings (`wordings`: which set), or training ones (`wide`:
+    plus ROUTER_PHRASES; `writer`: plus WRITER_PHRASES)."""
+    asked = heldout_phrases(wordings) if heldout else {
+        e: PHRASES[e][0] + (ROUTER_PHRASES[e] if wide else ()) + (WRITER_PHRASES[e] if writer else ()) for e in PHRASES}
     sentences = [rng.choice(asked[e]) for e in combo_experts(combo)]
     rng.shuffle(sentences)
     return " ".join(sentences)
@@ -376,21 +391,24 @@ def off_topic_rows(n: int, rng: random.Random, heldout: bool) -> list[dict[str, 
 
 
 def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0, wide: bool = False,
-                 wordings: str = "heldout") -> list[dict[str, Any]]:
-    """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases) or held-out
-    eval rows (held-out phrasings, or `wordings="fresh"`'s; every complex combination, each equally often)."""
-    if heldout and wide:
-        raise ValueError("wide wordings are training wordings; held-out rows use the held-out phrasings only")
-    if wordings not in WORDINGS or (wordings == "fresh" and not heldout):
-        raise ValueError(f"wordings must be one of {WORDINGS} (fresh: held-out rows only), got {wordings!r}")
-    rng = random.Random(f"atmoe-demo:{seed}:{'eval' if heldout else 'coadapt' if wide else 'router'}")
+                 wordings: str = "heldout", writer: bool = False) -> list[dict[str, Any]]:
+    """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases; `writer`:
+    plus WRITER_PHRASES, other cases again) or held-out eval rows (`wordings`: which held-out set; every complex
+    combination, each equally often)."""
+    if heldout and (wide or writer):
+        raise ValueError("wide and writer wordings are training wordings; held-out rows use held-out phrasings only")
+    if wordings not in WORDINGS or (wordings != "heldout" and not heldout):
+        raise ValueError(f"wordings must be one of {WORDINGS} (other than heldout: held-out rows only), "
+                         f"got {wordings!r}")
+    kind = "eval" if heldout else "writer" if writer else "coadapt" if wide else "router"
+    rng = random.Random(f"atmoe-demo:{seed}:{kind}")
     combos = EVAL_COMBOS if heldout else TRAIN_COMBOS
     n_off = round(n * off_topic)
     rows = []
     for i in range(n - n_off):
         combo = combos[i % len(combos)]
         case = sample_case(rng)
-        rows.append(_row(instruction(combo, rng, heldout, wide, wordings), case, answer(case, *combo),
+        rows.append(_row(instruction(combo, rng, heldout, wide, wordings, writer), case, answer(case, *combo),
                          combo_experts(combo), list(combo)))
     rows += off_topic_rows(n_off, rng, heldout)
     rng.shuffle(rows)
@@ -409,7 +427,6 @@ def abstention_rows(n_everyday: int, n_outside: int, seed: int = 0) -> list[dict
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    import json
     return atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 

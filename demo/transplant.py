@@ -4,7 +4,7 @@ the replaced text is (`atmoe.overrides.replay`). If the third is right where the
 answer the held-out wording and only the router misread it (docs/facts.md).
 
     python -m demo.transplant [--manifest assets/coadapted/experts.json] [--skill ranges]
-                              [--to "Add the normal range to each."] [--n 576] [--wordings heldout|fresh]
+                              [--to "Add the normal range to each."] [--n 576] [--wordings heldout|fresh|blind]
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_the_wording_interval_resamples_wordings_not_rows(wordings):
     one = heldout_phrases(wordings)["ranges"][0]
     a = np.array([one in r["instruction"] for r in rows])
     d = paired(a, np.zeros(len(rows), bool), ids)
-    assert d["ci95"][0] > 0.05 and d["width_wordings"] > 2 * d["width"] and d["ci95_wordings"][0] == 0.0
+    assert d["ci95"][0] > 0.02 and d["width_wordings"] > 2 * d["width"] and d["ci95_wordings"][0] == 0.0
     same = paired(np.ones(len(rows), bool), np.zeros(len(rows), bool), ids)
     assert same["ci95"] == same["ci95_wordings"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="is not made of one"):

@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from demo.suite import (ALL_COMBOS, ALL_PHRASES, EVAL_COMBOS, EXPERT_VALUES, FRESH_PHRASES, GROUPS, HELDOUT_COMBOS,
-                        MEASURES, PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, Case, answer, complex_rows, expert_rows, note,
-                        sample_case, write_suite)
+from demo.suite import (ALL_COMBOS, ALL_PHRASES, BLIND_PHRASES, EVAL_COMBOS, EXPERT_VALUES, FRESH_PHRASES, GROUPS,
+                        HELDOUT_COMBOS, MEASURES, PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, WRITER_PHRASES, Case, answer,
+                        complex_rows, expert_rows, note, sample_case, write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
 N_EXPERT, N_ROUTER, N_COADAPT = 1600, 1200, 2400   # write_suite's defaults: the sizes the build trains on
@@ -161,6 +161,39 @@ def test_router_only_wordings_keep_the_heldout_wordings_unseen(training_rows) ->
     with pytest.raises(ValueError, match="held-out"):
         complex_rows(4, heldout=True, wide=True)
 
+
+
+def _clash(a: str, b: str) -> bool:
+    """One wording holds the other's whole word sequence (two words or more), or they are the same words."""
+    def inside(s: list[str], t: list[str]) -> bool:
+        return len(s) >= 2 and any(t[i:i + len(s)] == s for i in range(len(t) - len(s) + 1))
+
+    a_words, b_words = re.findall(r"[a-z0-9']+", a.lower()), re.findall(r"[a-z0-9']+", b.lower())
+    return a_words == b_words or inside(a_words, b_words) or inside(b_words, a_words)
+
+
+def test_outside_writers_wordings_keep_every_heldout_set_unseen_as_sentences() -> None:
+    """The writer's training wordings share no sentence with a held-out, fresh or blind one, and the blind set none
+    with any training or other held-out one (`demo/wordings/*.json`: the rule, what it dropped); single words may
+    recur, since users share words. Each blind wording is found in its rows and in no other skill's."""
+    assert _clash("Add normal ranges", "Add normal ranges.") and not _clash("bloods?", "Summarise the bloods.")
+    for e in EXPERTS:
+        held = PHRASES[e][1] + FRESH_PHRASES[e] + BLIND_PHRASES[e]
+        assert len(set(WRITER_PHRASES[e])) >= 55 and len(set(BLIND_PHRASES[e])) >= 4, e
+        assert not [(w, h) for w in WRITER_PHRASES[e] for h in held if _clash(w, h)]
+        train = PHRASES[e][0] + ROUTER_PHRASES[e] + WRITER_PHRASES[e] + PHRASES[e][1] + FRESH_PHRASES[e]
+        assert not [(b, t) for b in BLIND_PHRASES[e] for t in train if _clash(b, t)]
+        assert not [(b, c) for b in BLIND_PHRASES[e] for c in BLIND_PHRASES[e] if b != c and b in c]
+    writer = complex_rows(480, off_topic=0.1, wide=True, writer=True)
+    used = {p for e in EXPERTS for p in WRITER_PHRASES[e] if any(p in r["instruction"] for r in writer)}
+    assert len(used) >= 250 and writer != complex_rows(480, off_topic=0.1, wide=True)
+    for row in complex_rows(96, heldout=True, wordings="blind"):
+        for e in row["experts"]:
+            assert any(p in row["instruction"] for p in BLIND_PHRASES[e]), row["instruction"]
+    with pytest.raises(ValueError, match="training wordings"):
+        complex_rows(4, heldout=True, writer=True)
+    with pytest.raises(ValueError, match="held-out rows only"):
+        complex_rows(4, wordings="blind")
 
 def test_flags_are_correct_with_a_clear_gap() -> None:
     for m in MEASURES.values():   # abnormal values are drawn well outside the range: ≥ 15 % of its width
