@@ -1,5 +1,6 @@
 """The demo's routers: the grouped-sigmoid router and its two ablations, trained alike on one data file; then the
-co-adapted experts and their router (`build_coadapted`).
+co-adapted experts and their router (`build_coadapted`); then the shipped router alone on an outside writer's
+wordings (`build_reroute`).
 
 Equal steps, batch, learning rate and data for every router, so the evaluation table compares normalisations only:
     grouped_sigmoid  independent gate per group (an expert can run at the weight it was trained at), softmax within
@@ -9,13 +10,17 @@ Equal steps, batch, learning rate and data for every router, so the evaluation t
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from atmoe.load.base import base_signature, load_base
+from atmoe.load.files import atomic_write_json
 from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
-from .config import COADAPTED, ROUTERS, train_bf16
+from .config import COADAPTED, ROUTERS, SHIPPED, train_bf16
 from .portable import portable_path
 from .suite import EXPERT_DESCRIPTIONS, EXPERT_VALUES, GROUPS
 
@@ -65,9 +70,47 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
         if (folder / "experts.json").exists() and not cfg.force:
             print(f"{v.name}: exists, skipped")
             continue
+        (folder / REROUTED).unlink(missing_ok=True)      # new co-adapted router: not rerouted yet
         train_router(RouterTrainConfig(
             manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode, pooling=v.pooling,
             init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps,
             batch_size=cfg.router_batch, lr=cfg.coadapt_lr, expert_lr=cfg.coadapt_expert_lr, max_length=320,
             bf16=train_bf16(), checkpoints=str(Path(cfg.work) / "checkpoints" / v.name)))
         print(f"{v.name}: written to {folder}")
+
+
+REROUTED = "reroute.json"     # in the shipped folder: its router is the rerouted one (steps, rows, the router's hash)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_reroute(cfg: Any, suite: Path, out: Path) -> None:
+    """The shipped co-adapted router trained again alone (experts and stay-out head frozen, as they are) on
+    `writer.jsonl`: stage 2's wordings plus an outside writer's (`suite.WRITER_PHRASES`), so it reads a request in
+    words the project did not write (docs/facts.md, v8). Trained into the work folder, then swapped in atomically and
+    recorded in `reroute.json`; a rerun skips it, and one cut between the swap and the record only writes the record."""
+    from atmoe.train.router import RouterTrainConfig, train_router
+
+    folder = SHIPPED.path(cfg)
+    router, stamp = folder / "router.safetensors", folder / REROUTED
+    if stamp.exists():
+        print(f"reroute: {router} is rerouted already, skipped (the coadapt stage's next run makes a new one)")
+        return
+    trained = Path(cfg.work) / "reroute" / "router.safetensors"
+    if not (trained.exists() and _sha256(trained) == _sha256(router)):
+        train_router(RouterTrainConfig(
+            manifest=str(folder / "experts.json"), data=str(suite / "writer.jsonl"), out=str(trained), base=cfg.base,
+            mode=SHIPPED.mode, pooling=SHIPPED.pooling, init_router=str(router), steps=cfg.reroute_steps,
+            batch_size=cfg.router_batch, lr=cfg.reroute_lr, max_length=320, bf16=train_bf16(),
+            checkpoints=str(Path(cfg.work) / "checkpoints" / "reroute"), update_manifest=False))
+        log = folder / "router.log.jsonl"
+        if log.exists():
+            os.replace(log, folder / "coadapt.log.jsonl")              # stage 2's loss log, kept
+        for src, dst in ((trained.with_suffix(".log.jsonl"), log), (trained, router)):
+            shutil.copyfile(src, dst.with_suffix(".tmp"))
+            os.replace(dst.with_suffix(".tmp"), dst)
+    atomic_write_json(stamp, {"data": "writer.jsonl", "steps": cfg.reroute_steps, "lr": cfg.reroute_lr,
+                              "batch_size": cfg.router_batch, "router_sha256": _sha256(router)})
+    print(f"reroute: {router} trained on {suite / 'writer.jsonl'} ({cfg.reroute_steps} steps)")

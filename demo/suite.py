@@ -20,6 +20,8 @@ Splits (every row {"instruction", "input", "output", "experts", "meta"}; same se
     experts/<name>.jsonl  single-skill rows for each expert (training phrasings)
     router_train.jsonl    training combinations with training phrasings, plus off-topic questions (experts: [])
     coadapt.jsonl         the same, in wider wordings (training phrasings + ROUTER_PHRASES): stage 2's data
+    writer.jsonl          the same, in wider wordings still (+ WRITER_PHRASES, an outside writer's): the
+                          `reroute` stage's data (the shipped router alone)
     eval.jsonl            held-out phrasings for every complex combination, incl. the held-out combinations
     gate/<name>.jsonl     fresh single-skill rows: an expert is trained when it passes these alone
     abstain_requests.jsonl  requests that need no expert (experts: []), from the *training* families of
@@ -431,11 +433,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate: int = 50, n_router: int = 1200,
-                n_coadapt: int = 2400, n_eval: int = 64, n_abstain_everyday: int = 480, n_abstain_outside: int = 160
-                ) -> dict[str, Path]:
+                n_coadapt: int = 2400, n_writer: int = 2400, n_eval: int = 64, n_abstain_everyday: int = 480,
+                n_abstain_outside: int = 160) -> dict[str, Path]:
     """Write every split under `out_dir` (each file atomically); returns {split: path}."""
     for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_coadapt", n_coadapt),
-                     ("n_eval", n_eval), ("n_abstain_everyday", n_abstain_everyday),
+                     ("n_writer", n_writer), ("n_eval", n_eval), ("n_abstain_everyday", n_abstain_everyday),
                      ("n_abstain_outside", n_abstain_outside)):
         if n < 1:
             raise ValueError(f"{label} must be >= 1, got {n}")
@@ -449,6 +451,8 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
                                                    expert_rows(name, n_gate, seed, split="gate"))
     written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
     written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", complex_rows(n_coadapt, seed, off_topic=0.1, wide=True))
+    written["writer"] = _write_jsonl(out / "writer.jsonl", complex_rows(n_writer, seed, off_topic=0.1, wide=True,
+                                                                   writer=True))
     written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
     written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
     written["abstain_requests"] = write_abstention_requests(out, seed, n_abstain_everyday, n_abstain_outside)

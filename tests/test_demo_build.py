@@ -105,7 +105,26 @@ def test_rerun_resumes_without_training_again(built, monkeypatch):
         raise AssertionError("a finished stage was run again")
     monkeypatch.setattr("atmoe.train.expert.train_expert", no_training)
     monkeypatch.setattr("atmoe.train.router.train_router", no_training)
-    build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt")))
+    build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt", "reroute")))
+
+
+def test_reroute_swaps_the_shipped_router_and_a_cut_before_its_record_does_not_train_again(built, monkeypatch):
+    """The reroute stage trains the shipped router again on writer.jsonl (gates only: the experts stay as co-adapted)
+    and records the router it wrote; stage 2's loss log is kept beside it."""
+    from demo.routers import REROUTED, _sha256
+    folder = Path(built.out, COADAPTED[0].folder)
+    record = json.loads((folder / REROUTED).read_text())
+    assert record["data"] == "writer.jsonl" and record["steps"] == built.reroute_steps
+    assert record["router_sha256"] == _sha256(folder / "router.safetensors")
+    assert (folder / "coadapt.log.jsonl").exists() and (folder / "router.log.jsonl").exists()
+    assert _sha256(Path(built.work, "reroute", "router.safetensors")) == record["router_sha256"]
+
+    def no_training(*a, **k):
+        raise AssertionError("the rerouted router was trained again")
+    monkeypatch.setattr("atmoe.train.router.train_router", no_training)
+    (folder / REROUTED).unlink()                   # killed after the swap, before the record
+    build(dataclasses.replace(built, stages=("reroute",)))
+    assert json.loads((folder / REROUTED).read_text()) == record
 
 
 def test_rerun_of_the_evaluation_reuses_every_part(built, monkeypatch):

@@ -218,14 +218,16 @@ def test_flags_are_correct_with_a_clear_gap() -> None:
 
 
 def test_write_suite_writes_every_split(tmp_path) -> None:
-    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_coadapt=12, n_eval=6, n_abstain_everyday=4, n_abstain_outside=2)
+    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_coadapt=12, n_writer=8, n_eval=6, n_abstain_everyday=4,
+                 n_abstain_outside=2)
     written = write_suite(tmp_path / "s", seed=0, **sizes)
     expected = {**{f"expert:{e}": f"experts/{e}.jsonl" for e in EXPERTS},
                 **{f"gate:{e}": f"gate/{e}.jsonl" for e in EXPERTS},
-                "router_train": "router_train.jsonl", "coadapt": "coadapt.jsonl", "eval": "eval.jsonl",
+                "router_train": "router_train.jsonl", "coadapt": "coadapt.jsonl", "writer": "writer.jsonl",
+                "eval": "eval.jsonl",
                 "off_topic": "off_topic.jsonl", "abstain_requests": "abstain_requests.jsonl"}
     assert {k: p.relative_to(tmp_path / "s").as_posix() for k, p in written.items()} == expected
-    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 12, "eval": 6, "off_topic": 16,
+    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 12, "writer": 8, "eval": 6, "off_topic": 16,
               "abstain_requests": 6}
     for key, path in written.items():
         rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
