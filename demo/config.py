@@ -5,6 +5,7 @@ demo's command line and the dashboard.
     assets/coadapted/experts.json    stage 2, shipped: experts and router trained together (`COADAPTED`), then the
                                      router alone on an outside writer's wordings (the `reroute` stage, its record in
                                      reroute.json); `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load
+                                     by default
     <work>/stay_out/                 the shipped folder, its router given a stay-out head for requests that need no
                                      expert (`ABSTAIN`, the `abstain` stage, not in the default stages:
                                      docs/abstention.md)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from atmoe.load.base import base_signature, load_base
-from atmoe.load.files import atomic_write_json
+from atmoe.load.files import atomic_write_bytes, atomic_write_json
 from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
 from .config import COADAPTED, ROUTERS, SHIPPED, train_bf16
@@ -70,7 +69,9 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
         if (folder / "experts.json").exists() and not cfg.force:
             print(f"{v.name}: exists, skipped")
             continue
-        (folder / REROUTED).unlink(missing_ok=True)      # new co-adapted router: not rerouted yet
+        if v.shipped:                                    # a new co-adapted router is not rerouted yet
+            (folder / REROUTED).unlink(missing_ok=True)
+            rerouted(cfg).unlink(missing_ok=True)
         train_router(RouterTrainConfig(
             manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode, pooling=v.pooling,
             init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps,
@@ -82,6 +83,11 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
 REROUTED = "reroute.json"     # in the shipped folder: its router is the rerouted one (steps, rows, the router's hash)
 
 
+def rerouted(cfg: Any) -> Path:
+    """Where the reroute stage trains, before the router is swapped into the shipped folder."""
+    return Path(cfg.work) / "reroute" / "router.safetensors"
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -90,27 +96,25 @@ def build_reroute(cfg: Any, suite: Path, out: Path) -> None:
     """The shipped co-adapted router trained again alone (experts and stay-out head frozen, as they are) on
     `writer.jsonl`: stage 2's wordings plus an outside writer's (`suite.WRITER_PHRASES`), so it reads a request in
     words the project did not write (docs/facts.md, v8). Trained into the work folder, then swapped in atomically and
-    recorded in `reroute.json`; a rerun skips it, and one cut between the swap and the record only writes the record."""
+    recorded in `reroute.json`; a rerun skips it, and one cut before the record swaps in what was trained."""
     from atmoe.train.router import RouterTrainConfig, train_router
 
     folder = SHIPPED.path(cfg)
-    router, stamp = folder / "router.safetensors", folder / REROUTED
+    router, stamp, log = folder / "router.safetensors", folder / REROUTED, folder / "router.log.jsonl"
     if stamp.exists():
         print(f"reroute: {router} is rerouted already, skipped (the coadapt stage's next run makes a new one)")
         return
-    trained = Path(cfg.work) / "reroute" / "router.safetensors"
-    if not (trained.exists() and _sha256(trained) == _sha256(router)):
+    trained = rerouted(cfg)
+    if not trained.exists():
         train_router(RouterTrainConfig(
             manifest=str(folder / "experts.json"), data=str(suite / "writer.jsonl"), out=str(trained), base=cfg.base,
             mode=SHIPPED.mode, pooling=SHIPPED.pooling, init_router=str(router), steps=cfg.reroute_steps,
             batch_size=cfg.router_batch, lr=cfg.reroute_lr, max_length=320, bf16=train_bf16(),
             checkpoints=str(Path(cfg.work) / "checkpoints" / "reroute"), update_manifest=False))
-        log = folder / "router.log.jsonl"
-        if log.exists():
-            os.replace(log, folder / "coadapt.log.jsonl")              # stage 2's loss log, kept
-        for src, dst in ((trained.with_suffix(".log.jsonl"), log), (trained, router)):
-            shutil.copyfile(src, dst.with_suffix(".tmp"))
-            os.replace(dst.with_suffix(".tmp"), dst)
+    if log.exists() and not (folder / "coadapt.log.jsonl").exists():
+        os.replace(log, folder / "coadapt.log.jsonl")                  # stage 2's loss log, kept
+    atomic_write_bytes(log, trained.with_suffix(".log.jsonl").read_bytes())
+    atomic_write_bytes(router, trained.read_bytes())
     atomic_write_json(stamp, {"data": "writer.jsonl", "steps": cfg.reroute_steps, "lr": cfg.reroute_lr,
                               "batch_size": cfg.router_batch, "router_sha256": _sha256(router)})
     print(f"reroute: {router} trained on {suite / 'writer.jsonl'} ({cfg.reroute_steps} steps)")

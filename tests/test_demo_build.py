@@ -110,7 +110,8 @@ def test_rerun_resumes_without_training_again(built, monkeypatch):
 
 def test_reroute_swaps_the_shipped_router_and_a_cut_before_its_record_does_not_train_again(built, monkeypatch):
     """The reroute stage trains the shipped router again on writer.jsonl (gates only: the experts stay as co-adapted)
-    and records the router it wrote; stage 2's loss log is kept beside it."""
+    and records the router it wrote; stage 2's loss log is kept beside it. Cut after training, before the swap or
+    the record, a rerun swaps in what was trained without training again."""
     from demo.routers import REROUTED, _sha256
     folder = Path(built.out, COADAPTED[0].folder)
     record = json.loads((folder / REROUTED).read_text())
@@ -122,9 +123,15 @@ def test_reroute_swaps_the_shipped_router_and_a_cut_before_its_record_does_not_t
     def no_training(*a, **k):
         raise AssertionError("the rerouted router was trained again")
     monkeypatch.setattr("atmoe.train.router.train_router", no_training)
+    coadapt_log = (folder / "coadapt.log.jsonl").read_bytes()
     (folder / REROUTED).unlink()                   # killed after the swap, before the record
     build(dataclasses.replace(built, stages=("reroute",)))
     assert json.loads((folder / REROUTED).read_text()) == record
+    (folder / REROUTED).unlink()                   # killed before the swap: the co-adapted router still in place
+    (folder / "router.safetensors").write_bytes(b"not yet swapped")
+    build(dataclasses.replace(built, stages=("reroute",)))
+    assert json.loads((folder / REROUTED).read_text()) == record
+    assert (folder / "coadapt.log.jsonl").read_bytes() == coadapt_log
 
 
 def test_rerun_of_the_evaluation_reuses_every_part(built, monkeypatch):
