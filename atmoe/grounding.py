@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,24 @@ def unsupported_values(answer: str, *sources: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- grounded decoding
+@dataclass(frozen=True)
+class Reference:
+    """Values a skill writes that no prompt holds (a manifest expert's `values`, e.g. a reference range). With
+    `names`, only on a line that already names one of them: a measurement's range belongs after that measurement,
+    not after another's. Without, on any line. Names match as whole words; one in lower case in any case, one with a
+    capital as written ("T", "Ca": not "t" or "ca")."""
+
+    values: tuple[str, ...]
+    names: tuple[str, ...] = ()
+
+    @staticmethod
+    def pattern(names: Sequence[str]) -> re.Pattern[str]:
+        """Any of `names`, as a whole word, each with its case rule."""
+        alternatives = "|".join(f"(?i:{re.escape(n)})" if n == n.lower() else re.escape(n)
+                                for n in sorted(names, key=len, reverse=True))
+        return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+
+
 _TRAILING = re.compile(r"(?<![A-Za-z0-9.])\d+(?:\.\d*)?$")     # a value still being written at the end of a line
 _MAYBE_ORDINAL = re.compile(r"^\s*\d{1,3}\.?$")                 # "1" or "1." at a line start: may become "1. "
 
@@ -78,51 +97,72 @@ class NumberGuard:
     adds per row at the first step: `ATMoE` gives the reference values of the experts the routing engaged), the
     answer's current line, and which next tokens keep the answer grounded.
 
-    `mask(logits, left)` sets to -inf every token after which the answer would write a value no source holds, or
-    could not finish the value it is writing within the `left` tokens it may still write (the end of the answer
-    included: cut by its length, it never stops half-way through "12" of "120"); `advance(tokens)` records the
-    chosen ones. Decoding stays greedy or sampled over what is left. A list ordinal ("1. ") is not a value, as in
-    `numbers`; one may start at a line's beginning while there are tokens left to finish it."""
+    `mask(logits, left)` sets to -inf every token after which the answer would write a value no source holds (a
+    named reference value: on a line without its name), or could not finish the value it is writing within the
+    `left` tokens it may still write (the end of the answer included: cut by its length, it never stops half-way
+    through "12" of "120"); `advance(tokens)` records the chosen ones. Decoding stays greedy or sampled over what is
+    left. A list ordinal ("1. ") is not a value, as in `numbers`; one may start at a line's beginning while there are
+    tokens left to finish it."""
 
     def __init__(self, vocab: DigitVocab, sources: Sequence[str], end_ids: Sequence[int] = (),
-                 later: Callable[[], Sequence[Sequence[str]]] | None = None) -> None:
+                 later: Callable[[], Sequence[Sequence[Reference]]] | None = None) -> None:
         self.vocab, self.end_ids = vocab, list(end_ids)
-        self.rows = [{"known": set(), "need": {}, "line": ""} for _ in sources]
+        self.rows = [{"known": set(), "need": {}, "named": {}, "names": None, "line": ""} for _ in sources]
         for b, source in enumerate(sources):
             self.allow(b, numbers(source))
         self._later = later   # per row, more values, asked once at the first `mask` (e.g. once the prompt routed)
 
-    def allow(self, row: int, values: Sequence[str]) -> None:
-        """Row `row` may also write `values` (as spelled: "12" allows 12 and its prefix "1", "12.0" is another)."""
+    def allow(self, row: int, values: Sequence[str], names: Sequence[str] = ()) -> None:
+        """Row `row` may also write `values` (as spelled: "12" allows 12 and its prefix "1", "12.0" is another);
+        with `names`, only on a line naming one of them (`Reference`)."""
         r = self.rows[row]
+        known, need = (r["known"], r["need"]) if not names else (set(), {})
+        for n in names:   # a name in lower case is looked up folded ("Heart rate" → "heart rate"), one with a capital as is
+            r["named"].setdefault((n == n.lower(), n), []).append((known, need))
+        if names:
+            r["names"] = Reference.pattern([n for _, n in r["named"]])
         for sp in values:
-            r["known"].add(canonical(sp))
+            known.add(canonical(sp))
             for k in range(1, len(sp) + 1):   # a value's beginning → the characters left to finish it
-                r["need"][sp[:k]] = min(r["need"].get(sp[:k], len(sp)), len(sp) - k)
+                need[sp[:k]] = min(need.get(sp[:k], len(sp)), len(sp) - k)
+
+    @staticmethod
+    def _scope(row: dict, line: str) -> tuple[set[str], list[dict[str, int]]]:
+        """The values `line` may write (canonical), and per source of them, the characters that finish a prefix.
+        One scan of the line for every name (a name a longer one overlaps is missed: stricter, never looser)."""
+        hits = {m.group() for m in row["names"].finditer(line)} if row["named"] else ()
+        named = [x for h in hits for key in ((False, h), (True, h.lower())) for x in row["named"].get(key, ())]
+        if not named:
+            return row["known"], [row["need"]]
+        return row["known"].union(*(k for k, _ in named)), [row["need"], *(n for _, n in named)]
 
     def _grounded(self, row: dict, text: str, remaining: int) -> bool:
         """Whether the row's answer, once its current line continues with `text`, writes only known values, with
         `remaining` tokens still to come (0: it ends here) to finish a value the last line is writing."""
         *done, last = text.split("\n")
-        if any(canonical(v) not in row["known"] for line in done for v in numbers(line + "\n")):
-            return False
+        for line in done:
+            values = numbers(line + "\n")
+            if values and not {canonical(v) for v in values} <= self._scope(row, line)[0]:
+                return False
+        known, needs = self._scope(row, last)
         trailing = _TRAILING.search(last)
         if trailing is not None:
             value, last = trailing.group(), last[:trailing.start()]
-            finishes = row["need"].get(value, remaining + 1) <= remaining
-            full_stop = value.endswith(".") and canonical(value[:-1]) in row["known"]          # "K 5." = "K 5"
+            finishes = min(n.get(value, remaining + 1) for n in needs) <= remaining
+            full_stop = value.endswith(".") and canonical(value[:-1]) in known          # "K 5." = "K 5"
             ordinal = not last.strip() and _MAYBE_ORDINAL.match(value) and remaining >= 2 - value.endswith(".")
             if not (finishes or full_stop or ordinal):
                 return False
-        return all(canonical(v) in row["known"] for v in numbers(last))
+        return all(canonical(v) in known for v in numbers(last))
 
     def mask(self, logits: torch.Tensor, left: int = 1 << 30) -> torch.Tensor:
         """[B, V] logits → the same with every ungrounded token at -inf (in place); `left`: the tokens the answer
         may still write, this one included. Host work is a few string checks per digit token; the device sees one
         fill per row, over the vocabulary only while a value must go on."""
         if self._later is not None:
-            for b, values in enumerate(self._later()):
-                self.allow(b, values)
+            for b, references in enumerate(self._later()):
+                for ref in references:
+                    self.allow(b, ref.values, ref.names)
             self._later = None
         V = logits.shape[1]
         for b, row in enumerate(self.rows):

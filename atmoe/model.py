@@ -25,7 +25,7 @@ from torch import nn
 from .call import RoutingCall
 from .explain import Explanation
 from .generation import DecodeBuffers, GenerationSettings, cache_length, decode
-from .grounding import DigitVocab, NumberGuard
+from .grounding import DigitVocab, NumberGuard, Reference
 from .layout import GroupLayout
 from .load.base import check_signature, load_base
 from .load.experts import Expert, decoder_layers, fuse_experts, layer_index, read_expert, save_fused_expert
@@ -430,14 +430,14 @@ class ATMoE:
 
     def _number_guard(self, sources: Sequence[str], end_ids: Iterable[int], call: RoutingCall) -> NumberGuard:
         """Grounded decoding for one batch (`GenerationSettings.grounded`): each row may write the values of its
-        source and, once the prompt has routed, the reference values (`Manifest.reference_values`) of the experts
-        whose weight is above 0 on some layer — none when the stay-out head keeps the request out or every expert
-        is disabled."""
+        source and, once the prompt has routed, the reference values (`Manifest.reference_values`; a named one only
+        on a line that names it) of the experts whose weight is above 0 on some layer — none when the stay-out head
+        keeps the request out or every expert is disabled."""
         if self._digit_vocab is None:   # built once; a second build by a concurrent call is the same, and harmless
             self._digit_vocab = DigitVocab(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
         declared = self.manifest.reference_values if self.manifest else {}
 
-        def engaged() -> list[list[str]]:
+        def engaged() -> list[list[Reference]]:
             return [[v for name, x in zip(self.experts, row) if x > 0 for v in declared.get(name, [])]
                     for row in call.highest_weights().tolist()]
 

@@ -1,5 +1,5 @@
 """The demo's routers: the grouped-sigmoid router and its two ablations, trained alike on one data file; then the
-co-adapted experts and their router (`build_coadapted`); then the shipped router alone on an outside writer's
+co-adapted experts and their router (`build_coadapted`); then each co-adapted router alone on an outside writer's
 wordings (`build_reroute`).
 
 Equal steps, batch, learning rate and data for every router, so the evaluation table compares normalisations only:
@@ -19,7 +19,7 @@ from atmoe.load.base import base_signature, load_base
 from atmoe.load.files import atomic_write_bytes, atomic_write_json
 from atmoe.load.manifest import ExpertEntry, GroupEntry, Manifest
 
-from .config import COADAPTED, ROUTERS, SHIPPED, train_bf16
+from .config import COADAPTED, ROUTERS, SHIPPED, Coadapted, train_bf16
 from .portable import portable_path
 from .suite import EXPERT_DESCRIPTIONS, EXPERT_VALUES, GROUPS
 
@@ -69,9 +69,8 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
         if (folder / "experts.json").exists() and not cfg.force:
             print(f"{v.name}: exists, skipped")
             continue
-        if v.shipped:                                    # a new co-adapted router is not rerouted yet
-            (folder / REROUTED).unlink(missing_ok=True)
-            rerouted(cfg).unlink(missing_ok=True)
+        (folder / REROUTED).unlink(missing_ok=True)       # a new co-adapted router is not rerouted yet
+        rerouted(cfg, v).unlink(missing_ok=True)
         train_router(RouterTrainConfig(
             manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode, pooling=v.pooling,
             init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps,
@@ -80,12 +79,12 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
         print(f"{v.name}: written to {folder}")
 
 
-REROUTED = "reroute.json"     # in the shipped folder: its router is the rerouted one (steps, rows, the router's hash)
+REROUTED = "reroute.json"     # in a co-adapted folder: its router is the rerouted one (steps, rows, the router's hash)
 
 
-def rerouted(cfg: Any) -> Path:
-    """Where the reroute stage trains, before the router is swapped into the shipped folder."""
-    return Path(cfg.work) / "reroute" / "router.safetensors"
+def rerouted(cfg: Any, v: Coadapted = SHIPPED) -> Path:
+    """Where the reroute stage trains variant `v`'s router, before it is swapped into the variant's folder."""
+    return Path(cfg.work) / "reroute" / v.name / "router.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -93,28 +92,33 @@ def _sha256(path: Path) -> str:
 
 
 def build_reroute(cfg: Any, suite: Path, out: Path) -> None:
-    """The shipped co-adapted router trained again alone (experts and stay-out head frozen, as they are) on
-    `writer.jsonl`: stage 2's wordings plus an outside writer's (`suite.WRITER_PHRASES`), so it reads a request in
-    words the project did not write (docs/facts.md, v8). Trained into the work folder, then swapped in atomically and
-    recorded in `reroute.json`; a rerun skips it, and one cut before the record swaps in what was trained."""
+    """Each co-adapted router trained again alone (experts and stay-out head frozen, as they are) on `writer.jsonl`:
+    stage 2's wordings plus an outside writer's (`suite.WRITER_PHRASES`), so it reads a request in words the project
+    did not write (docs/facts.md, v8). The flat ablation is rerouted alike, so shipped − flat still compares groups
+    alone. Trained into the work folder, then swapped in atomically and recorded in `reroute.json`; a rerun skips
+    it, and one cut before the record swaps in what was trained."""
     from atmoe.train.router import RouterTrainConfig, train_router
 
-    folder = SHIPPED.path(cfg)
-    router, stamp, log = folder / "router.safetensors", folder / REROUTED, folder / "router.log.jsonl"
-    if stamp.exists():
-        print(f"reroute: {router} is rerouted already, skipped (the coadapt stage's next run makes a new one)")
-        return
-    trained = rerouted(cfg)
-    if not trained.exists():
-        train_router(RouterTrainConfig(
-            manifest=str(folder / "experts.json"), data=str(suite / "writer.jsonl"), out=str(trained), base=cfg.base,
-            mode=SHIPPED.mode, pooling=SHIPPED.pooling, init_router=str(router), steps=cfg.reroute_steps,
-            batch_size=cfg.router_batch, lr=cfg.reroute_lr, max_length=320, bf16=train_bf16(),
-            checkpoints=str(Path(cfg.work) / "checkpoints" / "reroute"), update_manifest=False))
-    if log.exists() and not (folder / "coadapt.log.jsonl").exists():
-        os.replace(log, folder / "coadapt.log.jsonl")                  # stage 2's loss log, kept
-    atomic_write_bytes(log, trained.with_suffix(".log.jsonl").read_bytes())
-    atomic_write_bytes(router, trained.read_bytes())
-    atomic_write_json(stamp, {"data": "writer.jsonl", "steps": cfg.reroute_steps, "lr": cfg.reroute_lr,
-                              "batch_size": cfg.router_batch, "router_sha256": _sha256(router)})
-    print(f"reroute: {router} trained on {suite / 'writer.jsonl'} ({cfg.reroute_steps} steps)")
+    for v in COADAPTED:
+        folder = v.path(cfg)
+        router, stamp, log = folder / "router.safetensors", folder / REROUTED, folder / "router.log.jsonl"
+        if stamp.exists():
+            print(f"reroute: {router} is rerouted already, skipped (the coadapt stage's next run makes a new one)")
+            continue
+        if not (folder / "experts.json").exists():
+            raise ValueError(f"reroute: {v.name} is not co-adapted yet ({folder / 'experts.json'} is missing): "
+                             "add the 'coadapt' stage")
+        trained = rerouted(cfg, v)
+        if not trained.exists():
+            train_router(RouterTrainConfig(
+                manifest=str(folder / "experts.json"), data=str(suite / "writer.jsonl"), out=str(trained),
+                base=cfg.base, mode=v.mode, pooling=v.pooling, init_router=str(router), steps=cfg.reroute_steps,
+                batch_size=cfg.router_batch, lr=cfg.reroute_lr, max_length=320, bf16=train_bf16(),
+                checkpoints=str(Path(cfg.work) / "checkpoints" / f"reroute-{v.name}"), update_manifest=False))
+        if log.exists() and not (folder / "coadapt.log.jsonl").exists():
+            os.replace(log, folder / "coadapt.log.jsonl")                  # stage 2's loss log, kept
+        atomic_write_bytes(log, trained.with_suffix(".log.jsonl").read_bytes())
+        atomic_write_bytes(router, trained.read_bytes())
+        atomic_write_json(stamp, {"data": "writer.jsonl", "steps": cfg.reroute_steps, "lr": cfg.reroute_lr,
+                                  "batch_size": cfg.router_batch, "router_sha256": _sha256(router)})
+        print(f"reroute: {router} trained on {suite / 'writer.jsonl'} ({cfg.reroute_steps} steps)")

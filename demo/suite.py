@@ -159,10 +159,12 @@ def answer(case: Case, task: str | None, knowledge: str | None = None, style: st
     return "\n".join(line(a, v, knowledge, style) for a, v in items)
 
 
-# The values an expert writes that no note holds: the reference ranges. The manifest declares them (`values`), so
-# grounded decoding (`GenerationSettings(grounded=True)`) lets the ranges expert write them and nothing else unheld.
-EXPERT_VALUES: dict[str, list[str]] = {
-    "ranges": sorted({m.fmt(x) for m in MEASURES.values() for x in (m.low, m.high)}, key=lambda v: (float(v), v))}
+# The values an expert writes that no note holds: the reference ranges, each with the names of its measurement. The
+# manifest declares them (`values`), so grounded decoding (`GenerationSettings(grounded=True)`) lets the ranges expert
+# write a measurement's range on that measurement's line, and nothing else unheld ("HR 41 (normal 150-400)", the
+# platelets' range after a heart rate, cannot be written).
+EXPERT_VALUES: dict[str, list[dict[str, list[str]]]] = {
+    "ranges": [{"names": [m.abbrev, m.lay], "values": [m.fmt(m.low), m.fmt(m.high)]} for m in MEASURES.values()]}
 
 
 # ---------------------------------------------------------------- instructions

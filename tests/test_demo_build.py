@@ -108,30 +108,45 @@ def test_rerun_resumes_without_training_again(built, monkeypatch):
     build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt", "reroute")))
 
 
-def test_reroute_swaps_the_shipped_router_and_a_cut_before_its_record_does_not_train_again(built, monkeypatch):
-    """The reroute stage trains the shipped router again on writer.jsonl (gates only: the experts stay as co-adapted)
-    and records the router it wrote; stage 2's loss log is kept beside it. Cut after training, before the swap or
-    the record, a rerun swaps in what was trained without training again."""
-    from demo.routers import REROUTED, _sha256
-    folder = Path(built.out, COADAPTED[0].folder)
-    record = json.loads((folder / REROUTED).read_text())
-    assert record["data"] == "writer.jsonl" and record["steps"] == built.reroute_steps
-    assert record["router_sha256"] == _sha256(folder / "router.safetensors")
-    assert (folder / "coadapt.log.jsonl").exists() and (folder / "router.log.jsonl").exists()
-    assert _sha256(Path(built.work, "reroute", "router.safetensors")) == record["router_sha256"]
+def test_reroute_swaps_each_coadapted_router_and_a_cut_before_its_record_does_not_train_again(built, monkeypatch):
+    """The reroute stage trains each co-adapted router again on writer.jsonl (gates only: the experts stay as
+    co-adapted), the shipped one and its flat ablation alike, and records the router it wrote; stage 2's loss log
+    is kept beside it. Cut after training, before the swap or the record, a rerun swaps in what was trained without
+    training again."""
+    from demo.routers import REROUTED, _sha256, rerouted
+    records = {}
+    for v in COADAPTED:
+        folder = v.path(built)
+        record = records[v.name] = json.loads((folder / REROUTED).read_text())
+        assert record["data"] == "writer.jsonl" and record["steps"] == built.reroute_steps
+        assert record["router_sha256"] == _sha256(folder / "router.safetensors")
+        assert (folder / "coadapt.log.jsonl").exists() and (folder / "router.log.jsonl").exists()
+        assert _sha256(rerouted(built, v)) == record["router_sha256"]
+        assert ATMoE.load(folder / "experts.json", device="cpu").router.config.mode == v.mode
+    assert len({r["router_sha256"] for r in records.values()}) == len(COADAPTED)
 
     def no_training(*a, **k):
         raise AssertionError("the rerouted router was trained again")
     monkeypatch.setattr("atmoe.train.router.train_router", no_training)
+    folder = COADAPTED[0].path(built)
     coadapt_log = (folder / "coadapt.log.jsonl").read_bytes()
     (folder / REROUTED).unlink()                   # killed after the swap, before the record
     build(dataclasses.replace(built, stages=("reroute",)))
-    assert json.loads((folder / REROUTED).read_text()) == record
+    assert json.loads((folder / REROUTED).read_text()) == records[COADAPTED[0].name]
     (folder / REROUTED).unlink()                   # killed before the swap: the co-adapted router still in place
     (folder / "router.safetensors").write_bytes(b"not yet swapped")
     build(dataclasses.replace(built, stages=("reroute",)))
-    assert json.loads((folder / REROUTED).read_text()) == record
+    assert json.loads((folder / REROUTED).read_text()) == records[COADAPTED[0].name]
     assert (folder / "coadapt.log.jsonl").read_bytes() == coadapt_log
+
+
+def test_reroute_without_a_coadapted_variant_says_which_stage_is_missing(built, tmp_path):
+    from demo.routers import REROUTED
+    cfg = dataclasses.replace(built, work=str(tmp_path / "work"), stages=("reroute",))
+    shutil.copytree(Path(built.work) / "suite", tmp_path / "work" / "suite")
+    assert (COADAPTED[0].path(cfg) / REROUTED).exists()      # the shipped one, in out, is done
+    with pytest.raises(ValueError, match=rf"{COADAPTED[1].name} is not co-adapted yet .*add the 'coadapt' stage"):
+        build(cfg)
 
 
 def test_rerun_of_the_evaluation_reuses_every_part(built, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 
 from demo.suite import (ALL_COMBOS, ALL_PHRASES, BLIND_PHRASES, EVAL_COMBOS, EXPERT_VALUES, FRESH_PHRASES, GROUPS,
                         HELDOUT_COMBOS, MEASURES, PHRASES, ROUTER_PHRASES, TRAIN_COMBOS, WRITER_PHRASES, Case, answer,
-                        complex_rows, expert_rows, note, sample_case, write_suite)
+                        complex_rows, expert_rows, line, note, sample_case, write_suite)
 
 EXPERTS = [e for names in GROUPS.values() for e in names]
 N_EXPERT, N_ROUTER, N_COADAPT = 1600, 1200, 2400   # write_suite's defaults: the sizes the build trains on
@@ -243,13 +243,20 @@ def test_write_suite_writes_every_split(tmp_path) -> None:
 
 
 def test_the_demo_manifests_declare_every_reference_range_value_and_only_the_ranges_expert_has_any():
-    """Grounded decoding lets an answer write the manifest's `values` beside the note's: the ranges expert's ranges."""
-    from atmoe.grounding import numbers
+    """Grounded decoding lets an answer write the manifest's `values` beside the note's: the ranges expert's ranges,
+    each on the line of its own measurement, whose names (as every reference line writes them) pick it alone."""
+    from atmoe.grounding import Reference, numbers
     from atmoe.load.manifest import Manifest
     from demo.config import SHIPPED_MANIFEST, STAGE1_MANIFEST
 
-    written = {v for m in MEASURES.values() for v in numbers(m.range_text)}
-    assert set(EXPERT_VALUES) == {"ranges"} and set(EXPERT_VALUES["ranges"]) == written
+    assert set(EXPERT_VALUES) == {"ranges"}
+    declared = [Reference(tuple(r["values"]), tuple(r["names"])) for r in EXPERT_VALUES["ranges"]]
+    assert [r.values for r in declared] == [tuple(numbers(m.range_text)) for m in MEASURES.values()]
+    for (abbrev, m), ref in zip(MEASURES.items(), declared):
+        for style in (None, "plain", "bullets"):
+            text = line(abbrev, m.fmt(m.low), "ranges", style)
+            hits = {m.group() for m in Reference.pattern([n for r in declared for n in r.names]).finditer(text)}
+            assert [r.names for r in declared if hits & set(r.names)] == [ref.names], text
     for path in (STAGE1_MANIFEST, SHIPPED_MANIFEST):
         manifest = Manifest.load(path)
         assert {e.name: e.values for _, e in manifest.experts if e.values} == EXPERT_VALUES, path

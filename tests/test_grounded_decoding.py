@@ -4,6 +4,7 @@ reference values) does not hold, whatever the logits say, and never stops half-w
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from tiny_models import tiny_demo
 
 from atmoe import ATMoE, Overrides
 from atmoe.generation import GenerationSettings, decode
-from atmoe.grounding import DigitVocab, NumberGuard, numbers, unsupported_values
+from atmoe.grounding import DigitVocab, NumberGuard, Reference, numbers, unsupported_values
 from atmoe.load.files import LoadError
 from atmoe.load.manifest import Manifest
 
@@ -25,11 +26,14 @@ END = 0
 
 
 class CharTokenizer:
+    def __init__(self, pieces: list[str] = PIECES) -> None:
+        self.pieces = pieces
+
     def __len__(self) -> int:
-        return len(PIECES)
+        return len(self.pieces)
 
     def batch_decode(self, ids, skip_special_tokens=False):
-        return [PIECES[i[0]] for i in ids]
+        return [self.pieces[i[0]] for i in ids]
 
 
 VOCAB = DigitVocab(CharTokenizer())
@@ -104,6 +108,31 @@ def test_a_value_is_never_left_half_written_at_the_length_limit():
     assert not torch.isfinite(guard.mask(want_one.clone(), 2)[0, PIECES.index("1")])  # "120" no longer fits
 
 
+def test_a_named_reference_value_is_writable_only_on_a_line_that_names_it():
+    """A measurement's range belongs after that measurement: the platelets' range is not the heart rate's (the one
+    invented value grounded decoding let through, docs/abstention.md). Names match whole, a capital one as written."""
+    pieces = ["", *"0123456789", " ", "HR", "Plt", "heart rate", "hr", "HRx", " (normal ", "-", ")"]
+    vocab = DigitVocab(CharTokenizer(pieces))
+
+    def writable(line: str) -> set[str]:
+        """The digits the guard allows next, after the answer's current line is `line` (one piece a step)."""
+        guard = NumberGuard(vocab, ["HR 41, Plt 120."], end_ids=[END])
+        guard.allow(0, ["60", "100"], names=["HR", "heart rate"])
+        guard.allow(0, ["150", "400"], names=["Plt", "platelets"])
+        for piece in re.findall("|".join(map(re.escape, sorted(pieces[1:], key=len, reverse=True))), line):
+            guard.advance([pieces.index(piece)])
+        allowed = guard.mask(torch.zeros(1, len(pieces)), 10)[0]
+        return {d for d in "0123456789" if torch.isfinite(allowed[pieces.index(d)])}
+
+    assert writable("HR 41 (normal ") == {"1", "4", "6"}       # 100, 120 (the note's), 41, 60: not 150 or 400
+    assert writable("HR 41 (normal 1") == {"0", "2"}
+    assert writable("heart rate 41 (normal ") == {"1", "4", "6"}
+    assert writable("Plt 120 (normal ") == {"1", "4"}          # 150, 120, 400, 41
+    assert writable("Plt 120 (normal 1") == {"2", "5"}
+    assert writable("hr 41 (normal ") == writable("HRx 41 (normal ") == {"1", "4"}   # no name: the note's alone
+    assert writable("HR 41 (normal 60-100) ") == {"1", "4", "6"}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return ATMoE.load(tiny_demo(tmp_path_factory.mktemp("grounded")), device="cpu")
@@ -168,7 +197,11 @@ def test_manifest_reference_values_are_read_and_checked(tmp_path):
     d = json.loads(path.read_text())
     d["groups"][1]["experts"][1]["values"] = ["135", "145"]
     path.write_text(json.dumps(d))
-    assert ATMoE.load(path, device="cpu").manifest.reference_values == {"ranges": ["135", "145"]}
-    d["groups"][1]["experts"][1]["values"] = "135-145"
-    with pytest.raises(LoadError, match="'values' must be a list of strings"):
-        Manifest.from_dict(d, root=path.parent)
+    assert ATMoE.load(path, device="cpu").manifest.reference_values == {"ranges": [Reference(("135", "145"))]}
+    d["groups"][1]["experts"][1]["values"] = ["1", {"names": ["Na", "sodium"], "values": ["135", "145"]}]
+    assert Manifest.from_dict(d, root=path.parent).reference_values == {
+        "ranges": [Reference(("1",)), Reference(("135", "145"), ("Na", "sodium"))]}
+    for bad in ("135-145", [{"names": ["Na"]}], [{"names": [], "values": ["135"]}], [{"names": "Na", "values": ["1"]}]):
+        d["groups"][1]["experts"][1]["values"] = bad
+        with pytest.raises(LoadError, match="'values' must be a list of strings or of"):
+            Manifest.from_dict(d, root=path.parent)

@@ -17,9 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..grounding import Reference
 from .files import LoadError, atomic_write_json, read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def _strings(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(s, str) and s for s in x)
+
+
+def _value_item(v: Any) -> bool:
+    """One item of an expert's `values`: a value, or values with the names of the lines they belong to."""
+    return isinstance(v, str) or (isinstance(v, dict) and set(v) == {"names", "values"} and _strings(v["names"])
+                                  and _strings(v["values"]))
 
 
 @dataclass
@@ -28,8 +39,10 @@ class ExpertEntry:
     path: str | None = None
     hub: str | None = None
     description: str = ""
-    values: list[str] | None = None   # values the skill writes that no prompt holds (reference ranges): grounded
-                                      # decoding allows them (GenerationSettings.grounded)
+    # Values the skill writes that no prompt holds (reference ranges): grounded decoding allows them
+    # (GenerationSettings.grounded). Each item a value (on any line) or {"names": [...], "values": [...]}: values
+    # allowed only on a line that names one of the names (a measurement's range after that measurement).
+    values: list[str | dict[str, list[str]]] | None = None
 
 
 @dataclass
@@ -54,9 +67,16 @@ class Manifest:
         return [(g.name, e) for g in self.groups for e in g.experts]
 
     @property
-    def reference_values(self) -> dict[str, list[str]]:
-        """Per expert, the values it declares it writes without a prompt holding them (`values`: reference ranges)."""
-        return {e.name: list(e.values) for _, e in self.experts if e.values}
+    def reference_values(self) -> dict[str, list[Reference]]:
+        """Per expert, the values it declares it writes without a prompt holding them (`values`: reference ranges):
+        its plain values as one `Reference`, then one per named item."""
+        out = {}
+        for _, e in self.experts:
+            if e.values:
+                anywhere = tuple(v for v in e.values if isinstance(v, str))
+                out[e.name] = ([Reference(anywhere)] if anywhere else []) + [
+                    Reference(tuple(v["values"]), tuple(v["names"])) for v in e.values if isinstance(v, dict)]
+        return out
 
     def resolve(self, relative: str, what: str) -> Path:
         """A path inside the manifest's folder; refuses absolute paths and `..` escapes (symlinks included)."""
@@ -119,8 +139,9 @@ class Manifest:
                     raise fail(f"expert #{ei} of group '{g['name']}' must be an object with name, path|hub, "
                                "description, values")
                 values = e.get("values")
-                if values is not None and not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
-                    raise fail(f"expert '{e.get('name')}': 'values' must be a list of strings")
+                if values is not None and not (isinstance(values, list) and all(map(_value_item, values))):
+                    raise fail(f"expert '{e.get('name')}': 'values' must be a list of strings or of "
+                               '{"names": [strings], "values": [strings]}')
                 if any(e.get(k) is not None and not isinstance(e[k], str) for k in ("name", "path", "hub",
                                                                                     "description")):
                     raise fail(f"expert #{ei} of group '{g['name']}': fields must be strings")
