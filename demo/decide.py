@@ -4,6 +4,7 @@ and without a router, on enough held-out rows that each paired 95 % interval can
     python -m demo.decide [--manifest assets/coadapted/experts.json] [--n 512] [--out runs/decide/shipped.json]
     python -m demo.decide --manifest <flat model> --systems shipped --against runs/decide/shipped.json ...
     python -m demo.decide --pair runs/v5/decide_heldout.json runs/decide/shipped.json    (two stored reports, paired)
+    python -m demo.decide --pair A_heldout.json,A_fresh.json B_heldout.json,B_fresh.json   (sets pooled)
     python -m demo.decide --check-stored assets/eval/results.json      (how far the shortcut below agrees with greedy)
 
 Score: *fully right*, the answer token for token equal to the reference. It is decided without generating: greedy
@@ -212,15 +213,37 @@ def _read_report(path: str) -> dict[str, Any]:
     return report
 
 
-def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
-    """`report`'s shipped column − `other`'s, row by row: both must have run the same rows."""
+def _paired_rows(report: dict[str, Any], other: dict[str, Any], name: str
+                 ) -> tuple[np.ndarray, np.ndarray, list[list[tuple[str, int]]]]:
+    """Both shipped columns and the rows' wordings: both reports must have run the same rows."""
     key = ("n", "seed", "wordings")
     if tuple(other.get(k, "heldout") for k in key) != tuple(report.get(k, "heldout") for k in key):
         raise ValueError(f"{name} ran other rows (n {other['n']}, seed {other['seed']}, wordings "
                          f"{other.get('wordings', 'heldout')})")
     wordings = report.get("wordings", "heldout")
     rows = complex_rows(report["n"], seed=report["seed"], heldout=True, wordings=wordings)
-    return paired(np.array(report["rows"]["shipped"]), np.array(other["rows"]["shipped"]), wording_ids(rows, wordings))
+    return np.array(report["rows"]["shipped"]), np.array(other["rows"]["shipped"]), wording_ids(rows, wordings)
+
+
+def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
+    """`report`'s shipped column − `other`'s, row by row: both must have run the same rows."""
+    return pool_reports([(report, other, name)])
+
+
+def pool_reports(pairs: list[tuple[dict[str, Any], dict[str, Any], str]]) -> dict[str, Any]:
+    """The same difference over several sets of rows at once (e.g. the three held-out wordings), each (report,
+    other, other's name) paired row by row; the wording interval draws a skill's wordings from all the sets'."""
+    sets = [r.get("wordings", "heldout") for r, _, _ in pairs]
+    if len(set(sets)) != len(sets):
+        raise ValueError(f"pooled reports must each ask other wordings, got {', '.join(sets)}")
+    a, b, ids, offset = [], [], [], dict.fromkeys(heldout_phrases(sets[0]), 0)
+    for pair, wordings in zip(pairs, sets):
+        x, y, i = _paired_rows(*pair)
+        a.append(x)
+        b.append(y)
+        ids += [[(e, k + offset[e]) for e, k in row] for row in i]      # wording k of this set, after the others'
+        offset = {e: offset[e] + len(p) for e, p in heldout_phrases(wordings).items()}
+    return paired(np.concatenate(a), np.concatenate(b), ids)
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -240,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--out", default="runs/decide/shipped.json")
     p.add_argument("--against", default="", help="another model's report on the same rows: pair its shipped column")
-    p.add_argument("--pair", nargs=2, default=None, metavar="REPORT",
-                   help="pair two stored reports' shipped columns (same rows), print both intervals, run nothing")
+    p.add_argument("--pair", nargs=2, default=None, metavar="REPORTS",
+                   help="pair two stored reports' shipped columns (same rows), print both intervals, run nothing; "
+                        "comma-separated lists (A1,A2 B1,B2) pool several sets of rows, paired by position")
     p.add_argument("--check-stored", default="", metavar="RESULTS", help="compare the shortcut with stored answers")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated, shipped first (another model paired with --against needs only shipped)")
@@ -260,9 +284,14 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(check_stored(a.check_stored, a.manifest, a.device), indent=1))
             return
         if a.pair:
-            first, second = (_read_report(f) for f in a.pair)
-            d = pair_reports(first, second, a.pair[1])
-            print(f"{first['manifest']} − {second['manifest']} ({first['n']} rows, {first.get('wordings', 'heldout')} "
+            firsts, seconds = (a.pair[0].split(","), a.pair[1].split(","))
+            if len(firsts) != len(seconds):
+                raise ValueError(f"--pair needs as many reports on each side, got {len(firsts)} and {len(seconds)}")
+            pairs = [(_read_report(f), _read_report(g), g) for f, g in zip(firsts, seconds)]
+            d = pool_reports(pairs)
+            first, second = pairs[0][0], pairs[0][1]
+            sets = ", ".join(r.get("wordings", "heldout") for r, _, _ in pairs)
+            print(f"{first['manifest']} − {second['manifest']} ({sum(r['n'] for r, _, _ in pairs)} rows, {sets} "
                   f"wordings): {d['diff']:+.3f}, rows resampled [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], wordings "
                   f"resampled [{d['ci95_wordings'][0]:+.3f}, {d['ci95_wordings'][1]:+.3f}]")
             return

@@ -94,6 +94,34 @@ def test_two_stored_reports_are_paired_without_a_model(tmp_path, capsys):
         main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "d.json")])
 
 
+def test_reports_on_each_held_out_set_pool_into_one_difference(tmp_path, capsys):
+    """Pooled, the rows add up and a skill's wordings are drawn from every set's: a difference carried by one set
+    alone is certain row by row and not wording by wording."""
+    import json
+
+    from demo.decide import main, pool_reports
+    reports = {}
+    for w, n in (("heldout", 48), ("fresh", 48), ("blind", 36)):
+        reports[w] = {"manifest": "a", "n": n, "seed": 24, "wordings": w, "rows": {"shipped": [int(w == "blind")] * n}}
+        reports["o" + w] = {**reports[w], "manifest": "b", "rows": {"shipped": [0] * n}}
+    for name, r in reports.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    pooled = pool_reports([(reports[w], reports["o" + w], w) for w in ("heldout", "fresh", "blind")])
+    assert pooled["diff"] == 36 / 132 and pooled["ci95"][0] > 0.15
+    assert pooled["ci95_wordings"][0] < pooled["ci95"][0] and pooled["width_wordings"] > pooled["width"]
+    alone = pool_reports([(reports["blind"], reports["oblind"], "blind")])
+    assert alone["ci95"] == alone["ci95_wordings"] == [1.0, 1.0]
+
+    def files(*names: str) -> str:
+        return ",".join(str(tmp_path / f"{n}.json") for n in names)
+    main(["--pair", files("heldout", "fresh", "blind"), files("oheldout", "ofresh", "oblind")])
+    assert capsys.readouterr().out.startswith("a − b (132 rows, heldout, fresh, blind wordings): +0.273, rows")
+    with pytest.raises(SystemExit, match=r"^error: --pair needs as many reports on each side, got 2 and 1$"):
+        main(["--pair", files("heldout", "fresh"), files("oheldout")])
+    with pytest.raises(SystemExit, match=r"^error: pooled reports must each ask other wordings, got heldout, heldout"):
+        main(["--pair", files("heldout", "heldout"), files("oheldout", "oheldout")])
+
+
 @pytest.mark.parametrize("systems", ["uniform", "shipped,flat", ""])
 def test_systems_other_than_shipped_first_are_refused_in_one_line(systems):
     from demo.decide import main
