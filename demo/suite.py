@@ -161,7 +161,7 @@ def answer(case: Case, task: str | None, knowledge: str | None = None, style: st
 
 # The values an expert writes that no note holds: the reference ranges, each with the names of its measurement. The
 # manifest declares them (`values`), so grounded decoding (`GenerationSettings(grounded=True)`) lets the ranges expert
-# write a measurement's range on that measurement's line, and nothing else unheld ("HR 41 (normal 150-400)", the
+# write a measurement's range on that measurement's line, and nothing else unheld ("heart rate 41 (normal 150-400)", the
 # platelets' range after a heart rate, cannot be written).
 EXPERT_VALUES: dict[str, list[dict[str, list[str]]]] = {
     "ranges": [{"names": [m.abbrev, m.lay], "values": [m.fmt(m.low), m.fmt(m.high)]} for m in MEASURES.values()]}
