@@ -63,9 +63,12 @@ def held_out_rows(n: int, wordings: str = "heldout") -> list[Row]:
 
 
 def _overrides(m: ATMoE, system: str, rows: list[Row]) -> tuple[Any, list[Any]]:
-    """(router, overrides per row) of a system."""
+    """(router, overrides per row) of a system; "off:<group>" is the router with that group's experts disabled."""
     if system == "shipped":
         return m.router, [None] * len(rows)
+    if system.startswith("off:"):
+        from atmoe.overrides import Overrides
+        return m.router, [Overrides(disabled=m.layout.experts_of(system[4:]))] * len(rows)
     if system == "uniform":
         from atmoe.model import new_router
         return new_router(m, mode="flat"), [None] * len(rows)
