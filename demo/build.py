@@ -2,7 +2,8 @@
 
     suite → experts (PEFT LoRA, each gated on fresh rows of its own skill) → manifest → routers
           → co-adaptation (experts and router trained together on composed answers)
-          → reroute (the shipped router alone, on an outside writer's wordings too) → evaluation
+          → reroute (the shipped router alone, on an outside writer's wordings too)
+          → cover (the experts alone, on every combination: the two held out so far included) → evaluation
     abstain (only when named): the shipped router gets a stay-out head, gates and experts untouched (`abstain.py`)
 
 Each stage skips outputs that already exist (an expert only once its gate passed), and the Trainer resumes an
@@ -27,7 +28,7 @@ from .abstain import build_abstain
 from .evaluate import evaluate_demo
 from .metrics import score
 from .portable import base_identity, make_portable
-from .routers import build_coadapted, build_reroute, build_routers
+from .routers import build_coadapted, build_cover, build_reroute, build_routers
 from .suite import EXPERT_DESCRIPTIONS, GROUPS, write_suite
 
 GATE = 0.90   # an expert alone must reach this mean line F1 on fresh rows of its own skill
@@ -128,9 +129,10 @@ def build(cfg: BuildConfig) -> None:
     out, work = Path(cfg.out), Path(cfg.work)
     suite = work / "suite"
     if "suite" in cfg.stages and (cfg.force or not all((suite / f).exists()
-                                                       for f in ("eval.jsonl", "coadapt.jsonl", "writer.jsonl"))):
+                                                       for f in ("eval.jsonl", "coadapt.jsonl", "writer.jsonl",
+                                                                 "cover.jsonl"))):
         write_suite(suite, seed=0, **cfg.suite_sizes)
-    training = [s for s in ("experts", "routers", "coadapt", "reroute", "abstain") if s in cfg.stages]
+    training = [s for s in ("experts", "routers", "coadapt", "reroute", "cover", "abstain") if s in cfg.stages]
     if (suite / "eval.jsonl").exists():
         (out / "data").mkdir(parents=True, exist_ok=True)
         for name in ("eval.jsonl", "off_topic.jsonl"):   # the held-out sets ship (dashboard examples, evaluation)
@@ -146,6 +148,8 @@ def build(cfg: BuildConfig) -> None:
         build_coadapted(cfg, suite, out)
     if "reroute" in cfg.stages:
         build_reroute(cfg, suite, out)
+    if "cover" in cfg.stages:
+        build_cover(cfg, suite, out)
     if "abstain" in cfg.stages:
         build_abstain(cfg, suite, out)
     if training:
@@ -161,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default=defaults.work)
     p.add_argument("--base", default=None)
     p.add_argument("--expert-steps", type=float, default=defaults.expert_steps, help="scale of EXPERT_STEPS")
-    for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "reroute_steps", "eval_n", "gate_n",
-              "abstain_everyday", "abstain_outside", "abstain_steps", "abstain_validation", "abstain_validation_skill"):
+    for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "reroute_steps", "cover_steps", "eval_n",
+              "gate_n", "abstain_everyday", "abstain_outside", "abstain_steps", "abstain_validation",
+              "abstain_validation_skill"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(defaults, k))
     p.add_argument("--expert-lr", type=float, default=defaults.expert_lr)
     p.add_argument("--router-lr", type=float, default=defaults.router_lr)

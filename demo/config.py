@@ -4,7 +4,8 @@ demo's command line and the dashboard.
     assets/experts.json              stage 1: the experts trained apart, with their routers (`ROUTERS`)
     assets/coadapted/experts.json    stage 2, shipped: experts and router trained together (`COADAPTED`), then the
                                      router alone on an outside writer's wordings (the `reroute` stage, its record in
-                                     reroute.json); `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load
+                                     reroute.json), then the experts alone on every combination (the `cover` stage,
+                                     cover.json); `SHIPPED_MANIFEST`, what `python -m demo` and the dashboard load
                                      by default
     <work>/stay_out/                 the shipped folder, its router given a stay-out head for requests that need no
                                      expert (`ABSTAIN`, the `abstain` stage, not in the default stages:
@@ -49,7 +50,8 @@ class BuildConfig:
     coadapt_expert_lr: float = 1e-3
     reroute_steps: int = 150                # the shipped router alone, over writer.jsonl (half its 2,400 rows)
     reroute_lr: float = 1e-3
-    stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "reroute", "eval")
+    cover_steps: int = 60                   # the co-adapted experts alone, over cover.jsonl (its 480 rows once)
+    stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "reroute", "cover", "eval")
     quick: bool = False
     force: bool = False
     suite_sizes: dict[str, int] = field(default_factory=dict)
@@ -65,21 +67,23 @@ class BuildConfig:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
         if not self.expert_steps > 0:
             raise ValueError(f"expert_steps must be > 0, got {self.expert_steps}")
-        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "reroute_steps", "eval_n", "gate_n",
-                  "abstain_everyday", "abstain_outside", "abstain_steps", "abstain_validation_skill"):
+        for k in ("expert_batch", "router_steps", "router_batch", "coadapt_steps", "reroute_steps", "cover_steps",
+                  "eval_n", "gate_n", "abstain_everyday", "abstain_outside", "abstain_steps",
+                  "abstain_validation_skill"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not 0 <= self.abstain_validation < self.abstain_everyday:
             raise ValueError(f"abstain_validation must be in [0, abstain_everyday), got {self.abstain_validation}")
         if self.quick:
             self.suite_sizes = {"n_expert": 16, "n_gate": 4, "n_router": 24, "n_coadapt": 24, "n_writer": 24,
-                                "n_eval": 8, "n_abstain_everyday": 8, "n_abstain_outside": 4}
+                                "n_cover": 24, "n_eval": 8, "n_abstain_everyday": 8, "n_abstain_outside": 4}
             self.gate_n, self.eval_n = 4, 8
             self.abstain_everyday, self.abstain_outside = 8, 4
             self.abstain_validation, self.abstain_validation_skill, self.abstain_steps = 2, 4, 20
 
 
-STAGES = ("suite", "experts", "routers", "coadapt", "reroute", "eval", "abstain")   # the default: all but "abstain"
+# the default: all but "abstain"
+STAGES = ("suite", "experts", "routers", "coadapt", "reroute", "cover", "eval", "abstain")
 
 
 # Routers the demo trains: (name in the table, mode, file). The manifest's default is the first.

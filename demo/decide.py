@@ -5,7 +5,10 @@ and without a router, on enough held-out rows that each paired 95 % interval can
     python -m demo.decide --manifest <flat model> --systems shipped --against runs/decide/shipped.json ...
     python -m demo.decide --pair runs/v5/decide_heldout.json runs/decide/shipped.json    (two stored reports, paired)
     python -m demo.decide --pair A_heldout.json,A_fresh.json B_heldout.json,B_fresh.json   (sets pooled)
+    python -m demo.decide --pair A.json B.json --skills 2          (only the rows that need two experts)
+    python -m demo.decide --pair A.json B.json --let-in assets/coadapted/experts.json   (only rows its head lets in)
     python -m demo.decide --check-stored assets/eval/results.json      (how far the shortcut below agrees with greedy)
+    python -m demo.decide --n 576 --write-rows runs/facts576/heldout.jsonl   (the rows, for `demo.evaluate --data`)
 
 Score: *fully right*, the answer token for token equal to the reference. It is decided without generating: greedy
 decoding writes the reference, then stops, exactly when — reading prompt + reference + EOS in one forward — the argmax
@@ -52,7 +55,7 @@ from atmoe.train.data import Example
 from atmoe.train.stay_out import kept_out
 
 from .evaluate import Row, bootstrap_ci, layer_constant
-from .suite import WORDINGS, complex_rows, heldout_phrases
+from .suite import WORDINGS, complex_rows, heldout_phrases, write_jsonl
 
 DECIDE_SEED = 24        # not the table's seed (0): other notes, same held-out phrasings
 SYSTEMS = ("shipped", "layer_constant", "uniform")
@@ -167,7 +170,7 @@ def paired(a: np.ndarray, b: np.ndarray, ids: list[list[tuple[str, int]]] | None
     """shipped − other, with the row bootstrap's interval and, given the rows' wordings, the wording bootstrap's."""
     d = a.astype(float) - b.astype(float)
     lo, hi = bootstrap_ci(d)
-    out = {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo}
+    out = {"diff": float(d.mean()), "ci95": [lo, hi], "width": hi - lo, "n": int(d.size)}
     if ids is not None:
         wlo, whi = wording_ci(d, ids)
         out |= {"ci95_wordings": [wlo, whi], "width_wordings": whi - wlo}
@@ -216,16 +219,22 @@ def _read_report(path: str) -> dict[str, Any]:
     return report
 
 
-def _paired_rows(report: dict[str, Any], other: dict[str, Any], name: str
-                 ) -> tuple[np.ndarray, np.ndarray, list[list[tuple[str, int]]]]:
-    """Both shipped columns and the rows' wordings: both reports must have run the same rows."""
+def _paired_rows(report: dict[str, Any], other: dict[str, Any], name: str, skills: int | None = None,
+                 let_in: ATMoE | None = None) -> tuple[np.ndarray, np.ndarray, list[list[tuple[str, int]]]]:
+    """Both shipped columns and the rows' wordings (only the rows needing `skills` experts, and only those the
+    stay-out head of `let_in` lets in, when given): both reports must have run the same rows."""
     key = ("n", "seed", "wordings")
     if tuple(other.get(k, "heldout") for k in key) != tuple(report.get(k, "heldout") for k in key):
         raise ValueError(f"{name} ran other rows (n {other['n']}, seed {other['seed']}, wordings "
                          f"{other.get('wordings', 'heldout')})")
     wordings = report.get("wordings", "heldout")
     rows = complex_rows(report["n"], seed=report["seed"], heldout=True, wordings=wordings)
-    return np.array(report["rows"]["shipped"]), np.array(other["rows"]["shipped"]), wording_ids(rows, wordings)
+    out = kept_out(let_in, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows]) \
+        if let_in is not None else np.zeros(len(rows), bool)
+    keep = [i for i, r in enumerate(rows) if (skills is None or len(r["experts"]) == skills) and not out[i]]
+    ids = wording_ids(rows, wordings)
+    return (np.array(report["rows"]["shipped"])[keep], np.array(other["rows"]["shipped"])[keep],
+            [ids[i] for i in keep])
 
 
 def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> dict[str, Any]:
@@ -233,15 +242,18 @@ def pair_reports(report: dict[str, Any], other: dict[str, Any], name: str) -> di
     return pool_reports([(report, other, name)])
 
 
-def pool_reports(pairs: list[tuple[dict[str, Any], dict[str, Any], str]]) -> dict[str, Any]:
+def pool_reports(pairs: list[tuple[dict[str, Any], dict[str, Any], str]], skills: int | None = None,
+                 let_in: ATMoE | None = None) -> dict[str, Any]:
     """The same difference over several sets of rows at once (e.g. the three held-out wordings), each (report,
-    other, other's name) paired row by row; the wording interval draws a skill's wordings from all the sets'."""
+    other, other's name) paired row by row; the wording interval draws a skill's wordings from all the sets'.
+    `skills`: only the rows that need that many experts (2 or 3); `let_in`: only the rows that model's stay-out
+    head lets in (to compare routers where only one of the two models has a head)."""
     sets = [r.get("wordings", "heldout") for r, _, _ in pairs]
     if len(set(sets)) != len(sets):
         raise ValueError(f"pooled reports must each ask other wordings, got {', '.join(sets)}")
     a, b, ids, offset = [], [], [], dict.fromkeys(heldout_phrases(sets[0]), 0)
     for pair, wordings in zip(pairs, sets):
-        x, y, i = _paired_rows(*pair)
+        x, y, i = _paired_rows(*pair, skills=skills, let_in=let_in)
         a.append(x)
         b.append(y)
         ids += [[(e, k + offset[e]) for e, k in row] for row in i]      # wording k of this set, after the others'
@@ -275,6 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wordings", choices=WORDINGS, default="heldout",
                    help="the suite's held-out phrasings, the fresh ones (`suite.FRESH_PHRASES`, never diagnosed) "
                         "or the blind writer's (`suite.BLIND_PHRASES`)")
+    p.add_argument("--skills", type=int, choices=(2, 3), default=None,
+                   help="with --pair: only the rows that need this many experts")
+    p.add_argument("--let-in", default="", metavar="MANIFEST",
+                   help="with --pair: only the rows this model's stay-out head lets in (a routing pass)")
+    p.add_argument("--write-rows", default="", metavar="JSONL",
+                   help="write the --n held-out rows of --wordings here (for `demo.evaluate --data`), run nothing")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     try:
@@ -283,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         systems = tuple(s for s in a.systems.split(",") if s)
         if not systems or systems[0] != "shipped" or set(systems) - set(SYSTEMS):
             raise ValueError(f"--systems must start with shipped and name only {', '.join(SYSTEMS)}, got {a.systems!r}")
+        if a.write_rows:
+            write_jsonl(Path(a.write_rows), held_out_rows(a.n, a.wordings))
+            print(f"{a.n} held-out rows ({a.wordings} wordings, seed {DECIDE_SEED}) in {a.write_rows}")
+            return
         if a.check_stored:
             print(json.dumps(check_stored(a.check_stored, a.manifest, a.device), indent=1))
             return
@@ -291,10 +313,12 @@ def main(argv: list[str] | None = None) -> None:
             if len(firsts) != len(seconds):
                 raise ValueError(f"--pair needs as many reports on each side, got {len(firsts)} and {len(seconds)}")
             pairs = [(_read_report(f), _read_report(g), g) for f, g in zip(firsts, seconds)]
-            d = pool_reports(pairs)
+            d = pool_reports(pairs, a.skills, ATMoE.load(a.let_in, device=a.device) if a.let_in else None)
             first, second = pairs[0][0], pairs[0][1]
             sets = ", ".join(r.get("wordings", "heldout") for r, _, _ in pairs)
-            print(f"{first['manifest']} − {second['manifest']} ({sum(r['n'] for r, _, _ in pairs)} rows, {sets} "
+            which = f"{d['n']} rows" + (f" needing {a.skills} experts" if a.skills else "") + \
+                (f" let in by {a.let_in}'s stay-out head" if a.let_in else "")
+            print(f"{first['manifest']} − {second['manifest']} ({which}, {sets} "
                   f"wordings): {d['diff']:+.3f}, rows resampled [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], wordings "
                   f"resampled [{d['ci95_wordings'][0]:+.3f}, {d['ci95_wordings'][1]:+.3f}]")
             return

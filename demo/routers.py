@@ -11,6 +11,7 @@ Equal steps, batch, learning rate and data for every router, so the evaluation t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,8 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
         if (folder / "experts.json").exists() and not cfg.force:
             print(f"{v.name}: exists, skipped")
             continue
-        (folder / REROUTED).unlink(missing_ok=True)       # a new co-adapted router is not rerouted yet
-        rerouted(cfg, v).unlink(missing_ok=True)
+        for stale in (folder / REROUTED, folder / COVERED, rerouted(cfg, v), covered(cfg, v) / "experts.json"):
+            stale.unlink(missing_ok=True)               # new co-adapted experts and router: not rerouted, not covered
         train_router(RouterTrainConfig(
             manifest=str(out / "experts.json"), data=str(data), base=cfg.base, mode=v.mode, pooling=v.pooling,
             init_router=str(out / v.init), train_experts=True, experts_out=str(folder), steps=cfg.coadapt_steps,
@@ -80,6 +81,7 @@ def build_coadapted(cfg: Any, suite: Path, out: Path) -> None:
 
 
 REROUTED = "reroute.json"     # in a co-adapted folder: its router is the rerouted one (steps, rows, the router's hash)
+COVERED = "cover.json"        # in a co-adapted folder: its experts are the covered ones (steps, rows, their hashes)
 
 
 def rerouted(cfg: Any, v: Coadapted = SHIPPED) -> Path:
@@ -122,3 +124,48 @@ def build_reroute(cfg: Any, suite: Path, out: Path) -> None:
         atomic_write_json(stamp, {"data": "writer.jsonl", "steps": cfg.reroute_steps, "lr": cfg.reroute_lr,
                                   "batch_size": cfg.router_batch, "router_sha256": _sha256(router)})
         print(f"reroute: {router} trained on {suite / 'writer.jsonl'} ({cfg.reroute_steps} steps)")
+
+
+def covered(cfg: Any, v: Coadapted = SHIPPED) -> Path:
+    """Where the cover stage trains variant `v`'s experts, before they are swapped into the variant's folder."""
+    return Path(cfg.work) / "cover" / v.name
+
+
+def build_cover(cfg: Any, suite: Path, out: Path) -> None:
+    """Each rerouted variant's experts trained once more, alone (the router frozen as rerouted), on
+    `cover.jsonl`: every combination, the two that stages 1-2 held out included. Those two measured how the
+    composition generalises to combinations never trained (docs/evaluation.md); a clinical tool must have their
+    facts right too, and what they got wrong was coverage: no training line ever flagged a lab under its lay name or
+    put a range on a bulleted vital sign (docs/facts.md, v9). The flat ablation is covered alike. Trained into the
+    work folder, then each expert's weights swapped in atomically and the whole recorded in `cover.json`; a rerun
+    skips it, and one cut before the record swaps in what was trained."""
+    from atmoe.train.router import RouterTrainConfig, train_router
+
+    for v in COADAPTED:
+        folder = v.path(cfg)
+        stamp, trained = folder / COVERED, covered(cfg, v)
+        if stamp.exists():
+            print(f"cover: {folder} is covered already, skipped (the coadapt stage's next run makes new experts)")
+            continue
+        if not (folder / REROUTED).exists():
+            raise ValueError(f"cover: {v.name} is not rerouted yet ({folder / REROUTED} is missing): "
+                             "add the 'reroute' stage")
+        if not (trained / "experts.json").exists():
+            train_router(RouterTrainConfig(
+                manifest=str(folder / "experts.json"), data=str(suite / "cover.jsonl"), base=cfg.base, mode=v.mode,
+                pooling=v.pooling, init_router=str(folder / "router.safetensors"), train_experts=True,
+                experts_out=str(trained), freeze_router=True, steps=cfg.cover_steps, batch_size=cfg.router_batch,
+                expert_lr=cfg.coadapt_expert_lr, max_length=320, bf16=train_bf16(),
+                checkpoints=str(Path(cfg.work) / "checkpoints" / f"cover-{v.name}"), update_manifest=False))
+        hashes = {}
+        for expert in sorted(p.name for p in (trained / "experts").iterdir()):
+            weights = trained / "experts" / expert / "adapter_model.safetensors"
+            record = json.loads((folder / "experts" / expert / "atmoe_expert.json").read_text(encoding="utf-8"))
+            trained_record = json.loads((weights.parent / "atmoe_expert.json").read_text(encoding="utf-8"))
+            record["covered"] = trained_record["coadapted"]
+            atomic_write_bytes(folder / "experts" / expert / "adapter_model.safetensors", weights.read_bytes())
+            atomic_write_json(folder / "experts" / expert / "atmoe_expert.json", record)
+            hashes[expert] = _sha256(weights)
+        atomic_write_json(stamp, {"data": "cover.jsonl", "steps": cfg.cover_steps, "expert_lr": cfg.coadapt_expert_lr,
+                                  "batch_size": cfg.router_batch, "router": "frozen", "experts_sha256": hashes})
+        print(f"cover: {folder}'s experts trained on {suite / 'cover.jsonl'} ({cfg.cover_steps} steps)")

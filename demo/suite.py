@@ -22,6 +22,9 @@ Splits (every row {"instruction", "input", "output", "experts", "meta"}; same se
     coadapt.jsonl         the same, in wider wordings (training phrasings + ROUTER_PHRASES): stage 2's data
     writer.jsonl          the same, in wider wordings still (+ WRITER_PHRASES, an outside writer's): the
                           `reroute` stage's data (the shipped router alone)
+    cover.jsonl           writer.jsonl's wordings over every combination, the held-out ones included (a third of
+                          the rows): the `cover` stage's data (the experts alone, after the held-out combinations
+                          measured how the composition generalises)
     eval.jsonl            held-out phrasings for every complex combination, incl. the held-out combinations
     gate/<name>.jsonl     fresh single-skill rows: an expert is trained when it passes these alone
     abstain_requests.jsonl  requests that need no expert (experts: []), from the *training* families of
@@ -324,6 +327,8 @@ ALL_COMBOS: tuple[Combo, ...] = tuple(itertools.product(GROUPS["task"], [None, *
 # Never trained on. Every pair inside them is (labs+flags, labs+plain, flags+plain in vitals+flags+plain, ...).
 HELDOUT_COMBOS: tuple[Combo, ...] = (("labs", "flags", "plain"), ("vitals", "ranges", "bullets"))
 TRAIN_COMBOS: tuple[Combo, ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
+# The `cover` stage's cycle: every combination, the two held out of stages 1-2 four times each (a third of the rows)
+COVER_COMBOS: tuple[Combo, ...] = TRAIN_COMBOS + HELDOUT_COMBOS * 4
 EVAL_COMBOS: tuple[Combo, ...] = tuple(c for c in ALL_COMBOS if c[1] or c[2])   # complex: task + something
 
 
@@ -395,18 +400,20 @@ def off_topic_rows(n: int, rng: random.Random, heldout: bool) -> list[dict[str, 
 
 
 def complex_rows(n: int, seed: int = 0, heldout: bool = False, off_topic: float = 0.0, wide: bool = False,
-                 wordings: str = "heldout", writer: bool = False) -> list[dict[str, Any]]:
+                 wordings: str = "heldout", writer: bool = False, cover: bool = False) -> list[dict[str, Any]]:
     """`n` router rows (training combinations and phrasings; `wide`: plus ROUTER_PHRASES, other cases; `writer`:
-    plus WRITER_PHRASES, other cases again) or held-out eval rows (`wordings`: which held-out set; every complex
+    plus WRITER_PHRASES, other cases again; `cover`: writer wordings over every combination, a third of the rows
+    the never-trained ones, other cases again) or held-out eval rows (`wordings`: which held-out set; every complex
     combination, each equally often)."""
-    if heldout and (wide or writer):
+    if heldout and (wide or writer or cover):
         raise ValueError("wide and writer wordings are training wordings; held-out rows use held-out phrasings only")
     if wordings not in WORDINGS or (wordings != "heldout" and not heldout):
         raise ValueError(f"wordings must be one of {WORDINGS} (other than heldout: held-out rows only), "
                          f"got {wordings!r}")
-    kind = "eval" if heldout else "writer" if writer else "coadapt" if wide else "router"
+    kind = "eval" if heldout else "cover" if cover else "writer" if writer else "coadapt" if wide else "router"
     rng = random.Random(f"atmoe-demo:{seed}:{kind}")
-    combos = EVAL_COMBOS if heldout else TRAIN_COMBOS
+    combos = EVAL_COMBOS if heldout else COVER_COMBOS if cover else TRAIN_COMBOS
+    wide, writer = wide or cover, writer or cover
     n_off = round(n * off_topic)
     rows = []
     for i in range(n - n_off):
@@ -430,33 +437,34 @@ def abstention_rows(n_everyday: int, n_outside: int, seed: int = 0) -> list[dict
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate: int = 50, n_router: int = 1200,
-                n_coadapt: int = 2400, n_writer: int = 2400, n_eval: int = 64, n_abstain_everyday: int = 480,
-                n_abstain_outside: int = 160) -> dict[str, Path]:
+                n_coadapt: int = 2400, n_writer: int = 2400, n_cover: int = 480, n_eval: int = 64,
+                n_abstain_everyday: int = 480, n_abstain_outside: int = 160) -> dict[str, Path]:
     """Write every split under `out_dir` (each file atomically); returns {split: path}."""
     for label, n in (("n_expert", n_expert), ("n_gate", n_gate), ("n_router", n_router), ("n_coadapt", n_coadapt),
-                     ("n_writer", n_writer), ("n_eval", n_eval), ("n_abstain_everyday", n_abstain_everyday),
-                     ("n_abstain_outside", n_abstain_outside)):
+                     ("n_writer", n_writer), ("n_cover", n_cover), ("n_eval", n_eval),
+                     ("n_abstain_everyday", n_abstain_everyday), ("n_abstain_outside", n_abstain_outside)):
         if n < 1:
             raise ValueError(f"{label} must be >= 1, got {n}")
     out = Path(out_dir)
     written = {}
     for names in GROUPS.values():
         for name in names:
-            written[f"expert:{name}"] = _write_jsonl(out / "experts" / f"{name}.jsonl",
+            written[f"expert:{name}"] = write_jsonl(out / "experts" / f"{name}.jsonl",
                                                      expert_rows(name, n_expert, seed))
-            written[f"gate:{name}"] = _write_jsonl(out / "gate" / f"{name}.jsonl",
+            written[f"gate:{name}"] = write_jsonl(out / "gate" / f"{name}.jsonl",
                                                    expert_rows(name, n_gate, seed, split="gate"))
-    written["router_train"] = _write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
-    written["coadapt"] = _write_jsonl(out / "coadapt.jsonl", complex_rows(n_coadapt, seed, off_topic=0.1, wide=True))
-    written["writer"] = _write_jsonl(out / "writer.jsonl", complex_rows(n_writer, seed, off_topic=0.1, wide=True,
+    written["router_train"] = write_jsonl(out / "router_train.jsonl", complex_rows(n_router, seed, off_topic=0.1))
+    written["coadapt"] = write_jsonl(out / "coadapt.jsonl", complex_rows(n_coadapt, seed, off_topic=0.1, wide=True))
+    written["writer"] = write_jsonl(out / "writer.jsonl", complex_rows(n_writer, seed, off_topic=0.1, wide=True,
                                                                    writer=True))
-    written["eval"] = _write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
-    written["off_topic"] = _write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
+    written["cover"] = write_jsonl(out / "cover.jsonl", complex_rows(n_cover, seed, cover=True))
+    written["eval"] = write_jsonl(out / "eval.jsonl", complex_rows(n_eval, seed, heldout=True))
+    written["off_topic"] = write_jsonl(out / "off_topic.jsonl", off_topic_rows(16, random.Random(seed), True))
     written["abstain_requests"] = write_abstention_requests(out, seed, n_abstain_everyday, n_abstain_outside)
     return written
 
@@ -464,4 +472,4 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_expert: int = 1600, n_gate
 def write_abstention_requests(out_dir: str | Path, seed: int = 0, n_everyday: int = 480, n_outside: int = 160
                               ) -> Path:
     """abstain_requests.jsonl alone (the `abstain` stage writes it into a suite built before it existed)."""
-    return _write_jsonl(Path(out_dir) / "abstain_requests.jsonl", abstention_rows(n_everyday, n_outside, seed))
+    return write_jsonl(Path(out_dir) / "abstain_requests.jsonl", abstention_rows(n_everyday, n_outside, seed))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from atmoe import ATMoE
 from demo import build as build_mod
@@ -105,7 +106,7 @@ def test_rerun_resumes_without_training_again(built, monkeypatch):
         raise AssertionError("a finished stage was run again")
     monkeypatch.setattr("atmoe.train.expert.train_expert", no_training)
     monkeypatch.setattr("atmoe.train.router.train_router", no_training)
-    build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt", "reroute")))
+    build(dataclasses.replace(built, stages=("suite", "experts", "routers", "coadapt", "reroute", "cover")))
 
 
 def test_reroute_swaps_each_coadapted_router_and_a_cut_before_its_record_does_not_train_again(built, monkeypatch):
@@ -138,6 +139,53 @@ def test_reroute_swaps_each_coadapted_router_and_a_cut_before_its_record_does_no
     build(dataclasses.replace(built, stages=("reroute",)))
     assert json.loads((folder / REROUTED).read_text()) == records[COADAPTED[0].name]
     assert (folder / "coadapt.log.jsonl").read_bytes() == coadapt_log
+
+
+def test_cover_trains_each_variants_experts_alone_and_a_cut_before_its_record_does_not_train_again(built,
+                                                                                                   monkeypatch):
+    """The cover stage trains each rerouted variant's experts on cover.jsonl (every combination, the held-out ones
+    included), the router frozen: the router file is the rerouted one, byte for byte, and each expert's weights are
+    the ones trained, its stage-2 record kept beside the cover's. Cut after training, before the swap or the record,
+    a rerun swaps in what was trained without training again."""
+    from demo.routers import COVERED, REROUTED, _sha256, covered
+    from demo.suite import HELDOUT_COMBOS
+    rows = [json.loads(line) for line in (Path(built.work) / "suite" / "cover.jsonl").read_text().splitlines()]
+    assert {tuple(r["meta"]["combo"]) for r in rows} >= set(HELDOUT_COMBOS)
+    records = {}
+    for v in COADAPTED:
+        folder = v.path(built)
+        record = records[v.name] = json.loads((folder / COVERED).read_text())
+        assert record["data"] == "cover.jsonl" and record["steps"] == built.cover_steps
+        assert _sha256(folder / "router.safetensors") == json.loads((folder / REROUTED).read_text())["router_sha256"]
+        assert set(record["experts_sha256"]) == {e for names in GROUPS.values() for e in names}
+        for expert, sha in record["experts_sha256"].items():
+            assert _sha256(folder / "experts" / expert / "adapter_model.safetensors") == sha
+            meta = json.loads((folder / "experts" / expert / "atmoe_expert.json").read_text())
+            assert meta["coadapted"]["steps"] == built.coadapt_steps and meta["covered"]["steps"] == built.cover_steps
+        assert sorted(ATMoE.load(folder / "experts.json", device="cpu").experts) == list(record["experts_sha256"])
+        trained, kept = (load_file(f / "router.safetensors") for f in (covered(built, v), folder))
+        assert trained.keys() == kept.keys() and all(torch.equal(trained[k], kept[k]) for k in kept)   # frozen
+
+    def no_training(*a, **k):
+        raise AssertionError("the covered experts were trained again")
+    monkeypatch.setattr("atmoe.train.router.train_router", no_training)
+    folder = COADAPTED[0].path(built)
+    weights = folder / "experts" / "flags" / "adapter_model.safetensors"
+    (folder / COVERED).unlink()                    # killed mid-swap: one expert still the rerouted variant's
+    weights.write_bytes(b"not yet swapped")
+    build(dataclasses.replace(built, stages=("cover",)))
+    assert json.loads((folder / COVERED).read_text()) == records[COADAPTED[0].name]
+    assert weights.read_bytes() == (covered(built, COADAPTED[0]) / "experts" / "flags" / weights.name).read_bytes()
+
+
+def test_cover_before_reroute_says_which_stage_is_missing(built, tmp_path):
+    from demo.routers import COVERED, REROUTED
+    cfg = dataclasses.replace(built, out=str(tmp_path / "assets"), stages=("cover",))
+    shutil.copytree(built.out, tmp_path / "assets")
+    for stamp in (COVERED, REROUTED):           # co-adapted anew, by hand: neither rerouted nor covered
+        (COADAPTED[0].path(cfg) / stamp).unlink()
+    with pytest.raises(ValueError, match=rf"{COADAPTED[0].name} is not rerouted yet .*add the 'reroute' stage"):
+        build(cfg)
 
 
 def test_reroute_without_a_coadapted_variant_says_which_stage_is_missing(built, tmp_path):

@@ -54,7 +54,7 @@ def test_the_paired_interval_is_of_the_differences():
     a, b = np.array([1, 1, 1, 0] * 50, bool), np.array([1, 0, 1, 0] * 50, bool)
     d = paired(a, b)
     assert d["diff"] == pytest.approx(0.25) and d["ci95"][0] < 0.25 < d["ci95"][1] and d["width"] < 0.2
-    assert paired(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0], "width": 0.0}
+    assert paired(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0], "width": 0.0, "n": 200}
 
 
 @pytest.mark.parametrize("wordings", WORDINGS)
@@ -120,6 +120,50 @@ def test_reports_on_each_held_out_set_pool_into_one_difference(tmp_path, capsys)
         main(["--pair", files("heldout", "fresh"), files("oheldout")])
     with pytest.raises(SystemExit, match=r"^error: pooled reports must each ask other wordings, got heldout, heldout"):
         main(["--pair", files("heldout", "heldout"), files("oheldout", "oheldout")])
+
+
+def test_a_pair_keeps_only_the_rows_that_need_so_many_experts(tmp_path, capsys):
+    """`--skills 2`: the difference on the rows that need two experts, the others left out of both columns."""
+    import json
+
+    from demo.decide import held_out_rows, main
+    sizes = [len(r["experts"]) for r in held_out_rows(48)]
+    report = {"manifest": "a", "n": 48, "seed": 24, "wordings": "heldout", "rows": {"shipped": [1] * 48}}
+    other = {**report, "manifest": "b", "rows": {"shipped": [int(k == 2) for k in sizes]}}  # b right on 2-skill rows
+    for name, r in (("a", report), ("b", other)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    for skills, diff in (("2", "+0.000"), ("3", "+1.000")):
+        main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--skills", skills])
+        assert capsys.readouterr().out.startswith(
+            f"a − b ({sizes.count(int(skills))} rows needing {skills} experts, heldout wordings): {diff}, rows")
+
+
+def test_a_pair_can_keep_only_the_rows_a_stay_out_head_lets_in(tmp_path, capsys, monkeypatch):
+    """`--let-in M`: rows M's head keeps out leave both columns (a model without a head would answer them)."""
+    import json
+
+    import demo.decide as dec
+    sizes = [len(r["experts"]) for r in dec.held_out_rows(48)]
+    report = {"manifest": "a", "n": 48, "seed": 24, "wordings": "heldout", "rows": {"shipped": [1] * 48}}
+    other = {**report, "manifest": "b", "rows": {"shipped": [int(k == 2) for k in sizes]}}
+    for name, r in (("a", report), ("b", other)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(dec.ATMoE, "load", lambda path, device="auto": "the head's model")
+    monkeypatch.setattr(dec, "kept_out", lambda m, rows: np.array([len(r.experts) == 3 for r in rows]))
+    dec.main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--let-in", "m.json"])
+    assert capsys.readouterr().out.startswith(
+        f"a − b ({sizes.count(2)} rows let in by m.json's stay-out head, heldout wordings): +0.000, rows")
+
+
+def test_the_held_out_rows_are_written_for_generation_without_a_model(tmp_path, capsys):
+    """`--write-rows` hands the rows decide scores to `demo.evaluate --data` (and so to `demo.facts`)."""
+    import json
+
+    from demo.decide import held_out_rows, main
+    main(["--n", "20", "--wordings", "blind", "--write-rows", str(tmp_path / "rows.jsonl")])
+    rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows == held_out_rows(20, "blind") and rows != held_out_rows(20)
+    assert "20 held-out rows (blind wordings" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("systems", ["uniform", "shipped,flat", ""])

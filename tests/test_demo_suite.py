@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import re
+from collections import Counter
 
 import pytest
 
@@ -23,6 +24,7 @@ def training_rows() -> dict[str, list[dict]]:
     rows = {f"expert:{e}": expert_rows(e, N_EXPERT) for e in EXPERTS}
     rows["router_train"] = complex_rows(N_ROUTER, off_topic=0.1)
     rows["coadapt"] = complex_rows(N_COADAPT, off_topic=0.1, wide=True)
+    rows["cover"] = complex_rows(480, cover=True)
     return rows
 
 
@@ -133,6 +135,16 @@ def test_heldout_combinations_are_unseen_but_every_pair_inside_them_is_trained(t
     assert evaluated == set(EVAL_COMBOS) and set(HELDOUT_COMBOS) <= evaluated
 
 
+def test_the_cover_rows_add_the_heldout_combinations_as_a_third_in_training_wordings(training_rows) -> None:
+    """Stages 1-2 hold two combinations out (above); the cover stage's rows hold every one, those two a third of the
+    rows, asked in the reroute stage's wordings (training, router and outside writer's phrasings, never held-out)."""
+    combos = Counter(tuple(r["meta"]["combo"]) for r in training_rows["cover"])
+    assert set(combos) == set(ALL_COMBOS) and sum(combos[c] for c in HELDOUT_COMBOS) == 480 // 3
+    asked = {e: PHRASES[e][0] + ROUTER_PHRASES[e] + WRITER_PHRASES[e] for e in EXPERTS}
+    for r in training_rows["cover"]:
+        assert all(any(p in r["instruction"] for p in asked[e]) for e in r["experts"]), r["instruction"]
+
+
 def test_at_least_ten_training_phrasings_per_skill_and_all_used(training_rows) -> None:
     router = [r["instruction"] for r in training_rows["router_train"]]
     for e in EXPERTS:
@@ -218,17 +230,17 @@ def test_flags_are_correct_with_a_clear_gap() -> None:
 
 
 def test_write_suite_writes_every_split(tmp_path) -> None:
-    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_coadapt=12, n_writer=8, n_eval=6, n_abstain_everyday=4,
-                 n_abstain_outside=2)
+    sizes = dict(n_expert=5, n_gate=3, n_router=10, n_coadapt=12, n_writer=8, n_cover=9, n_eval=6,
+                 n_abstain_everyday=4, n_abstain_outside=2)
     written = write_suite(tmp_path / "s", seed=0, **sizes)
     expected = {**{f"expert:{e}": f"experts/{e}.jsonl" for e in EXPERTS},
                 **{f"gate:{e}": f"gate/{e}.jsonl" for e in EXPERTS},
                 "router_train": "router_train.jsonl", "coadapt": "coadapt.jsonl", "writer": "writer.jsonl",
-                "eval": "eval.jsonl",
+                "cover": "cover.jsonl", "eval": "eval.jsonl",
                 "off_topic": "off_topic.jsonl", "abstain_requests": "abstain_requests.jsonl"}
     assert {k: p.relative_to(tmp_path / "s").as_posix() for k, p in written.items()} == expected
-    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 12, "writer": 8, "eval": 6, "off_topic": 16,
-              "abstain_requests": 6}
+    counts = {"expert": 5, "gate": 3, "router_train": 10, "coadapt": 12, "writer": 8, "cover": 9, "eval": 6,
+              "off_topic": 16, "abstain_requests": 6}
     for key, path in written.items():
         rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == counts[key.split(":")[0]], key

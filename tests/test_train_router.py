@@ -163,6 +163,12 @@ def test_pool_dropout_drops_tokens_but_never_a_whole_row():
         RouterTrainConfig(manifest="m", data="d", pool_dropout=1.0)
 
 
+def test_a_frozen_router_needs_experts_to_train_and_a_router_to_start_from():
+    for kw in ({"init_router": "r"}, {"train_experts": True}):
+        with pytest.raises(ValueError, match="freeze_router needs train_experts and an init_router"):
+            RouterTrainConfig(manifest="m", data="d", freeze_router=True, **kw)
+
+
 def test_a_checkpoint_cut_short_by_a_kill_is_skipped_on_relaunch(setup, tmp_path, monkeypatch, capsys):
     """Killed while writing checkpoint-6 (weights written, trainer_state.json not: the Trainer writes it last, then
     rotates checkpoint-3 away): the relaunch of the same command resumes from checkpoint-3, says so, and ends with the

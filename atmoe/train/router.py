@@ -1,6 +1,7 @@
 """Train the AT-MoE router: base model and experts frozen, only the per-layer routers learn.
 With `--train-experts` (co-adaptation, a second stage): the experts' LoRA pairs learn with it, on the same loss, and
-are written as standard PEFT adapters with their router and a manifest naming both.
+are written as standard PEFT adapters with their router and a manifest naming both; add `--freeze-router` (with
+`--init-router`) and only the experts learn, under that router as it is.
 
     loss = LM loss on the answers                        (learns *where* in depth each expert acts)
          + aux_weight     · label loss on the experts a row needs, where rows are labelled (*which* experts)
@@ -77,6 +78,7 @@ class RouterTrainConfig:
     update_manifest: bool = True
     init_router: str | None = None     # start from this router's weights (e.g. stage 1's) instead of small random ones
     train_experts: bool = False        # co-adaptation: the experts' LoRA pairs train too, at expert_lr
+    freeze_router: bool = False        # co-adaptation: only the experts train; the router stays as `init_router`
     expert_lr: float = 5e-4
     experts_out: str | None = None     # co-adaptation: experts, router and manifest go here (<manifest>/coadapted)
     experts_dtype: str = "float16"     # co-adaptation: the stored experts' dtype (as `train_expert --dtype-out`)
@@ -93,6 +95,9 @@ class RouterTrainConfig:
             raise ValueError("lr must be > 0 and the loss weights ≥ 0")
         if not 0 <= self.pool_dropout < 1:
             raise ValueError(f"pool_dropout must be in [0, 1), got {self.pool_dropout}")
+        if self.freeze_router and not (self.train_experts and self.init_router):
+            raise ValueError("freeze_router needs train_experts and an init_router: otherwise nothing trains, or the "
+                             "router stays random")
         if self.experts_dtype not in OUT_DTYPES:
             raise ValueError(f"experts_dtype must be one of {sorted(OUT_DTYPES)}, got {self.experts_dtype!r}")
         if self.train_experts:
@@ -236,7 +241,8 @@ class _RouterTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """AdamW, with the experts (when co-adapting) in their own group at their own learning rate."""
         if self.optimizer is None:
-            groups = [{"params": list(self.model.router.parameters()), "lr": self.args.learning_rate}]
+            router = [p for p in self.model.router.parameters() if p.requires_grad]   # none: frozen
+            groups = [{"params": router, "lr": self.args.learning_rate}] if router else []
             if hasattr(self.model, "experts"):
                 groups.append({"params": list(self.model.experts), "lr": self.expert_lr})
             self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=0.0)
@@ -304,8 +310,8 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
             router.group_weight.normal_(0, 0.01)
             router.expert_weight.normal_(0, 0.01)
     experts = [p for layer in m.fused for p in layer.unfreeze_experts()] if cfg.train_experts else None
-    module = RouterTrainingModule(m, router.requires_grad_(True), cfg.aux_weight, cfg.balance_weight, experts,
-                                  cfg.pool_dropout)
+    module = RouterTrainingModule(m, router.requires_grad_(not cfg.freeze_router), cfg.aux_weight, cfg.balance_weight,
+                                  experts, cfg.pool_dropout)
     args = TrainingArguments(
         output_dir=cfg.checkpoints, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(cfg.warmup_ratio * cfg.steps)),
