@@ -2,6 +2,7 @@
 
     python -m demo.facts --results assets/eval/results.json [--system S] [--rows assets/data/eval.jsonl]
                          [--out runs/facts/shipped.json] [--coverage coadapt.jsonl] [--routing MANIFEST]
+                         [--let-in MANIFEST]
 
 Scores the answers a results file stored for one system (default: its shipped one), no model needed (`--routing`
 loads one to relate the errors to the routing; `--coverage` counts a training file's lines). Each answer
@@ -293,13 +294,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="", help="write the full report (every line's verdicts) here")
     p.add_argument("--coverage", default="", help="a training file: count each measurement per knowledge/style")
     p.add_argument("--routing", default="", help="a manifest: add the routing of each row asking for knowledge")
+    p.add_argument("--let-in", default="", metavar="MANIFEST",
+                   help="score only the rows this model's stay-out head lets in (the others answer as the base model)")
     a = p.parse_args(argv)
     table = json.loads(Path(a.results).read_text(encoding="utf-8"))
     system = a.system or table["shipped"]
     if system not in table["answers"]:
         raise SystemExit(f"error: no answers for {system!r}; the file has {sorted(table['answers'])}")
     rows = read_jsonl(a.rows)[:len(table["answers"][system])]
-    report = {"system": system, "results": str(a.results), **score_answers(rows, table["answers"][system])}
+    answers = table["answers"][system]
+    if a.let_in:
+        from atmoe import ATMoE
+        from atmoe.train.data import Example
+        from atmoe.train.stay_out import kept_out
+
+        out = kept_out(ATMoE.load(a.let_in, device="cpu"),
+                       [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows]).tolist()
+        print(f"{sum(out)} of {len(rows)} rows kept out by {a.let_in}'s stay-out head: not scored")
+        rows, answers = [r for r, k in zip(rows, out) if not k], [t for t, k in zip(answers, out) if not k]
+    report = {"system": system, "results": str(a.results), **score_answers(rows, answers)}
     print(f"## {system}: {report['rows']} rows\n\n{markdown(report)}")
     if a.coverage:
         print(f"\n## reference lines per measurement × knowledge/style in {a.coverage}\n")

@@ -141,6 +141,20 @@ def test_the_stored_shipped_answers_are_scored_and_exact_answers_are_right(tmp_p
     assert json.loads((tmp_path / "f.json").read_text())["overall"] == rep["overall"]
 
 
+def test_rows_a_stay_out_head_keeps_out_are_left_unscored(tmp_path, capsys, monkeypatch):
+    """`--let-in M`: the rows M's head keeps out (answered as the base model answers) leave the score."""
+    import torch
+
+    import atmoe
+    import atmoe.train.stay_out as so
+    from demo.facts import main
+    monkeypatch.setattr(atmoe.ATMoE, "load", lambda path, device="auto": "the head's model")
+    monkeypatch.setattr(so, "kept_out", lambda m, rows: torch.tensor([i < 10 for i in range(len(rows))]))
+    main(["--results", str(REPO / "assets" / "eval" / "results.json"), "--let-in", "m.json"])
+    out = capsys.readouterr().out
+    assert "10 of 64 rows kept out by m.json's stay-out head: not scored" in out and "| **all** | 54 |" in out
+
+
 def test_the_routing_join_reads_each_knowledge_rows_gate_on_a_tiny_demo(tmp_path):
     """`--routing`: every row that asks for a knowledge expert gets its knowledge gate and the asked expert's
     weight, as the model's own trace gives them."""
