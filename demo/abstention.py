@@ -175,14 +175,20 @@ def routed_and_base(m: Any, rows: list[dict[str, Any]], max_new_tokens: int, gro
     return out, never_invented(rows, [g.text for g in base])
 
 
-def kept_out_share(m: Any, rows: list[dict[str, Any]]) -> float | None:
-    """The share of `rows` the router's stay-out head keeps out (None without a head)."""
+def kept_rows(m: Any, rows: list[dict[str, Any]]) -> list[bool]:
+    """Which of `rows` ({"instruction", "input", ...}) the router's stay-out head keeps out (none without a head)."""
     from atmoe.train.data import Example
     from atmoe.train.stay_out import kept_out
 
+    return kept_out(m, [Example(r["instruction"], r["input"], None, []) for r in rows]).tolist()
+
+
+def kept_out_share(m: Any, rows: list[dict[str, Any]]) -> float | None:
+    """The share of `rows` the router's stay-out head keeps out (None without a head)."""
     if not m.router.config.stay_out:
         return None
-    return float(kept_out(m, [Example(r["instruction"], r["input"], None, []) for r in rows]).float().mean())
+    kept = kept_rows(m, rows)
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def needed_recall(m: Any, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[str, Any]:

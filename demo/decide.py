@@ -51,9 +51,8 @@ import torch
 from atmoe.load.files import atomic_write_json
 from atmoe.model import ATMoE, forward_routed
 from atmoe.tokens import encode_prompt, encode_text
-from atmoe.train.data import Example
-from atmoe.train.stay_out import kept_out
 
+from .abstention import kept_rows
 from .evaluate import Row, bootstrap_ci, layer_constant
 from .suite import WORDINGS, complex_rows, heldout_phrases, write_jsonl
 
@@ -184,10 +183,10 @@ def decide(manifest: str, n: int, device: str = "auto", systems: tuple[str, ...]
     rows = held_out_rows(n, wordings)
     right = {s: fully_right(m, rows, s) for s in systems}
     ids = wording_ids(rows, wordings)
-    kept = kept_out(m, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows])
+    kept = kept_rows(m, rows)
     return {"manifest": manifest, "n": n, "seed": DECIDE_SEED, "wordings": wordings,
             "score": "fully right (token-exact, greedy)",
-            "kept_out": int(kept.sum()),     # rows the router's stay-out head keeps out (every expert weight 0)
+            "kept_out": int(sum(kept)),      # rows the router's stay-out head keeps out (every expert weight 0)
             "fully_right": {s: float(v.mean()) for s, v in right.items()},
             "shipped_minus": {s: paired(right["shipped"], right[s], ids) for s in systems[1:]},
             "rows": {s: v.astype(int).tolist() for s, v in right.items()},
@@ -229,8 +228,7 @@ def _paired_rows(report: dict[str, Any], other: dict[str, Any], name: str, skill
                          f"{other.get('wordings', 'heldout')})")
     wordings = report.get("wordings", "heldout")
     rows = complex_rows(report["n"], seed=report["seed"], heldout=True, wordings=wordings)
-    out = kept_out(let_in, [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows]) \
-        if let_in is not None else np.zeros(len(rows), bool)
+    out = kept_rows(let_in, rows) if let_in is not None else [False] * len(rows)
     keep = [i for i, r in enumerate(rows) if (skills is None or len(r["experts"]) == skills) and not out[i]]
     ids = wording_ids(rows, wordings)
     return (np.array(report["rows"]["shipped"])[keep], np.array(other["rows"]["shipped"])[keep],

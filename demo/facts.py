@@ -38,7 +38,7 @@ from typing import Any
 
 from atmoe.grounding import canonical, numbers
 
-from .abstention import check_row, name_patterns
+from .abstention import check_row, kept_rows, name_patterns
 from .suite import MEASURES, TASK_KIND
 
 _BULLET = re.compile(r"^\s*[-*•]\s*")
@@ -305,11 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     answers = table["answers"][system]
     if a.let_in:
         from atmoe import ATMoE
-        from atmoe.train.data import Example
-        from atmoe.train.stay_out import kept_out
 
-        out = kept_out(ATMoE.load(a.let_in, device="cpu"),
-                       [Example(r["instruction"], r["input"], None, r["experts"]) for r in rows]).tolist()
+        out = kept_rows(ATMoE.load(a.let_in, device="cpu"), rows)
         print(f"{sum(out)} of {len(rows)} rows kept out by {a.let_in}'s stay-out head: not scored")
         rows, answers = [r for r, k in zip(rows, out) if not k], [t for t, k in zip(answers, out) if not k]
     report = {"system": system, "results": str(a.results), **score_answers(rows, answers)}

@@ -149,7 +149,7 @@ def test_a_pair_can_keep_only_the_rows_a_stay_out_head_lets_in(tmp_path, capsys,
     for name, r in (("a", report), ("b", other)):
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     monkeypatch.setattr(dec.ATMoE, "load", lambda path, device="auto": "the head's model")
-    monkeypatch.setattr(dec, "kept_out", lambda m, rows: np.array([len(r.experts) == 3 for r in rows]))
+    monkeypatch.setattr(dec, "kept_rows", lambda m, rows: [len(r["experts"]) == 3 for r in rows])
     dec.main(["--pair", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--let-in", "m.json"])
     assert capsys.readouterr().out.startswith(
         f"a − b ({sizes.count(2)} rows let in by m.json's stay-out head, heldout wordings): +0.000, rows")
