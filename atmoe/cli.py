@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None, *, prog: str = "atmoe", default_manifest
                         "the fused low-rank path)")
     p.add_argument("--grounded", action="store_true",
                    help="write only values the prompt holds, or an engaged expert's reference values (the manifest's "
-                        "`values`): GenerationSettings.grounded")
+                        "`values`), none under a declared measurement the prompt does not name: "
+                        "GenerationSettings.grounded")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("sweep", help="generate with one group or expert weight fixed at 0 … 1 (controllability curve)")
     p.add_argument("prompt", nargs="?")

@@ -33,7 +33,8 @@ class GenerationSettings:
     merge: bool = False            # decode with merged weights (batch 1, sequence routing; ATMoE.new_call)
     cuda_graphs: bool = False      # replay the decode step as a CUDA graph (torch.compile "reduce-overhead")
     grounded: bool = False         # write only values the prompt holds, or an engaged expert's reference values
-                                   # (the manifest's `values`): atmoe.grounding.NumberGuard, a host check per token
+                                   # (the manifest's `values`), none under a declared measurement the prompt does
+                                   # not name: atmoe.grounding.NumberGuard, a host check per token
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens

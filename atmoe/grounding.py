@@ -2,14 +2,19 @@
 
 A routed answer may be incomplete; in a clinical note it must never carry a number the note does not. This is the
 mechanical half of that check, the same everywhere: the dashboard runs it on every answer, and the demo's
-never-invented measurement (`demo/abstention.py`) adds the suite's measurement names on top.
+never-invented measurement (`demo/abstention.py`) runs it with the suite's measurement names.
 
     numbers("Hb 1.2-1.7, SpO2 96")            ["1.2", "1.7", "96"]   (the 2 of SpO2 is part of a word)
     unsupported_values(answer, prompt, note)  the answer's values that neither source writes ("10" = "10.0")
+    unsupported_measurements(answer, declared, prompt, note)
+                                              the declared measurements it writes a value for that neither source
+                                              names ("creatinine 10" where the note has no creatinine)
 
 The check finds an invented value after the fact; `NumberGuard` makes one impossible while decoding
 (`GenerationSettings(grounded=True)`): a token is only allowed when every value the answer then writes is one its
-sources write, by the same definition of a value.
+sources write, by the same definition of a value, and (given the manifest's declared measurements) none right after
+the name of a measurement its sources do not name: a note's "10 mg" cannot become "creatinine 10". A measurement may
+still be mentioned without a value ("metformin lowers blood sugar" explains a drug; it measures nothing).
 """
 
 from __future__ import annotations
@@ -40,6 +45,30 @@ def unsupported_values(answer: str, *sources: str) -> list[str]:
     """The values of `answer` that none of `sources` writes, each once, in the answer's order."""
     known = {canonical(v) for s in sources for v in numbers(s)}
     return list(dict.fromkeys(v for v in numbers(answer) if canonical(v) not in known))
+
+
+def unsupported_measurements(answer: str, declared: Sequence[Sequence[str]], *sources: str) -> list[str]:
+    """Of the `declared` measurements (each as its names: ("Glu", "blood sugar")), the ones `answer` writes a value
+    for (`labelled`) that no source names by any of their names: each once, by the name the answer uses."""
+    source = "\n".join(sources)
+    return list(dict.fromkeys(hit for names in declared if not Reference.pattern(names).search(source)
+                              for hit in labelled(answer, labelling(names))))
+
+
+def labelling(names: Sequence[str]) -> re.Pattern[str]:
+    """A text that ends with one of `names` (group 1; as `Reference.pattern`) and what may stand between a
+    measurement's name and its value on one line: spaces, punctuation, "of", "is", "was", "at", "around", "about"
+    ("creatinine: 10", "heart rate of 88", "Blood sugar was 120")."""
+    return re.compile(f"({Reference.pattern(names).pattern})"
+                      r"(?:[^\w\n]+(?i:of|is|was|were|at|around|about)(?!\w))*[^\w\n]*\Z")
+
+
+def labelled(text: str, label: re.Pattern[str] | None) -> list[str]:
+    """The names `label` (`labelling`) finds right before a value of `text` (a value as `numbers` reads it)."""
+    if label is None:
+        return []
+    text = _ORDINAL.sub(" ", text)
+    return [h.group(1) for m in _NUMBER.finditer(text) if (h := label.search(text, 0, m.start()))]
 
 
 # ---------------------------------------------------------------- grounded decoding
@@ -102,14 +131,21 @@ class NumberGuard:
     `left` tokens it may still write (the end of the answer included: cut by its length, it never stops half-way
     through "12" of "120"); `advance(tokens)` records the chosen ones. Decoding stays greedy or sampled over what is
     left. A list ordinal ("1. ") is not a value, as in `numbers`; one may start at a line's beginning while there are
-    tokens left to finish it."""
+    tokens left to finish it.
+
+    `measurements`: the declared measurements, each as its names (("Cr", "creatinine"), …). Where a row's source
+    names none of one's names, no value may follow that name (`labelling`): "creatinine 10" cannot be written from a
+    note's "lisinopril 10 mg", while "metformin lowers blood sugar" can."""
 
     def __init__(self, vocab: DigitVocab, sources: Sequence[str], end_ids: Sequence[int] = (),
-                 later: Callable[[], Sequence[Sequence[Reference]]] | None = None) -> None:
+                 later: Callable[[], Sequence[Sequence[Reference]]] | None = None,
+                 measurements: Sequence[Sequence[str]] = ()) -> None:
         self.vocab, self.end_ids = vocab, list(end_ids)
         self.rows = [{"known": set(), "need": {}, "named": {}, "names": None, "line": ""} for _ in sources]
         for b, source in enumerate(sources):
             self.allow(b, numbers(source))
+            unnamed = [n for names in measurements if not Reference.pattern(names).search(source) for n in names]
+            self.rows[b]["label"] = labelling(unnamed) if unnamed else None
         self._later = later   # per row, more values, asked once at the first `mask` (e.g. once the prompt routed)
 
     def allow(self, row: int, values: Sequence[str], names: Sequence[str] = ()) -> None:
@@ -142,8 +178,11 @@ class NumberGuard:
         *done, last = text.split("\n")
         for line in done:
             values = numbers(line + "\n")
-            if values and not {canonical(v) for v in values} <= self._scope(row, line)[0]:
+            if values and (not {canonical(v) for v in values} <= self._scope(row, line)[0]
+                           or labelled(line + "\n", row["label"])):
                 return False
+        if labelled(last, row["label"]):       # a value begun right after a measurement the source does not name
+            return False
         known, needs = self._scope(row, last)
         trailing = _TRAILING.search(last)
         if trailing is not None:

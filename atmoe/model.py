@@ -432,7 +432,8 @@ class ATMoE:
         """Grounded decoding for one batch (`GenerationSettings.grounded`): each row may write the values of its
         source and, once the prompt has routed, the reference values (`Manifest.reference_values`; a named one only
         on a line that names it) of the experts whose weight is above 0 on some layer — none when the stay-out head
-        keeps the request out or every expert is disabled."""
+        keeps the request out or every expert is disabled. Whatever the routing, no value follows the name of a
+        measurement the manifest declares (`Manifest.measurements`) that its source does not name."""
         if self._digit_vocab is None:   # built once; a second build by a concurrent call is the same, and harmless
             self._digit_vocab = DigitVocab(self.tokenizer, self.model.get_output_embeddings().weight.shape[0])
         declared = self.manifest.reference_values if self.manifest else {}
@@ -441,7 +442,8 @@ class ATMoE:
             return [[v for name, x in zip(self.experts, row) if x > 0 for v in declared.get(name, [])]
                     for row in call.highest_weights().tolist()]
 
-        return NumberGuard(self._digit_vocab, sources, end_ids=sorted(end_ids), later=engaged if declared else None)
+        return NumberGuard(self._digit_vocab, sources, end_ids=sorted(end_ids), later=engaged if declared else None,
+                           measurements=self.manifest.measurements if self.manifest else ())
 
     def _compiled_step(self, forward: Any) -> Any:
         """The decode step compiled whole (no graph break: tests/test_speed.py) and, on CUDA, captured as a CUDA

@@ -1,5 +1,8 @@
 """Host cost of grounded decoding per step (docs/usage.md): `NumberGuard.mask` on the embedded tokenizer's vocabulary,
-with the demo's reference ranges declared per measurement (named) and the same values on any line (unnamed).
+with the demo's reference ranges declared per measurement (named) and the same values on any line (unnamed); then
+with the measurements' names guarded too (the note names 4 of the 13: the other 9 may not be named), on a line about
+to write a range, at a line's start (every token that opens a name is a candidate) and after "- blood" (one that
+finishes "blood sugar" is).
 
     python -m bench.grounding [--steps 200]
 """
@@ -30,9 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     unnamed = [Reference(tuple(v for r in named for v in r.values))]
     logits = torch.zeros(1, len(tok))
     print(f"{len(vocab.texts)} digit tokens of {len(tok)}")
-    for name, refs in (("unnamed", unnamed), ("named", named)):
-        guard = NumberGuard(vocab, [SOURCE], later=lambda refs=refs: [refs])
-        guard.advance(tok.encode(LINE))
+    measurements = [r.names for r in named]
+    cases = [("unnamed", unnamed, (), LINE), ("named", named, (), LINE),
+             ("named + names guarded", named, measurements, LINE),
+             ("named + names guarded, line start", named, measurements, ""),
+             ("named + names guarded, after '- blood'", named, measurements, "- blood")]
+    for name, refs, guarded, line in cases:
+        guard = NumberGuard(vocab, [SOURCE], later=lambda refs=refs: [refs], measurements=guarded)
+        for t in tok.encode(line):      # one token a step, of the batch's one row
+            guard.advance([t])
+        assert guard.rows[0]["line"] == line
         guard.mask(logits.clone(), 50)
         start = time.perf_counter()
         for _ in range(a.steps):

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from atmoe.grounding import unsupported_values
+from atmoe.grounding import labelled, labelling, unsupported_values
 from atmoe.load.files import atomic_write_json
 from atmoe.trace import STAY_OUT   # a gate at most this on every layer: the group stays out
 
@@ -47,11 +47,14 @@ NEEDED = 0.5       # a needed group's gate opens above this on some layer (`eval
 
 @dataclass(frozen=True)
 class ValueCheck:
-    """One answer against its source: `invented` lists the values it writes that the source does not hold;
-    `degenerate` names an answer that says nothing of its own ("empty", "echo" of the source, "repeated" line)."""
+    """One answer against its source: `invented` lists the values it writes that the source does not hold, and the
+    measurements it writes a value for that the source does not name; `degenerate` names an answer that says nothing
+    of its own ("empty", "echo" of the source, "repeated" line); `mentioned`, the measurements it names without a
+    value that the source does not name ("metformin lowers blood sugar"): no invention, listed apart."""
 
     invented: tuple[str, ...]
     degenerate: str | None
+    mentioned: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:   # incomplete is allowed, invented is not
@@ -75,11 +78,15 @@ def measurements(text: str) -> list[str]:
 
 def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> ValueCheck:
     """The values of `answer` absent from `source` (the note and instruction as the user gave them) and from
-    `allowed` (knowledge the request asks for, e.g. reference ranges); then the measurements it names that the
-    source does not ("creatinine 10" where the note has no creatinine: a note's number under an invented name)."""
+    `allowed` (knowledge the request asks for, e.g. reference ranges); then the measurements it writes a value for
+    that the source does not name ("creatinine 10" where the note has no creatinine: a note's number under an
+    invented name; `atmoe.grounding.labelled`, the rule grounded decoding enforces), as lay names. A measurement
+    named without a value is `mentioned`, not invented."""
     named = set(measurements(source))
-    invented = tuple(dict.fromkeys([*unsupported_values(answer, source, " ".join(allowed)),
-                                    *(n for n in measurements(answer) if n not in named)]))
+    absent = [m for m in MEASURES.values() if m.lay not in named]
+    with_value = [m.lay for m in absent if labelled(answer, labelling((m.abbrev, m.lay)))]
+    mentioned = tuple(n for n in measurements(answer) if n not in named and n not in with_value)
+    invented = tuple(dict.fromkeys([*unsupported_values(answer, source, " ".join(allowed)), *with_value]))
     lines = _lines(answer)
     flat = " ".join(" ".join(answer.split()).lower().split())
     if not lines:
@@ -90,7 +97,7 @@ def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> 
         degenerate = "repeated"
     else:
         degenerate = None
-    return ValueCheck(invented, degenerate)
+    return ValueCheck(invented, degenerate, mentioned)
 
 
 def range_numbers(note: str) -> tuple[str, ...]:
@@ -157,8 +164,9 @@ def never_invented(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, 
             degenerate[c.degenerate] = degenerate.get(c.degenerate, 0) + 1
     return {"n": len(rows), "share_ok": float(np.mean([c.ok for c in checks])),
             "with_invented": sum(not c.ok for c in checks), "degenerate": degenerate,
+            "with_mentioned": sum(bool(c.mentioned) for c in checks),
             "rows": [{"instruction": r["instruction"], "input": r["input"], "answer": a,
-                      "invented": list(c.invented), "degenerate": c.degenerate}
+                      "invented": list(c.invented), "mentioned": list(c.mentioned), "degenerate": c.degenerate}
                      for r, a, c in zip(rows, answers, checks)]}
 
 
@@ -310,7 +318,8 @@ def summary(report: dict[str, Any]) -> str:
                      f"model's over {b['max_new_tokens']} tokens")
     for where, o in report["outside"].items():
         lines.append(f"outside the skills, note in the {where} box: {o['share_ok']:.3f} of {o['n']} answers invent "
-                     f"no value ({o['with_invented']} invent; degenerate {o['degenerate'] or 'none'})")
+                     f"no value ({o['with_invented']} invent; degenerate {o['degenerate'] or 'none'}; "
+                     f"{o.get('with_mentioned', 0)} name a measurement the note lacks without a value)")
         if where in report.get("outside_base", {}):
             b = report["outside_base"][where]
             lines.append(f"    the base model (every expert disabled) on them: {b['share_ok']:.3f} invent no value "

@@ -109,22 +109,29 @@ def test_a_users_own_model_gets_no_note_about_the_shipped_router(at: AppTest) ->
     assert _token_notes(at) == 0
 
 
-def test_values_the_prompt_does_not_hold_are_named_under_the_answer(at: AppTest) -> None:
-    """The grounding line (`atmoe.grounding`): the answer's values absent from instruction and note, nothing else."""
+def test_values_the_prompt_does_not_hold_are_named_under_the_answer(at: AppTest, manifest: Path) -> None:
+    """The grounding line (`atmoe.grounding`): the answer's values absent from instruction and note, and the
+    measurements the manifest declares that the answer writes a value for and they do not name (by any of a
+    measurement's names: sodium is the note's Na; a mention without a value is no measurement), nothing else."""
     import dataclasses
 
     from app.views.prompt import unsupported_note
+    from atmoe.load.manifest import Manifest
 
     _generate(at)
     prompt, note = at.session_state["answer_of"]
-    assert NOTE in note and "120" not in prompt + note
-    for text, named in (("Hb 120 and Hb 120, 7", ["120", "7"]), (note, [])):
+    declared = Manifest.load(manifest).measurements
+    assert NOTE in note and "120" not in prompt + note and "Hb" not in prompt + note
+    cases = (("Hb 120 and Hb 120, 7", ["120", "7"], ["Hb"]), (note, [], []),
+             ("sodium 128, temperature 128", [], ["temperature"]), ("heart rate 135, temperature high", [], []))
+    for text, values, names in cases:
         at.session_state["answer"] = dataclasses.replace(at.session_state["answer"], text=text)
         at.run()
         ok(at)
-        shown = [w.value for w in at.warning if "Values not in your instruction or note" in w.value]
-        assert shown == ([unsupported_note(text, prompt, note)] if named else [])
-        assert not named or f"**: {', '.join(named)}." in shown[0]
+        shown = [w.value for w in at.warning if "not in your instruction or note" in w.value]
+        assert shown == ([unsupported_note(text, prompt, note, declared)] if values or names else [])
+        assert not values or f"Values not in your instruction or note**: {', '.join(values)}." in shown[0]
+        assert not names or f"Measurements not in your instruction or note**: {', '.join(names)}." in shown[0]
 
 
 def test_a_request_the_stay_out_head_keeps_out_says_so(sigmoid_manifest: Path, tmp_path: Path,

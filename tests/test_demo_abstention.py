@@ -36,8 +36,19 @@ def test_degenerate_answers_are_named_and_scored(answer, degenerate, ok):
 
 def test_a_note_number_under_a_measurement_the_note_lacks_is_invented():
     assert invented_values("sodium 10", NOTE).invented == ("sodium",)         # 10 is lisinopril's dose
+    assert invented_values("Sodium: 10", NOTE).invented == ("sodium",)
+    assert invented_values("Na was 10", NOTE).invented == ("sodium",)
     assert invented_values("oxygen level 88", "Vitals: SpO2 88.").ok          # a lay name for the note's SpO2
     assert invented_values("Take it at 8 pm.", NOTE).invented == ("8",)
+
+
+def test_a_measurement_named_without_a_value_is_a_mention_not_an_invention():
+    """"Metformin 500 mg: lowers blood sugar" explains a drug; it measures nothing. Listed apart, not invented."""
+    check = invented_values("- Metformin 500 mg twice daily: lowers blood sugar\n- Lisinopril 10 mg daily", NOTE)
+    assert check.ok and check.mentioned == ("blood sugar",)
+    check = invented_values("blood sugar 10, and the sodium is fine", NOTE)     # one with a value, one without
+    assert check.invented == ("blood sugar",) and check.mentioned == ("sodium",)
+    assert invented_values("Na 128: low", "Labs: Na 128.").mentioned == ()    # the note names it
 
 
 def test_values_are_read_as_written_not_inside_words_or_list_markers():

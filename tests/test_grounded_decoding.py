@@ -14,9 +14,17 @@ from tiny_models import tiny_demo
 
 from atmoe import ATMoE, Overrides
 from atmoe.generation import GenerationSettings, decode
-from atmoe.grounding import DigitVocab, NumberGuard, Reference, numbers, unsupported_values
+from atmoe.grounding import (
+    DigitVocab,
+    NumberGuard,
+    Reference,
+    numbers,
+    unsupported_measurements,
+    unsupported_values,
+)
 from atmoe.load.files import LoadError
 from atmoe.load.manifest import Manifest
+from demo.suite import EXPERT_VALUES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -133,6 +141,75 @@ def test_a_named_reference_value_is_writable_only_on_a_line_that_names_it():
     assert writable("HR 41 (normal 60-100) ") == {"1", "4", "6"}
 
 
+# Measurements a manifest declares, by their names (`Manifest.measurements`): a capital name as written, a lower case
+# one in any case; and a vocabulary that writes names whole or in pieces, values, and what stands between.
+MEASURED = [("Glu", "blood sugar"), ("K", "potassium"), ("Cr", "creatinine")]
+NAME_PIECES = ["", " blood", " sugar", "Blood", " sug", "ar", " K", "K", "OK", " creat", "inine", " creatinine", " is",
+               " of", " was", ":", " ", "\n", "- ", "1", "0", "5", "10", " 10", ".", "mg", "x", " lowers", "s"]
+NAME_VOCAB = DigitVocab(CharTokenizer(NAME_PIECES))
+
+
+def _run_names(guard: NumberGuard | None, logits: torch.Tensor) -> str:
+    text = ""
+    for i, step in enumerate(logits):
+        row = step.clone()[None]
+        if guard is not None:
+            row = guard.mask(row, len(logits) - i)
+            assert torch.isfinite(row).any(), f"every token blocked after {text!r}"
+        t = int(row.argmax())
+        if t == END:
+            break
+        if guard is not None:
+            guard.advance([t])
+        text += NAME_PIECES[t]
+    return text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["lisinopril 10 mg", "K 5, metformin 10 mg", "potassium 5, blood sugar 10", "Cr 1.0"]),
+       st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_a_grounded_answer_writes_no_value_under_a_measurement_its_source_lacks(source, length, seed):
+    """Whatever the logits, no value follows the name of a declared measurement the source does not name (by any of
+    its names), whole or finished across tokens ("blood" + " sugar" + " 10", " creat" + "inine" + " is 10"), and every
+    value is the source's. One the source names may take a value under any of its names."""
+    logits = torch.randn(length, len(NAME_PIECES), generator=torch.Generator().manual_seed(seed)) * 3
+    text = _run_names(NumberGuard(NAME_VOCAB, [source], end_ids=[END], measurements=MEASURED), logits)
+    assert unsupported_measurements(text, MEASURED, source) == [], text
+    assert unsupported_values(text, source) == [], text
+
+
+def test_unsupported_measurements_is_the_same_check_after_the_fact():
+    answer = "- Blood sugar was 10\n- potassium 5, K: 5, OK 7\nmetformin lowers blood sugar; creatinine of about 1.0"
+    assert unsupported_measurements(answer, MEASURED, "K 5", "") == ["Blood sugar", "creatinine"]
+    assert unsupported_measurements(answer, MEASURED, "potassium 5, Cr 1.0, blood sugar 10") == []
+    assert unsupported_measurements("blood sugars 10, k 5, 1. creatinine", MEASURED, "") == []   # other words
+    assert unsupported_measurements("K\n10\ncreatinine:\n 10", MEASURED, "") == []   # a value on the next line
+
+
+def test_the_guard_is_what_keeps_the_measurements_grounded():
+    source = "lisinopril 10 mg"
+    rng = torch.Generator().manual_seed(0)
+    free = [_run_names(None, torch.randn(30, len(NAME_PIECES), generator=rng) * 3) for _ in range(40)]
+    assert any(unsupported_measurements(t, MEASURED, source) for t in free)   # 3 of these 40 (seeded)
+
+    def digits_allowed(source: str, *line: str) -> bool:
+        """Whether the guard lets the note's value "10" begin next (each line ends where a value could start)."""
+        guard = NumberGuard(NAME_VOCAB, [source], end_ids=[END], measurements=MEASURED)
+        for piece in line:
+            guard.advance([NAME_PIECES.index(piece)])
+        row = guard.mask(torch.zeros(1, len(NAME_PIECES)))[0]
+        return bool(torch.isfinite(row[NAME_PIECES.index("1")]))
+
+    assert digits_allowed(source, "- ", "mg", " ")                   # the note's value, unlabelled
+    for line in (("Blood", " sug", "ar", " "), (" creat", "inine", " is", " "), (" K", ":", " "),
+                 (" creatinine", " was", " ")):
+        assert not digits_allowed(source, *line), line                # under a measurement the note lacks
+        assert digits_allowed("blood sugar 10, K 10, creatinine 10", *line), line   # under one it names
+    assert digits_allowed(source, "OK", " ")                            # "OK" names nothing
+    assert digits_allowed(source, " blood", " sugar", " lowers", " ")   # a mention, then other words
+    assert digits_allowed("potassium 10", " K", " ")                    # the note's potassium as K
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return ATMoE.load(tiny_demo(tmp_path_factory.mktemp("grounded")), device="cpu")
@@ -192,6 +269,26 @@ def test_an_experts_reference_values_are_writable_only_where_the_routing_engaged
     assert later[-1] == [[]] and g.trace.experts_off
 
 
+def test_generate_guards_the_manifests_measurements_whatever_the_routing(tiny, monkeypatch):
+    """The guard of every grounded call gets the manifest's declared measurements, also when no expert is engaged:
+    a value under a measurement's name is the note's or none, whoever writes it."""
+    seen = []
+    real = NumberGuard.__init__
+
+    def spy(self, *args, measurements=(), **kw):
+        seen.append(list(measurements))
+        real(self, *args, measurements=measurements, **kw)
+
+    monkeypatch.setattr(NumberGuard, "__init__", spy)
+    declared = tiny.manifest.measurements
+    assert ("HR", "heart rate") in declared and len(declared) == len(EXPERT_VALUES["ranges"])
+    tiny.generate("List the vital signs.", input="HR 88.", max_new_tokens=2, grounded=True)
+    tiny.generate("List the vital signs.", input="HR 88.", max_new_tokens=2, grounded=True,
+                  overrides=Overrides(disabled=tiny.experts))
+    tiny.generate("List the vital signs.", input="HR 88.", max_new_tokens=2)
+    assert seen == [declared, declared]
+
+
 def test_manifest_reference_values_are_read_and_checked(tmp_path):
     path = tiny_demo(tmp_path / "m", trained=False)
     d = json.loads(path.read_text())
@@ -201,6 +298,7 @@ def test_manifest_reference_values_are_read_and_checked(tmp_path):
     d["groups"][1]["experts"][1]["values"] = ["1", {"names": ["Na", "sodium"], "values": ["135", "145"]}]
     assert Manifest.from_dict(d, root=path.parent).reference_values == {
         "ranges": [Reference(("1",)), Reference(("135", "145"), ("Na", "sodium"))]}
+    assert Manifest.from_dict(d, root=path.parent).measurements == [("Na", "sodium")]
     for bad in ("135-145", [{"names": ["Na"]}], [{"names": [], "values": ["135"]}], [{"names": "Na", "values": ["1"]}]):
         d["groups"][1]["experts"][1]["values"] = bad
         with pytest.raises(LoadError, match="'values' must be a list of strings or of"):

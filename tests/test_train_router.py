@@ -163,6 +163,28 @@ def test_pool_dropout_drops_tokens_but_never_a_whole_row():
         RouterTrainConfig(manifest="m", data="d", pool_dropout=1.0)
 
 
+def test_train_only_trains_those_experts_and_leaves_the_others_exactly_as_loaded(setup, tmp_path):
+    """`train_only` (the cover stage's knowledge group): under a frozen router, the named experts move and every
+    other expert's pairs are written back bit for bit (float32 out, so no rounding hides a change)."""
+    manifest, data = setup
+    stage1, _ = train_router(_cfg(manifest, data, mode="sigmoid", steps=2, update_manifest=False,
+                                  out=str(tmp_path / "stage1.safetensors")))
+    out = tmp_path / "only"
+    train_router(_cfg(manifest, data, mode="sigmoid", steps=4, init_router=str(stage1), train_experts=True,
+                      freeze_router=True, train_only=("flags", "ranges"), expert_lr=1e-2, experts_out=str(out),
+                      experts_dtype="float32"))
+    before, after = ATMoE.load(manifest, device="cpu"), ATMoE.load(out / "experts.json", device="cpu")
+    for i, name in enumerate(before.experts):
+        same = [all(torch.equal(a, b) for a, b in zip(f0.expert_pair(i), f1.expert_pair(i)))
+                for f0, f1 in zip(before.fused, after.fused) if f0.expert_pair(i) is not None]
+        assert (not all(same)) if name in ("flags", "ranges") else all(same), name
+    with pytest.raises(ValueError, match="train_only: nope not among the experts"):
+        train_router(_cfg(manifest, data, mode="sigmoid", steps=1, init_router=str(stage1), train_experts=True,
+                          train_only=("nope",), experts_out=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="train_only names experts to train: it needs train_experts"):
+        RouterTrainConfig(manifest="m", data="d", train_only=("flags",))
+
+
 def test_a_frozen_router_needs_experts_to_train_and_a_router_to_start_from():
     for kw in ({"init_router": "r"}, {"train_experts": True}):
         with pytest.raises(ValueError, match="freeze_router needs train_experts and an init_router"):

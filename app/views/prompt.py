@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import streamlit as st
 
@@ -11,7 +12,7 @@ from app.examples import examples
 from app.service import DEMO_SCOPE, Answer, Service
 from app.text import md_escape
 from atmoe import GenerationSettings, RoutingTrace
-from atmoe.grounding import unsupported_values
+from atmoe.grounding import unsupported_measurements, unsupported_values
 from atmoe.router import GRANULARITIES
 from atmoe.trace import STAY_OUT
 from demo.config import TOKEN_MODE_NOTE
@@ -54,9 +55,10 @@ def _form(svc: Service) -> str | None:
         st.checkbox("Only values from the instruction and note", value=True, key="grounded",
                     help="Grounded decoding: the answer may write a number only when the instruction or the note "
                          "writes it, or an expert declares it in the manifest (the reference ranges); a value is "
-                         "never left half-written. An answer may come out incomplete, never with an invented "
-                         "value. Off: the model writes any number, and the warning under the answer names those "
-                         "that neither source holds.")
+                         "never left half-written; no value follows the name of a measurement the manifest declares "
+                         "(sodium, heart rate, …) unless the instruction or note names it. An answer may come out "
+                         "incomplete, never with an invented value. Off: the model writes any number, and the "
+                         "warning under the answer names those that neither source holds.")
         b = st.columns([1, 1, 4])
         gen = b[0].form_submit_button("Generate", type="primary")
         route = b[1].form_submit_button("Route only", help="Routing heatmaps without generating")
@@ -106,7 +108,7 @@ def _short(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
-def _show_answer(text: bool = True) -> None:
+def _show_answer(svc: Service, text: bool = True) -> None:
     ans: Answer | None = st.session_state.get("answer")
     if ans is None:
         st.info("Type an instruction (or pick an example) and press **Generate**.")
@@ -125,19 +127,28 @@ def _show_answer(text: bool = True) -> None:
                f"{'fast decode (merged weights)' if ans.merged else 'fused experts'} · "
                f"{'only values from the instruction and note' if ans.settings.grounded else 'any value'} · overrides: "
                f"{md_escape(presets.describe(ans.overrides))}")
-    warning = unsupported_note(ans.text, *asked)
+    manifest = svc.model.manifest
+    warning = unsupported_note(ans.text, *asked, measurements=manifest.measurements if manifest else ())
     if warning:
         st.warning(warning)
 
 
-def unsupported_note(answer: str, prompt: str, note: str) -> str | None:
-    """The line that names the values of an answer that neither the instruction nor the note writes, or None."""
+def unsupported_note(answer: str, prompt: str, note: str, measurements: Sequence[Sequence[str]] = ()) -> str | None:
+    """The line that names the values of an answer that neither the instruction nor the note writes, and the
+    measurements the manifest declares that the answer gives a value for and they do not name; or None."""
     values = unsupported_values(answer, prompt, note)
-    if not values:
+    names = unsupported_measurements(answer, measurements, prompt, note)
+    if not values and not names:
         return None
-    shown = ", ".join(values[:12]) + (f" and {len(values) - 12} more" if len(values) > 12 else "")
-    return (f"**Values not in your instruction or note**: {md_escape(shown)}. They come from the model — an "
-            "expert's knowledge (such as a reference range) or invented: check each against a source.")
+    parts = []
+    if values:
+        shown = ", ".join(values[:12]) + (f" and {len(values) - 12} more" if len(values) > 12 else "")
+        parts.append(f"**Values not in your instruction or note**: {md_escape(shown)}. They come from the model — an "
+                     "expert's knowledge (such as a reference range) or invented: check each against a source.")
+    if names:
+        parts.append(f"**Measurements not in your instruction or note**: {md_escape(', '.join(names))}. The answer "
+                     "writes a value for them, and nothing you gave measured them: a value under the wrong name.")
+    return "\n\n".join(parts)
 
 
 def stays_out_note(trace: RoutingTrace) -> str | None:
@@ -211,5 +222,5 @@ def render(svc: Service) -> None:
                 state.sync_url()
         except state.ERRORS as e:
             st.error(f"Cannot {action} this prompt: {e}")
-    _show_answer(text=not streamed)
+    _show_answer(svc, text=not streamed)
     heatmaps()

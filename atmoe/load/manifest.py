@@ -78,6 +78,12 @@ class Manifest:
                     Reference(tuple(v["values"]), tuple(v["names"])) for v in e.values if isinstance(v, dict)]
         return out
 
+    @property
+    def measurements(self) -> list[tuple[str, ...]]:
+        """The measurements the experts declare, each as its names (a named reference's `names`), each once:
+        grounded decoding writes a value under one only when the prompt names it (`atmoe.grounding.NumberGuard`)."""
+        return list(dict.fromkeys(r.names for refs in self.reference_values.values() for r in refs if r.names))
+
     def resolve(self, relative: str, what: str) -> Path:
         """A path inside the manifest's folder; refuses absolute paths and `..` escapes (symlinks included)."""
         if Path(relative).is_absolute():

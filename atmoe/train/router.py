@@ -1,7 +1,7 @@
 """Train the AT-MoE router: base model and experts frozen, only the per-layer routers learn.
 With `--train-experts` (co-adaptation, a second stage): the experts' LoRA pairs learn with it, on the same loss, and
 are written as standard PEFT adapters with their router and a manifest naming both; add `--freeze-router` (with
-`--init-router`) and only the experts learn, under that router as it is.
+`--init-router`) and only the experts learn, under that router as it is; `--train-only E …` and only those experts.
 
     loss = LM loss on the answers                        (learns *where* in depth each expert acts)
          + aux_weight     · label loss on the experts a row needs, where rows are labelled (*which* experts)
@@ -79,6 +79,7 @@ class RouterTrainConfig:
     init_router: str | None = None     # start from this router's weights (e.g. stage 1's) instead of small random ones
     train_experts: bool = False        # co-adaptation: the experts' LoRA pairs train too, at expert_lr
     freeze_router: bool = False        # co-adaptation: only the experts train; the router stays as `init_router`
+    train_only: tuple[str, ...] = ()   # co-adaptation: only these experts' pairs train (the others stay as loaded)
     expert_lr: float = 5e-4
     experts_out: str | None = None     # co-adaptation: experts, router and manifest go here (<manifest>/coadapted)
     experts_dtype: str = "float16"     # co-adaptation: the stored experts' dtype (as `train_expert --dtype-out`)
@@ -98,6 +99,8 @@ class RouterTrainConfig:
         if self.freeze_router and not (self.train_experts and self.init_router):
             raise ValueError("freeze_router needs train_experts and an init_router: otherwise nothing trains, or the "
                              "router stays random")
+        if self.train_only and not self.train_experts:
+            raise ValueError("train_only names experts to train: it needs train_experts")
         if self.experts_dtype not in OUT_DTYPES:
             raise ValueError(f"experts_dtype must be one of {sorted(OUT_DTYPES)}, got {self.experts_dtype!r}")
         if self.train_experts:
@@ -310,6 +313,8 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
             router.group_weight.normal_(0, 0.01)
             router.expert_weight.normal_(0, 0.01)
     experts = [p for layer in m.fused for p in layer.unfreeze_experts()] if cfg.train_experts else None
+    if cfg.train_only:
+        _train_only(m, cfg.train_only)
     module = RouterTrainingModule(m, router.requires_grad_(not cfg.freeze_router), cfg.aux_weight, cfg.balance_weight,
                                   experts, cfg.pool_dropout)
     args = TrainingArguments(
@@ -345,6 +350,19 @@ def train_router(cfg: RouterTrainConfig, m: ATMoE | None = None) -> tuple[Path, 
         shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # only needed to resume an interrupted run
     state.wait_for_everyone()
     return path, trainer.state.log_history
+
+
+def _train_only(m: ATMoE, names: tuple[str, ...]) -> None:
+    """Zero, in every fused module, the gradient of each rank that belongs to an expert not in `names`: with no
+    gradient and no weight decay, AdamW leaves those ranks exactly as loaded."""
+    unknown = sorted(set(names) - set(m.experts))
+    if unknown:
+        raise ValueError(f"train_only: {', '.join(unknown)} not among the experts ({', '.join(m.experts)})")
+    wanted = torch.tensor([m.experts.index(n) for n in names])
+    for layer in m.fused:
+        keep = torch.isin(layer.rank_expert, wanted.to(layer.rank_expert.device))
+        layer.lora_A.register_hook(lambda g, k=keep: g * k[:, None].to(g.dtype))    # A [R, I]
+        layer.lora_B.register_hook(lambda g, k=keep: g * k[None, :].to(g.dtype))    # B [O, R]
 
 
 def coadapted_manifest(m: ATMoE, root: Path, router: Path) -> Manifest:
