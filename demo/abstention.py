@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from atmoe.grounding import labelled, labelling, unsupported_values
+from atmoe.grounding import unsupported_measurements, unsupported_values
 from atmoe.load.files import atomic_write_json
 from atmoe.trace import STAY_OUT   # a gate at most this on every layer: the group stays out
 
@@ -80,11 +80,10 @@ def invented_values(answer: str, source: str, allowed: tuple[str, ...] = ()) -> 
     """The values of `answer` absent from `source` (the note and instruction as the user gave them) and from
     `allowed` (knowledge the request asks for, e.g. reference ranges); then the measurements it writes a value for
     that the source does not name ("creatinine 10" where the note has no creatinine: a note's number under an
-    invented name; `atmoe.grounding.labelled`, the rule grounded decoding enforces), as lay names. A measurement
-    named without a value is `mentioned`, not invented."""
+    invented name; `atmoe.grounding.unsupported_measurements`, the rule grounded decoding enforces), as lay
+    names. A measurement named without a value is `mentioned`, not invented."""
     named = set(measurements(source))
-    absent = [m for m in MEASURES.values() if m.lay not in named]
-    with_value = [m.lay for m in absent if labelled(answer, labelling((m.abbrev, m.lay)))]
+    with_value = [m.lay for m in MEASURES.values() if unsupported_measurements(answer, [(m.abbrev, m.lay)], source)]
     mentioned = tuple(n for n in measurements(answer) if n not in named and n not in with_value)
     invented = tuple(dict.fromkeys([*unsupported_values(answer, source, " ".join(allowed)), *with_value]))
     lines = _lines(answer)
