@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .suite import EXPERT_DESCRIPTIONS
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = "assets"   # the shipped demo, relative to the repository root (where `make app` and `make assets` run)
 
@@ -51,6 +53,7 @@ class BuildConfig:
     reroute_steps: int = 150                # the shipped router alone, over writer.jsonl (half its 2,400 rows)
     reroute_lr: float = 1e-3
     cover_steps: int = 60                   # the co-adapted experts alone, over cover.jsonl (its 480 rows once)
+    cover_experts: tuple[str, ...] = ()     # the experts the cover stage trains (the others stay); () = all six
     stages: tuple[str, ...] = ("suite", "experts", "routers", "coadapt", "reroute", "cover", "eval")
     quick: bool = False
     force: bool = False
@@ -72,6 +75,10 @@ class BuildConfig:
                   "abstain_validation_skill"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        unknown = set(self.cover_experts) - set(EXPERT_DESCRIPTIONS)
+        if unknown:
+            raise ValueError(f"cover_experts: unknown expert(s) {sorted(unknown)}; the experts are "
+                             f"{', '.join(EXPERT_DESCRIPTIONS)}")
         if not 0 <= self.abstain_validation < self.abstain_everyday:
             raise ValueError(f"abstain_validation must be in [0, abstain_everyday), got {self.abstain_validation}")
         if self.quick:

@@ -154,7 +154,8 @@ def build_cover(cfg: Any, suite: Path, out: Path) -> None:
             train_router(RouterTrainConfig(
                 manifest=str(folder / "experts.json"), data=str(suite / "cover.jsonl"), base=cfg.base, mode=v.mode,
                 pooling=v.pooling, init_router=str(folder / "router.safetensors"), train_experts=True,
-                experts_out=str(trained), freeze_router=True, steps=cfg.cover_steps, batch_size=cfg.router_batch,
+                experts_out=str(trained), freeze_router=True, train_only=tuple(cfg.cover_experts),
+                steps=cfg.cover_steps, batch_size=cfg.router_batch,
                 expert_lr=cfg.coadapt_expert_lr, max_length=320, bf16=train_bf16(),
                 checkpoints=str(Path(cfg.work) / "checkpoints" / f"cover-{v.name}"), update_manifest=False))
         hashes = {}
@@ -167,5 +168,6 @@ def build_cover(cfg: Any, suite: Path, out: Path) -> None:
             atomic_write_json(folder / "experts" / expert / "atmoe_expert.json", record)
             hashes[expert] = _sha256(weights)
         atomic_write_json(stamp, {"data": "cover.jsonl", "steps": cfg.cover_steps, "expert_lr": cfg.coadapt_expert_lr,
-                                  "batch_size": cfg.router_batch, "router": "frozen", "experts_sha256": hashes})
+                                  "batch_size": cfg.router_batch, "router": "frozen",
+                                  "trained": list(cfg.cover_experts) or "all", "experts_sha256": hashes})
         print(f"cover: {folder}'s experts trained on {suite / 'cover.jsonl'} ({cfg.cover_steps} steps)")

@@ -155,7 +155,7 @@ def test_cover_trains_each_variants_experts_alone_and_a_cut_before_its_record_do
     for v in COADAPTED:
         folder = v.path(built)
         record = records[v.name] = json.loads((folder / COVERED).read_text())
-        assert record["data"] == "cover.jsonl" and record["steps"] == built.cover_steps
+        assert record["data"] == "cover.jsonl" and record["steps"] == built.cover_steps and record["trained"] == "all"
         assert _sha256(folder / "router.safetensors") == json.loads((folder / REROUTED).read_text())["router_sha256"]
         assert set(record["experts_sha256"]) == {e for names in GROUPS.values() for e in names}
         for expert, sha in record["experts_sha256"].items():
@@ -176,6 +176,30 @@ def test_cover_trains_each_variants_experts_alone_and_a_cut_before_its_record_do
     build(dataclasses.replace(built, stages=("cover",)))
     assert json.loads((folder / COVERED).read_text()) == records[COADAPTED[0].name]
     assert weights.read_bytes() == (covered(built, COADAPTED[0]) / "experts" / "flags" / weights.name).read_bytes()
+
+
+def test_cover_trains_only_the_experts_it_is_given(built, tmp_path, monkeypatch):
+    """`cover_experts`: the stage hands them to the trainer (`train_only`, tests/test_train_router.py), and the
+    record says which were trained; an unknown name is refused when the build is configured."""
+    from demo.routers import COVERED
+    cfg = dataclasses.replace(built, out=str(tmp_path / "assets"), work=str(tmp_path / "work"), stages=("cover",),
+                              cover_experts=("flags", "ranges"))
+    shutil.copytree(built.out, cfg.out)
+    shutil.copytree(Path(built.work) / "suite", Path(cfg.work) / "suite")
+    shutil.copytree(Path(built.work) / COADAPTED[1].folder, COADAPTED[1].path(cfg))
+    seen = []
+
+    def capture(c):
+        seen.append(c.train_only)
+        raise KeyboardInterrupt
+    monkeypatch.setattr("atmoe.train.router.train_router", capture)
+    for v in COADAPTED:
+        (v.path(cfg) / COVERED).unlink()
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg)
+    assert seen == [("flags", "ranges")]
+    with pytest.raises(ValueError, match=r"cover_experts: unknown expert\(s\) \['nope'\]"):
+        dataclasses.replace(built, cover_experts=("nope",))
 
 
 def test_cover_before_reroute_says_which_stage_is_missing(built, tmp_path):
