@@ -47,7 +47,7 @@ class CharTokenizer:
 VOCAB = DigitVocab(CharTokenizer())
 
 
-def _run(guard: NumberGuard | None, logits: torch.Tensor) -> tuple[str, bool]:
+def _run(guard: NumberGuard | None, logits: torch.Tensor, pieces: list[str] = PIECES) -> tuple[str, bool]:
     """Greedy over a fixed sequence of logits [N, V] with the guard (if any): (text, ended by the end token)."""
     text = ""
     for i, step in enumerate(logits):
@@ -60,7 +60,7 @@ def _run(guard: NumberGuard | None, logits: torch.Tensor) -> tuple[str, bool]:
             return text, True
         if guard is not None:
             guard.advance([t])
-        text += PIECES[t]
+        text += pieces[t]
     return text, False
 
 
@@ -149,22 +149,6 @@ NAME_PIECES = ["", " blood", " sugar", "Blood", " sug", "ar", " K", "K", "OK", "
 NAME_VOCAB = DigitVocab(CharTokenizer(NAME_PIECES))
 
 
-def _run_names(guard: NumberGuard | None, logits: torch.Tensor) -> str:
-    text = ""
-    for i, step in enumerate(logits):
-        row = step.clone()[None]
-        if guard is not None:
-            row = guard.mask(row, len(logits) - i)
-            assert torch.isfinite(row).any(), f"every token blocked after {text!r}"
-        t = int(row.argmax())
-        if t == END:
-            break
-        if guard is not None:
-            guard.advance([t])
-        text += NAME_PIECES[t]
-    return text
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["lisinopril 10 mg", "K 5, metformin 10 mg", "potassium 5, blood sugar 10", "Cr 1.0"]),
        st.integers(1, 30), st.integers(0, 2**31 - 1))
@@ -173,7 +157,7 @@ def test_a_grounded_answer_writes_no_value_under_a_measurement_its_source_lacks(
     its names), whole or finished across tokens ("blood" + " sugar" + " 10", " creat" + "inine" + " is 10"), and every
     value is the source's. One the source names may take a value under any of its names."""
     logits = torch.randn(length, len(NAME_PIECES), generator=torch.Generator().manual_seed(seed)) * 3
-    text = _run_names(NumberGuard(NAME_VOCAB, [source], end_ids=[END], measurements=MEASURED), logits)
+    text = _run(NumberGuard(NAME_VOCAB, [source], end_ids=[END], measurements=MEASURED), logits, NAME_PIECES)[0]
     assert unsupported_measurements(text, MEASURED, source) == [], text
     assert unsupported_values(text, source) == [], text
 
@@ -189,7 +173,7 @@ def test_unsupported_measurements_is_the_same_check_after_the_fact():
 def test_the_guard_is_what_keeps_the_measurements_grounded():
     source = "lisinopril 10 mg"
     rng = torch.Generator().manual_seed(0)
-    free = [_run_names(None, torch.randn(30, len(NAME_PIECES), generator=rng) * 3) for _ in range(40)]
+    free = [_run(None, torch.randn(30, len(NAME_PIECES), generator=rng) * 3, NAME_PIECES)[0] for _ in range(40)]
     assert any(unsupported_measurements(t, MEASURED, source) for t in free)   # 3 of these 40 (seeded)
 
     def digits_allowed(source: str, *line: str) -> bool:
